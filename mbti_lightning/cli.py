@@ -1,0 +1,42 @@
+"""The `mbti-lightning` command: LightningCLI with this project's defaults."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from mbti_lightning.data import MBTIDataModule
+from mbti_lightning.model import MBTIClassifier
+
+
+class MBTILightningCLI(LightningCLI):
+    """Adds the checkpoint callback as `--checkpoint.*` and links the values data and model share."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.dirpath": "checkpoints",
+                "checkpoint.filename": "best-step{step}-mcc{val/mcc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.monitor": "val/mcc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+            }
+        )
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("data.target", "model.target")
+
+
+def cli_main(args: list[str] | None = None) -> MBTILightningCLI:
+    """Run the CLI; `args` lets tests call it in-process."""
+    return MBTILightningCLI(
+        MBTIClassifier,
+        MBTIDataModule,
+        trainer_defaults={
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
+            "callbacks": [RichProgressBar()],
+        },
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

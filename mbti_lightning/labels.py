@@ -1,0 +1,66 @@
+"""The label vocabulary: MBTI axes, their letters, the 16 types and class ids.
+
+Everything else imports from here. Class ids follow `datasets.ClassLabel` as made by
+`class_encode_column`, which sorts the values: within an axis the letters are alphabetical
+(E=0, I=1; N=0, S=1; F=0, T=1; J=0, P=1), as in the seed recipe (J=0, P=1).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Final
+
+#: Axis name -> its two letters, in class-id order.
+AXES: Final[dict[str, tuple[str, str]]] = {
+    "E-I": ("E", "I"),
+    "N-S": ("N", "S"),
+    "F-T": ("F", "T"),
+    "J-P": ("J", "P"),
+}
+#: Position of each axis's letter inside a 4-letter type such as "INTJ".
+AXIS_POSITION: Final[dict[str, int]] = {axis: i for i, axis in enumerate(AXES)}
+#: The 16 types, alphabetical.
+TYPES: Final[tuple[str, ...]] = tuple(sorted("".join(t) for t in itertools.product(*AXES.values())))
+
+
+def check_axis(axis: str) -> str:
+    """Return `axis` if it names an axis, else raise a ValueError that lists the valid ones."""
+    if axis not in AXES:
+        raise ValueError(f"unknown MBTI axis {axis!r}; expected one of {', '.join(AXES)}")
+    return axis
+
+
+def id2label(axis: str) -> dict[int, str]:
+    """Class id -> letter for one axis, e.g. ``{0: "J", 1: "P"}``."""
+    return dict(enumerate(AXES[check_axis(axis)]))
+
+
+def label2id(axis: str) -> dict[str, int]:
+    """Letter -> class id for one axis, e.g. ``{"J": 0, "P": 1}``."""
+    return {letter: i for i, letter in id2label(axis).items()}
+
+
+def parse_type(value: object) -> str:
+    """Normalize a 4-letter type in any case and with stray whitespace ("intj " -> "INTJ").
+
+    Raises:
+        ValueError: if `value` is not one of the 16 types.
+    """
+    text = str(value).strip().upper() if value is not None else ""
+    if text not in TYPES:
+        raise ValueError(f"{value!r} is not an MBTI type; expected four letters such as 'INTJ' or 'enfp'")
+    return text
+
+
+def parse_letter(value: object, axis: str) -> str:
+    """Normalize one axis letter in any case ("p" -> "P") and check that it belongs to `axis`."""
+    text = str(value).strip().upper() if value is not None else ""
+    if text not in AXES[check_axis(axis)]:
+        raise ValueError(f"{value!r} is not a letter of axis {axis}; expected one of {AXES[axis]}")
+    return text
+
+
+def type_to_id(mbti_type: object, axis: str) -> int:
+    """Class id of `axis` for a type: ``type_to_id("intp", "J-P") == 1``."""
+    letter = parse_type(mbti_type)[AXIS_POSITION[check_axis(axis)]]
+    return label2id(axis)[letter]

@@ -1,0 +1,200 @@
+"""The LightningModule: a Hugging Face sequence classifier with class-weighted cross entropy."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    BinaryF1Score,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassMatthewsCorrCoef,
+    MulticlassRecall,
+)
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    get_constant_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
+
+from mbti_lightning import demo
+from mbti_lightning.labels import id2label, label2id
+from mbti_lightning.tokenizer import load_tokenizer
+
+
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Accuracy, F1 (of class 1 for two classes, as the seed; macro otherwise), MCC and balanced accuracy."""
+    f1 = BinaryF1Score() if num_classes == 2 else MulticlassF1Score(num_classes, average="macro")
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1": f1,
+            "mcc": MulticlassMatthewsCorrCoef(num_classes),
+            "bal_acc": MulticlassRecall(num_classes, average="macro"),
+        },
+        prefix=prefix,
+    )
+
+
+class MBTIClassifier(L.LightningModule):
+    """Fine-tunes ``AutoModelForSequenceClassification`` on one MBTI axis.
+
+    The loss is class-weighted cross entropy, normalised by the summed class weights of the whole
+    optimizer step (all accumulated micro-batches, all ranks), so gradient accumulation and data
+    parallelism give the same gradient as one large batch.
+
+    Args:
+        model_name_or_path: Hub id or local folder of the base model (``demo`` for the offline demo).
+        target: The axis to classify; the CLI links it to ``data.target``.
+        from_scratch: Build the model from its config with random weights instead of loading them.
+        config_overrides: Config fields to change before building, e.g. ``{num_hidden_layers: 2}``.
+        class_weights: One weight per class (the seed used ``[0.6, 0.4]`` for J, P), ``balanced``
+            (n_rows / (n_classes * n_rows_of_class), from the training split), or null for none.
+        learning_rate: Peak learning rate.
+        weight_decay: AdamW weight decay, not applied to biases and norm weights.
+        optimizer: ``adamw8bit`` (bitsandbytes 8-bit AdamW, as the seed) or ``adamw`` (torch).
+        lr_schedule: ``linear`` decay to zero after warm-up (the HF Trainer default) or ``constant``.
+        warmup_steps: Warm-up length in optimizer steps, or as a fraction of all steps if below 1.
+        tf32: Allow TF32 matmuls on CUDA.
+        attn_implementation: Attention kernel, e.g. ``sdpa`` or ``eager``.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "microsoft/Phi-3-mini-4k-instruct",
+        target: str = "J-P",
+        from_scratch: bool = False,
+        config_overrides: dict | None = None,
+        class_weights: list[float] | Literal["balanced"] | None = "balanced",
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.01,
+        optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit",
+        lr_schedule: Literal["linear", "constant"] = "linear",
+        warmup_steps: float = 0,
+        tf32: bool = True,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.id2label = id2label(target)
+        num_classes = len(self.id2label)
+        if isinstance(class_weights, list) and len(class_weights) != num_classes:
+            raise ValueError(f"model.class_weights needs {num_classes} values for {target}, got {class_weights}")
+        weights = torch.tensor(class_weights if isinstance(class_weights, list) else [1.0] * num_classes)
+        self.register_buffer("class_weight", weights.float())
+        self.model = None
+        self.val_metrics = classification_metrics(num_classes, "val/")
+        self.test_metrics = classification_metrics(num_classes, "test/")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self._step_weight = 0.0  # summed class weights of the micro-batches of the current optimizer step
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.hparams.class_weights == "balanced" and stage == "fit":
+            counts = self.trainer.datamodule.train_label_counts().float()
+            if (counts == 0).any():
+                missing = [self.id2label[i] for i in (counts == 0).nonzero().flatten().tolist()]
+                raise ValueError(f"class {missing} has no training rows, so 'balanced' class weights are undefined")
+            self.class_weight.copy_(counts.sum() / (len(counts) * counts))
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        tokenizer = load_tokenizer(hp.model_name_or_path)
+        config = AutoConfig.from_pretrained(
+            demo.resolve(hp.model_name_or_path),
+            num_labels=len(self.id2label),
+            id2label=self.id2label,
+            label2id=label2id(hp.target),
+            **(hp.config_overrides or {}),
+        )
+        if hp.from_scratch:
+            model = AutoModelForSequenceClassification.from_config(config, attn_implementation=hp.attn_implementation)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                demo.resolve(hp.model_name_or_path), config=config, attn_implementation=hp.attn_implementation
+            )
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # load_tokenizer added a <pad> token
+            model.resize_token_embeddings(len(tokenizer))
+        # Pooling takes the last token that is not pad_token_id, so it must be the tokenizer's.
+        model.config.pad_token_id = tokenizer.pad_token_id
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) token ids -> (batch, num_classes) logits in fp32."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+
+    def _shared_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, per-row cross entropy and per-row class weight; the loss stays in fp32."""
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        ce = F.cross_entropy(logits, batch["labels"], reduction="none")
+        return logits, ce, self.class_weight.float()[batch["labels"]]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits, ce, weight = self._shared_step(batch)
+        weighted = (weight * ce).sum()
+        self._step_weight = self._step_weight + weight.sum().detach()
+        self.log("train/loss", weighted.detach() / weight.sum(), prog_bar=True, batch_size=len(ce))
+        # Summed, not averaged: on_before_optimizer_step divides by the whole step's weight.
+        return weighted
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over
+        # ranks; undo both and divide by the step's total class weight over all ranks instead.
+        total = self.trainer.strategy.reduce(torch.as_tensor(self._step_weight, device=self.device), "sum")
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+        self._step_weight = 0.0
+
+    def _eval_step(self, batch: dict, metrics: MetricCollection, loss: MeanMetric, stage: str) -> None:
+        logits, ce, weight = self._shared_step(batch)
+        loss.update(ce, weight)  # weighted mean over the whole set, as one large batch
+        metrics.update(logits.argmax(-1), batch["labels"])
+        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(ce))
+        self.log_dict(metrics, on_epoch=True, batch_size=len(ce))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, self.val_loss, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, self.test_loss, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        probs = self(batch["input_ids"], batch["attention_mask"]).softmax(-1)
+        return {"probs": probs, "labels": [self.id2label[i] for i in probs.argmax(-1).tolist()]}
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # biases and norms
+        ]
+        if hp.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(groups, lr=hp.learning_rate)
+            # As transformers' Trainer does for adamw_bnb_8bit: embeddings keep 32-bit optimizer state.
+            manager = bnb.optim.GlobalOptimManager.get_instance()
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.Embedding):
+                    manager.register_module_override(module, "weight", {"optim_bits": 32})
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate)
+        total = self.trainer.estimated_stepping_batches
+        warmup = int(hp.warmup_steps * total) if hp.warmup_steps < 1 else int(hp.warmup_steps)
+        if hp.lr_schedule == "linear":
+            scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+        else:
+            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,45 @@
+"""Shared fixtures: an isolated cache, no network, and small generated data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Nothing in the tests may reach a hub; fail loudly instead.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One cache per test session: the demo corpus and tokenizer are built once, and nothing touches ~/.cache."""
+    root = tmp_path_factory.mktemp("cache")
+    os.environ["MBTI_LIGHTNING_CACHE"] = str(root / "mbti_lightning")
+    os.environ["HF_DATASETS_CACHE"] = str(root / "datasets")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    """A 3,000-row generated corpus with the columns of minhaozhang/mbti, as parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mbti_lightning.demo import generate_rows
+
+    path = tmp_path / "mbti.parquet"
+    pq.write_table(pa.table(generate_rows(num_rows=3000, seed=7)), path)
+    return path

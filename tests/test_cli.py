@@ -1,0 +1,62 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mbti_lightning.cli import cli_main
+
+from conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    """LightningCLI warns when sys.argv (pytest's) and args are both given."""
+    monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "model_name_or_path:" in printed and "monitor: val/mcc" in printed
+
+
+def test_every_config_says_how_to_run_it():
+    for config in CONFIGS:
+        header = config.read_text().split("\n\n")[0]
+        assert header.startswith("#") and f"--config configs/{config.name}" in header, config.name
+
+
+def test_module_entry_point_shows_help():
+    result = subprocess.run([sys.executable, "-m", "mbti_lightning", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "fit" in result.stdout and "validate" in result.stdout
+
+
+def read_metrics(log_dir: Path) -> list[dict[str, str]]:
+    (metrics,) = log_dir.glob("demo/version_*/metrics.csv")
+    return list(csv.DictReader(metrics.open()))
+
+
+@pytest.mark.slow
+def test_demo_fit_learns_and_validate_reproduces_the_best_checkpoint(tmp_path, monkeypatch):
+    """The README's demo: fit, then validate the best checkpoint; same numbers as logged."""
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", "--config", str(REPO / "configs/demo.yaml")])
+
+    rows = [row for row in read_metrics(tmp_path / "logs") if row["val/mcc"]]
+    best = max(rows, key=lambda row: float(row["val/mcc"]))
+    assert float(best["val/mcc"]) >= 0.4
+    assert {"val/loss", "val/acc", "val/f1", "val/bal_acc", "train/loss"} <= set(rows[0])
+    (ckpt,) = (tmp_path / "checkpoints/demo").glob("best-*.ckpt")
+    assert (tmp_path / "checkpoints/demo/last.ckpt").exists()
+    assert f"step{int(best['step']) + 1}-" in ckpt.name
+
+    cli = cli_main(["validate", "--config", str(REPO / "configs/demo.yaml"), "--ckpt_path", str(ckpt)])
+    for key in ("val/mcc", "val/acc", "val/f1", "val/bal_acc", "val/loss"):
+        assert cli.trainer.callback_metrics[key].item() == pytest.approx(float(best[key]), abs=1e-6), key

@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+from datasets import load_dataset
+
+from mbti_lightning.data import MBTIDataModule
+from mbti_lightning.tokenizer import load_tokenizer
+
+
+def make_dm(path: Path, **kwargs) -> MBTIDataModule:
+    args = dict(dataset="parquet", data_files=str(path), tokenizer="demo", keep_fraction=0.5, num_workers=0)
+    return MBTIDataModule(**(args | kwargs))
+
+
+def test_seed_split_parity(corpus_file):
+    """The DataModule keeps exactly the rows the seed's own datasets calls keep, in the same order."""
+    # The seed recipe, call for call (seed/tutorial.md), on the same file.
+    seed = load_dataset("parquet", data_files=str(corpus_file), split="train")
+    for column in ["mbti", "E-I", "N-S", "F-T", "J-P"]:
+        seed = seed.class_encode_column(column)
+    seed = seed.train_test_split(test_size=0.5, stratify_by_column="mbti", seed=0)["test"]
+    seed = seed.train_test_split(test_size=0.2, stratify_by_column="mbti", seed=1)
+
+    dm = make_dm(corpus_file)
+    dm.setup("fit")
+    tokenizer = load_tokenizer("demo")
+    for ours, theirs in [("train", "train"), ("validation", "test")]:
+        expected = tokenizer(seed[theirs]["body"][:], truncation=True, max_length=512)["input_ids"]
+        assert dm.splits[ours]["input_ids"][:] == expected
+        assert dm.splits[ours]["labels"][:] == seed[theirs]["J-P"][:]
+    assert len(dm.splits["train"]) == 1200 and len(dm.splits["validation"]) == 300
+
+
+def test_test_split_is_unseen(corpus_file):
+    dm = make_dm(corpus_file)
+    dm.setup("test")
+    seen = {tuple(x) for name in ("train", "validation") for x in dm.splits[name]["input_ids"]}
+    assert len(dm.splits["test"]) == len(dm.splits["validation"])
+    assert not seen & {tuple(x) for x in dm.splits["test"]["input_ids"]}
+
+
+def test_second_setup_reads_the_cache(corpus_file, monkeypatch):
+    make_dm(corpus_file).setup("fit")
+
+    def fail(*args):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(MBTIDataModule, "_preprocess", fail)
+    dm = make_dm(corpus_file)
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 1200
+    with pytest.raises(AssertionError, match="tokenized again"):  # a changed setting is not served stale
+        make_dm(corpus_file, max_length=16).setup("fit")
+
+
+def test_batches_are_right_padded_with_a_pad_token(corpus_file):
+    dm = make_dm(corpus_file, batch_size=8)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.tokenizer.pad_token == "</s>"  # the demo tokenizer has none; eos stands in, as for Phi-3
+    assert batch["input_ids"].shape[1] % 8 == 0
+    lengths = batch["attention_mask"].sum(1)
+    for row, n in zip(batch["input_ids"], lengths):
+        assert (row[n:] == dm.tokenizer.pad_token_id).all() and batch["attention_mask"][0, 0] == 1
+
+
+def test_missing_column_is_named(corpus_file):
+    dm = make_dm(corpus_file, text_column="Comment")
+    with pytest.raises(ValueError, match="column 'Comment' not found .* it has \\['author', 'body'"):
+        dm.setup("fit")
+
+
+def test_bad_type_names_the_row(tmp_path):
+    (tmp_path / "bad.csv").write_text("body,mbti\nhello there,intj\nhi,INTX\n")
+    dm = make_dm(tmp_path / "bad.csv", dataset="csv")
+    with pytest.raises(ValueError, match="row 1 of csv .*bad.csv, column 'mbti': 'INTX' is not an MBTI type"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("kwargs, message", [({"max_length": 0}, "max_length must be positive"),
+                                             ({"target": "JP"}, "unknown MBTI axis")])  # fmt: skip
+def test_bad_settings(corpus_file, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_dm(corpus_file, **kwargs)

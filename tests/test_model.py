@@ -1,0 +1,100 @@
+import json
+
+import lightning as L
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import Phi3Config, PreTrainedTokenizerFast
+
+from mbti_lightning.data import MBTIDataModule
+from mbti_lightning.model import MBTIClassifier, classification_metrics
+from mbti_lightning.tokenizer import load_tokenizer
+
+
+class GradRecorder(MBTIClassifier):
+    """Keeps a copy of the gradients that reach the optimizer."""
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        self.grads = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
+
+
+def first_step_grads(batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
+    L.seed_everything(0)
+    dm = MBTIDataModule(dataset="demo", tokenizer="demo", keep_fraction=0.1, batch_size=batch_size, num_workers=0, seed=1)
+    model = GradRecorder(model_name_or_path="demo", from_scratch=True, class_weights=[0.6, 0.4], optimizer="adamw")
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, limit_val_batches=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, dm)
+    return model.grads
+
+
+def test_weighted_loss_under_accumulation_equals_one_big_batch():
+    dm = MBTIDataModule(dataset="demo", tokenizer="demo", keep_fraction=0.1, batch_size=4, num_workers=0, seed=1)
+    dm.setup("fit")
+    micro = [batch["labels"] for _, batch in zip(range(2), dm.train_dataloader())]
+    # Different label mixes give different weight sums: a per-micro-batch mean would be wrong here.
+    assert micro[0].sum() != micro[1].sum()
+
+    big, accumulated = first_step_grads(8, 1), first_step_grads(4, 2)
+    assert big.keys() == accumulated.keys() and len(big) > 10
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_mcc_of_a_one_class_prediction_is_zero():
+    metrics = classification_metrics(2, "val/")
+    metrics.update(torch.zeros(10, dtype=torch.long), torch.tensor([0, 1] * 5))
+    result = metrics.compute()
+    assert result["val/mcc"] == 0 and not torch.isnan(result["val/mcc"])
+    assert result["val/acc"] == 0.5 and result["val/bal_acc"] == 0.5
+
+
+def test_model_labels_are_letters_and_pad_matches_tokenizer():
+    model = MBTIClassifier(model_name_or_path="demo", from_scratch=True, target="E-I")
+    model.configure_model()
+    tokenizer = load_tokenizer("demo")
+    assert model.model.config.id2label == {0: "E", 1: "I"}
+    assert model.model.config.pad_token_id == tokenizer.pad_token_id == tokenizer.eos_token_id
+
+
+def test_padding_does_not_change_logits():
+    """Right padding: the classifier pools the last real token, so padding is invisible."""
+    torch.manual_seed(0)
+    model = MBTIClassifier(model_name_or_path="demo", from_scratch=True)
+    model.configure_model()
+    model.eval()
+    tokenizer = load_tokenizer("demo")
+    texts = ["i plan my week with a calendar", "whatever lol"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    alone = tokenizer(texts[1:], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch)[1], model(**alone)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def no_special_tokens_model(tmp_path):
+    """A model folder whose tokenizer has no pad, eos or unk token."""
+    tokenizer = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(tmp_path)
+    Phi3Config(vocab_size=3, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+               pad_token_id=None, bos_token_id=None, eos_token_id=None).save_pretrained(tmp_path)  # fmt: skip
+    return tmp_path
+
+
+def test_tokenizer_without_pad_token_gets_one_and_model_follows(no_special_tokens_model):
+    tokenizer = load_tokenizer(str(no_special_tokens_model))
+    assert tokenizer.pad_token == "<pad>" and len(tokenizer) == 4
+    model = MBTIClassifier(model_name_or_path=str(no_special_tokens_model), from_scratch=True)
+    model.configure_model()
+    assert model.model.config.pad_token_id == tokenizer.pad_token_id == 3
+    assert model.model.get_input_embeddings().num_embeddings == 4
+    logits = model(**tokenizer(["hello world", "hello"], padding=True, return_tensors="pt"))
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+def test_class_weights_must_match_classes():
+    with pytest.raises(ValueError, match="needs 2 values for J-P"):
+        MBTIClassifier(class_weights=[0.2, 0.3, 0.5])
