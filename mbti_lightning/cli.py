@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mbti_lightning.data import MBTIDataModule
 from mbti_lightning.model import MBTIClassifier
+
+
+class TokenThroughputMonitor(ThroughputMonitor):
+    """Logs samples/s, real (non-pad) tokens/s, FLOP/s and, on GPUs Lightning knows, MFU."""
+
+    def __init__(self, window_size: int = 50) -> None:
+        super().__init__(batch_size_fn=_batch_size, length_fn=_num_tokens, window_size=window_size)
+
+
+def _batch_size(batch: dict) -> int:
+    return len(batch["labels"])
+
+
+def _num_tokens(batch: dict) -> int:
+    return batch["num_tokens"]
 
 
 class MBTILightningCLI(LightningCLI):
@@ -28,15 +43,16 @@ class MBTILightningCLI(LightningCLI):
         parser.link_arguments("data.target", "model.target")
 
 
-def cli_main(args: list[str] | None = None) -> MBTILightningCLI:
-    """Run the CLI; `args` lets tests call it in-process."""
+def cli_main(args: list[str] | None = None, run: bool = True) -> MBTILightningCLI:
+    """Run the CLI; `args` lets tests and benchmarks call it in-process, `run=False` only builds it."""
     return MBTILightningCLI(
         MBTIClassifier,
         MBTIDataModule,
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
-            "callbacks": [RichProgressBar()],
+            "callbacks": [RichProgressBar(), TokenThroughputMonitor()],
         },
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Literal
 
 import lightning as L
@@ -11,17 +12,18 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from mbti_lightning import demo
 from mbti_lightning.cache import build_atomically, cache_root
 from mbti_lightning.labels import AXES, check_axis, label2id, parse_letter, type_to_id
+from mbti_lightning.sampling import LengthGroupedSampler
 from mbti_lightning.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 #: Bump when preprocessing changes in a way that makes older cached splits wrong.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 def seed_split(
@@ -44,11 +46,38 @@ def seed_split(
     return tuple(part.with_format("numpy")["row"] for part in (parts["train"], parts["test"], discarded))
 
 
+class _Rows(torch.utils.data.Dataset):
+    """A tokenized split read a whole batch at a time; each batch also carries its row numbers."""
+
+    def __init__(self, split: Dataset) -> None:
+        self.split = split.select_columns(["input_ids", "labels"])
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, rows: list[int]) -> dict[str, list]:
+        return {**self.split[rows], "row": rows}
+
+
+class Collator:
+    """Dynamic right padding (to a multiple of `pad_to_multiple_of`), plus the batch's real token count."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None) -> None:
+        self.pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+
+    def __call__(self, rows: dict[str, list]) -> dict:
+        batch = self.pad(rows)
+        batch["num_tokens"] = int(batch["attention_mask"].sum())  # a Python int: no GPU sync to read it
+        return batch
+
+
 class MBTIDataModule(L.LightningDataModule):
     """MBTI posts -> tokenized train / validation / test splits for one axis.
 
     `test` (and `predict`) use rows that the seed split discards: as many as the validation split
-    has, never seen in training or model selection. Splits are tokenized once and cached under
+    has, never seen in training or model selection. Training batches group rows of similar length
+    (see `LengthGroupedSampler`) unless `group_by_length` is false; evaluation batches are sorted by
+    length and carry their row numbers (`batch["row"]`) so predictions can be put back in order. Splits are tokenized once and cached under
     ``$MBTI_LIGHTNING_CACHE/tokenized`` (default ``~/.cache/mbti_lightning``), keyed by the data,
     the tokenizer and every setting below that changes them.
 
@@ -70,9 +99,13 @@ class MBTIDataModule(L.LightningDataModule):
         tokenizer: Tokenizer name or path; the CLI links it to ``model.model_name_or_path``.
         max_length: Texts are truncated to this many tokens.
         pad_to_multiple_of: Pad each batch to a multiple of this (tensor-core friendly), or null.
+        group_by_length: Build training batches from rows of similar length (less padding); false
+            gives plain random batches, as the seed's Trainer did.
         batch_size: Training micro-batch size.
         eval_batch_size: Batch size for validation, test and predict; defaults to `batch_size`.
         num_workers: DataLoader worker processes.
+        preprocessing_workers: Processes that tokenize; null = one per CPU core (at most 8) when
+            more than 50,000 rows are kept, else one.
         seed: Seed of the training shuffle.
     """
 
@@ -94,9 +127,11 @@ class MBTIDataModule(L.LightningDataModule):
         tokenizer: str = "microsoft/Phi-3-mini-4k-instruct",
         max_length: int = 512,
         pad_to_multiple_of: int | None = 8,
+        group_by_length: bool = True,
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
+        preprocessing_workers: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -176,15 +211,20 @@ class MBTIDataModule(L.LightningDataModule):
         rows = {"train": train, "validation": val, "test": discarded[: len(val)]}
 
         def tokenize(batch: dict) -> dict:
-            return self.tokenizer(batch[hp.text_column], truncation=True, max_length=hp.max_length,
-                                  return_attention_mask=False)  # fmt: skip
+            ids = self.tokenizer(batch[hp.text_column], truncation=True, max_length=hp.max_length)["input_ids"]
+            return {"input_ids": ids, "length": [len(x) for x in ids]}
+
+        workers = hp.preprocessing_workers
+        if workers is None:
+            workers = min(os.cpu_count() or 1, 8) if len(train) + len(val) > 50_000 else 1
 
         return DatasetDict(
             {
                 name: raw.select(idx)
                 .select_columns([hp.text_column])
                 .add_column("labels", labels[idx].tolist())
-                .map(tokenize, batched=True, remove_columns=[hp.text_column], desc=f"tokenizing {name}")
+                .map(tokenize, batched=True, remove_columns=[hp.text_column], desc=f"tokenizing {name}",
+                     num_proc=workers)
                 for name, idx in rows.items()
                 if len(idx)
             }
@@ -197,12 +237,20 @@ class MBTIDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
-        return DataLoader(
-            self.splits[split],
+        sampler = LengthGroupedSampler(
+            self.splits[split]["length"][:],
             batch_size=hp.batch_size if shuffle else hp.eval_batch_size or hp.batch_size,
             shuffle=shuffle,
-            generator=torch.Generator().manual_seed(hp.seed) if shuffle else None,
-            collate_fn=DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=hp.pad_to_multiple_of),
+            seed=hp.seed,
+            megabatch=50 if hp.group_by_length else 0,
+            num_replicas=self.trainer.world_size if self.trainer else 1,
+            rank=self.trainer.global_rank if self.trainer else 0,
+        )
+        return DataLoader(
+            _Rows(self.splits[split]),
+            sampler=sampler,
+            batch_size=None,  # the sampler yields whole batches
+            collate_fn=Collator(self.tokenizer, hp.pad_to_multiple_of),
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
         )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+import yaml
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     BinaryF1Score,
@@ -27,6 +29,19 @@ from mbti_lightning.labels import id2label, label2id
 from mbti_lightning.tokenizer import load_tokenizer
 
 
+class MatthewsCorrCoef(MulticlassMatthewsCorrCoef):
+    """MCC that is 0 when all predictions (or all targets) are one class, as scikit-learn's.
+
+    For such a 2x2 confusion matrix torchmetrics returns a small eps-based value instead (0.0086 for a
+    constant answer on a 59/41 split), which would credit a majority-class model with skill.
+    """
+
+    def compute(self) -> torch.Tensor:
+        if (self.confmat.sum(0) > 0).sum() < 2 or (self.confmat.sum(1) > 0).sum() < 2:
+            return torch.zeros((), device=self.confmat.device)
+        return super().compute()
+
+
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     """Accuracy, F1 (of class 1 for two classes, as the seed; macro otherwise), MCC and balanced accuracy."""
     f1 = BinaryF1Score() if num_classes == 2 else MulticlassF1Score(num_classes, average="macro")
@@ -34,7 +49,7 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
         {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
             "f1": f1,
-            "mcc": MulticlassMatthewsCorrCoef(num_classes),
+            "mcc": MatthewsCorrCoef(num_classes),
             "bal_acc": MulticlassRecall(num_classes, average="macro"),
         },
         prefix=prefix,
@@ -62,6 +77,13 @@ class MBTIClassifier(L.LightningModule):
         warmup_steps: Warm-up length in optimizer steps, or as a fraction of all steps if below 1.
         tf32: Allow TF32 matmuls on CUDA.
         attn_implementation: Attention kernel, e.g. ``sdpa`` or ``eager``.
+        skip_padding_mask: Don't pass the padding mask. Exact for decoder-only (causal) models with
+            right padding: real tokens never attend to the pads after them, and pooling finds the
+            last real token from the ids. Without a mask, SDPA can use its flash kernel.
+        compile: ``torch.compile`` each decoder block (regional compilation: one block is compiled
+            and reused, so warm-up stays short).
+        gradient_checkpointing: Recompute activations in the backward pass: much less memory, about
+            a third more compute.
     """
 
     def __init__(
@@ -78,6 +100,9 @@ class MBTIClassifier(L.LightningModule):
         warmup_steps: float = 0,
         tf32: bool = True,
         attn_implementation: str = "sdpa",
+        skip_padding_mask: bool = False,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -114,23 +139,47 @@ class MBTIClassifier(L.LightningModule):
             num_labels=len(self.id2label),
             id2label=self.id2label,
             label2id=label2id(hp.target),
+            use_cache=False,  # a classifier never reuses past keys and values
             **(hp.config_overrides or {}),
         )
+        # Lightning sets the default dtype for the trainer's precision (bf16 for bf16-true).
+        kwargs = {"attn_implementation": hp.attn_implementation, "dtype": torch.get_default_dtype()}
         if hp.from_scratch:
-            model = AutoModelForSequenceClassification.from_config(config, attn_implementation=hp.attn_implementation)
+            model = AutoModelForSequenceClassification.from_config(config, **kwargs)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                demo.resolve(hp.model_name_or_path), config=config, attn_implementation=hp.attn_implementation
+                demo.resolve(hp.model_name_or_path), config=config, **kwargs
             )
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # load_tokenizer added a <pad> token
             model.resize_token_embeddings(len(tokenizer))
         # Pooling takes the last token that is not pad_token_id, so it must be the tokenizer's.
         model.config.pad_token_id = tokenizer.pad_token_id
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hp.compile:
+            for module in model.modules():
+                if type(module).__name__ in model._no_split_modules:  # the decoder blocks
+                    module.compile(dynamic=True)
         self.model = model
+        embedding = model.get_input_embeddings().weight.numel()
+        # Training FLOPs per token without attention scores (anchors.md): 6 x non-embedding params.
+        self._flops_per_token = 6 * (sum(p.numel() for p in model.parameters()) - embedding)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What mbti-lightning-export needs beyond the weights and hyperparameters: the labels, and
+        # where the run's metrics and resolved config (written by the CLI) are.
+        log_dir = Path(self.trainer.log_dir).resolve() if self.trainer.log_dir else None
+        config = log_dir / "config.yaml" if log_dir else None
+        checkpoint["mbti_lightning"] = {
+            "id2label": self.id2label,
+            "log_dir": str(log_dir) if log_dir else None,
+            "config": yaml.safe_load(config.read_text()) if config and config.is_file() else None,
+        }
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) token ids -> (batch, num_classes) logits in fp32."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        """(batch, seq) right-padded token ids -> (batch, num_classes) logits in fp32."""
+        mask = None if self.hparams.skip_padding_mask else attention_mask
+        return self.model(input_ids=input_ids, attention_mask=mask).logits.float()
 
     def _shared_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, per-row cross entropy and per-row class weight; the loss stays in fp32."""
@@ -140,6 +189,10 @@ class MBTIClassifier(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits, ce, weight = self._shared_step(batch)
+        config = self.model.config
+        seq = batch["input_ids"].shape[1]  # attention FLOPs: 12 x layers x hidden x seq per token
+        per_token = self._flops_per_token + 12 * config.num_hidden_layers * config.hidden_size * seq
+        self.flops_per_batch = per_token * batch["num_tokens"]  # read by ThroughputMonitor
         weighted = (weight * ce).sum()
         self._step_weight = self._step_weight + weight.sum().detach()
         self.log("train/loss", weighted.detach() / weight.sum(), prog_bar=True, batch_size=len(ce))
@@ -171,7 +224,8 @@ class MBTIClassifier(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         probs = self(batch["input_ids"], batch["attention_mask"]).softmax(-1)
-        return {"probs": probs, "labels": [self.id2label[i] for i in probs.argmax(-1).tolist()]}
+        labels = [self.id2label[i] for i in probs.argmax(-1).tolist()]
+        return {"row": batch["row"], "probs": probs, "labels": labels}
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
@@ -183,12 +237,19 @@ class MBTIClassifier(L.LightningModule):
         if hp.optimizer == "adamw8bit":
             import bitsandbytes as bnb
 
-            optimizer = bnb.optim.AdamW8bit(groups, lr=hp.learning_rate)
+            from mbti_lightning.optim import AdamW8bit
+
+            optimizer = AdamW8bit(groups, lr=hp.learning_rate)  # compensated updates for bf16 weights
             # As transformers' Trainer does for adamw_bnb_8bit: embeddings keep 32-bit optimizer state.
             manager = bnb.optim.GlobalOptimManager.get_instance()
             for module in self.model.modules():
                 if isinstance(module, torch.nn.Embedding):
                     manager.register_module_override(module, "weight", {"optim_bits": 32})
+        elif any(p.dtype == torch.bfloat16 for p in params):
+            raise ValueError(
+                "model.optimizer 'adamw' would round away most lr-2e-5 updates of bf16 weights; use "
+                "'adamw8bit' (which compensates the rounding) or trainer.precision 32-true / bf16-mixed"
+            )
         else:
             optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate)
         total = self.trainer.estimated_stepping_batches

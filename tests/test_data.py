@@ -49,8 +49,9 @@ def test_second_setup_reads_the_cache(corpus_file, monkeypatch):
     dm = make_dm(corpus_file)
     dm.setup("fit")
     assert len(dm.splits["train"]) == 1200
-    with pytest.raises(AssertionError, match="tokenized again"):  # a changed setting is not served stale
-        make_dm(corpus_file, max_length=16).setup("fit")
+    for changed in ({"max_length": 16}, {"keep_seed": 5}, {"val_seed": 5}, {"target": "E-I"}):
+        with pytest.raises(AssertionError, match="tokenized again"):  # a changed setting is never served stale
+            make_dm(corpus_file, **changed).setup("fit")
 
 
 def test_batches_are_right_padded_with_a_pad_token(corpus_file):
@@ -62,6 +63,13 @@ def test_batches_are_right_padded_with_a_pad_token(corpus_file):
     lengths = batch["attention_mask"].sum(1)
     for row, n in zip(batch["input_ids"], lengths):
         assert (row[n:] == dm.tokenizer.pad_token_id).all() and batch["attention_mask"][0, 0] == 1
+
+
+def test_several_tokenizing_processes_give_the_same_splits(corpus_file):
+    one, two = make_dm(corpus_file), make_dm(corpus_file, preprocessing_workers=2, max_length=511)
+    one.setup("fit")
+    two.setup("fit")  # max_length 511 changes nothing here but keeps the two caches apart
+    assert one.splits["train"]["input_ids"][:] == two.splits["train"]["input_ids"][:]
 
 
 def test_missing_column_is_named(corpus_file):

@@ -4,9 +4,10 @@ import lightning as L
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.utils.data import DataLoader
 from transformers import Phi3Config, PreTrainedTokenizerFast
 
-from mbti_lightning.data import MBTIDataModule
+from mbti_lightning.data import Collator, MBTIDataModule, _Rows
 from mbti_lightning.model import MBTIClassifier, classification_metrics
 from mbti_lightning.tokenizer import load_tokenizer
 
@@ -19,36 +20,48 @@ class GradRecorder(MBTIClassifier):
         self.grads = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
 
 
-def first_step_grads(batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
+def first_step_grads(batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Gradients of one optimizer step accumulated over `batches`."""
     L.seed_everything(0)
-    dm = MBTIDataModule(dataset="demo", tokenizer="demo", keep_fraction=0.1, batch_size=batch_size, num_workers=0, seed=1)
     model = GradRecorder(model_name_or_path="demo", from_scratch=True, class_weights=[0.6, 0.4], optimizer="adamw")
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, limit_val_batches=0,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)  # fmt: skip
-    trainer.fit(model, dm)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=len(batches), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch))
     return model.grads
 
 
 def test_weighted_loss_under_accumulation_equals_one_big_batch():
-    dm = MBTIDataModule(dataset="demo", tokenizer="demo", keep_fraction=0.1, batch_size=4, num_workers=0, seed=1)
+    dm = MBTIDataModule(dataset="demo", tokenizer="demo", keep_fraction=0.1)
     dm.setup("fit")
-    micro = [batch["labels"] for _, batch in zip(range(2), dm.train_dataloader())]
+    collate = Collator(dm.tokenizer, pad_to_multiple_of=8)
+    rows = _Rows(dm.splits["train"])
+    big = collate(rows[list(range(8))])
+    micro = [collate(rows[list(range(4))]), collate(rows[list(range(4, 8))])]
     # Different label mixes give different weight sums: a per-micro-batch mean would be wrong here.
-    assert micro[0].sum() != micro[1].sum()
+    assert micro[0]["labels"].sum() != micro[1]["labels"].sum()
 
-    big, accumulated = first_step_grads(8, 1), first_step_grads(4, 2)
-    assert big.keys() == accumulated.keys() and len(big) > 10
-    for name in big:
-        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-7, msg=name)
+    one, accumulated = first_step_grads([big]), first_step_grads(micro)
+    assert one.keys() == accumulated.keys() and len(one) > 10
+    for name in one:
+        torch.testing.assert_close(accumulated[name], one[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_mcc_of_a_one_class_prediction_is_zero():
+@pytest.mark.parametrize("answer", [0, 1])
+def test_mcc_of_a_one_class_prediction_is_zero(answer):
     metrics = classification_metrics(2, "val/")
-    metrics.update(torch.zeros(10, dtype=torch.long), torch.tensor([0, 1] * 5))
+    labels = torch.tensor([1] * 59 + [0] * 41)
+    metrics.update(torch.full_like(labels, answer), labels)
     result = metrics.compute()
     assert result["val/mcc"] == 0 and not torch.isnan(result["val/mcc"])
-    assert result["val/acc"] == 0.5 and result["val/bal_acc"] == 0.5
+    assert result["val/acc"] == pytest.approx(0.59 if answer else 0.41) and result["val/bal_acc"] == 0.5
+
+
+def test_mcc_matches_its_definition():
+    metrics = classification_metrics(2, "val/")
+    metrics.update(torch.tensor([1, 1, 0, 0, 1, 0]), torch.tensor([1, 0, 0, 0, 1, 1]))
+    tp, tn, fp, fn = 2, 2, 1, 1
+    expected = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    assert metrics.compute()["val/mcc"].item() == pytest.approx(expected)
 
 
 def test_model_labels_are_letters_and_pad_matches_tokenizer():
@@ -98,3 +111,17 @@ def test_tokenizer_without_pad_token_gets_one_and_model_follows(no_special_token
 def test_class_weights_must_match_classes():
     with pytest.raises(ValueError, match="needs 2 values for J-P"):
         MBTIClassifier(class_weights=[0.2, 0.3, 0.5])
+
+
+def test_skipping_the_padding_mask_is_exact_for_right_padded_causal_models():
+    torch.manual_seed(0)
+    masked = MBTIClassifier(model_name_or_path="demo", from_scratch=True)
+    masked.configure_model()
+    unmasked = MBTIClassifier(model_name_or_path="demo", from_scratch=True, skip_padding_mask=True)
+    unmasked.model = masked.model
+    tokenizer = load_tokenizer("demo")
+    batch = tokenizer(["i plan my week with a calendar and a list", "whatever", "chill"], padding=True,
+                      pad_to_multiple_of=8, return_tensors="pt")  # fmt: skip
+    masked.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unmasked(**batch), masked(**batch), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU check of bench/throughput.py, as run on a lent H100/H200 (device tool): the machine has torch,
+# transformers and lightning, and gets bitsandbytes, datasets and jsonargparse as wheels in .whl
+# (../shared/gpu/wheels.sh). Writes $OUT/throughput.json and $OUT/log.txt.
+set -uo pipefail
+export MBTI_LIGHTNING_CACHE=/tmp/mlc HF_DATASETS_CACHE=/tmp/hfd PYTHONUNBUFFERED=1
+python3 -c 'import pyarrow, fsspec, transformers, lightning; print("pyarrow", pyarrow.__version__, "fsspec", fsspec.__version__, "transformers", transformers.__version__, "lightning", lightning.__version__)'
+major=$(python3 -c 'import pyarrow; print(pyarrow.__version__.split(".")[0])')
+if [ "$major" -lt 24 ] && [ -d .whl_alt ]; then  # datasets 5 needs pyarrow >= 24
+  rm -f .whl/datasets-5* .whl/dill-* .whl/multiprocess-*; cp .whl_alt/*.whl .whl/
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 bench/throughput.py --timeout 240 --out "${OUT:-bench/out}/throughput.json" --variants "$@" 2>&1 | tee "${OUT:-bench/out}/log.txt"

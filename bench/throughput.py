@@ -1,0 +1,300 @@
+"""Training throughput: the seed recipe (HF Trainer) against this project's presets, in one run.
+
+A synthetic workload with the shapes of the real one: random-init Phi-3-mini (from `Phi3Config`, no
+download; `--tiny` uses a 2-layer model on CPU) and rows of 150-290 tokens, like minhaozhang/mbti.
+Every variant trains on the same tokenized rows and sees the same number of samples; the first
+`--warmup` samples are not timed. Each variant runs in its own process, so peak memory is its own
+and an out-of-memory ends only that variant.
+
+    python bench/throughput.py                 # GPU: seed vs configs/phi3_jp.yaml and phi3_jp_40gb.yaml
+    python bench/throughput.py --tiny          # CPU smoke run, under two minutes
+
+Prints, per variant: samples/s, real (non-pad) tokens/s, pad share, peak GPU memory, MFU as defined
+in anchors.md ((6 x non-embedding params + 12 x layers x hidden x 220) x real tokens/s / peak), and
+each preset's ratio of real tokens/s to the seed's. Writes the same as JSON (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VARIANTS = ["seed", "configs/phi3_jp.yaml", "configs/phi3_jp_40gb.yaml"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="2-layer model on CPU: a smoke run")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                        help="'seed' or a config path, optionally followed by CLI overrides in one string")
+    parser.add_argument("--samples", type=int, help="samples each variant trains on (default 1024; tiny 256)")
+    parser.add_argument("--warmup", type=int, help="leading samples not timed (default 256; tiny 64)")
+    parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak for MFU (anchors.md)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench/out/throughput.json")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    args = parser.parse_args(argv)
+    args.samples = args.samples or (256 if args.tiny else 1024)
+    args.warmup = args.warmup or (64 if args.tiny else 256)
+    return args
+
+
+# --------------------------------------------------------------------------- the workload
+
+
+def workload(tiny: bool) -> tuple[Path, Path]:
+    """A model folder (the demo tokenizer + a Phi-3 config) and a parquet corpus of 150-290-token rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer, Phi3Config
+
+    from mbti_lightning import demo
+    from mbti_lightning.cache import build_atomically, cache_root
+
+    name = "tiny" if tiny else "phi3-mini"
+    tokenizer_dir = demo.model_dir()
+
+    def build_model(tmp: Path) -> None:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4) if tiny else {}  # fmt: skip
+        # Phi-3-mini-4k: vocab 32064, hidden 3072, 32 layers; token ids stay below the demo's 1024.
+        Phi3Config(pad_token_id=None, sliding_window=2047, **shape).save_pretrained(tmp)
+
+    def build_corpus(tmp: Path) -> None:
+        rng = random.Random(0)
+        rows = demo.generate_rows(num_rows=4096, seed=1)
+        words = " ".join(rows["body"]).split()
+        # Most demo words are one token; aim each body at a length drawn from 150-290 tokens.
+        rows["body"] = [" ".join(rng.choices(words, k=rng.randint(150, 290) - 12)) for _ in rows["body"]]
+        pq.write_table(pa.table(rows), tmp / "train.parquet")
+
+    root = cache_root() / f"bench-{demo.VERSION}"
+    corpus = build_atomically(root / "corpus", build_corpus) / "train.parquet"
+    return build_atomically(root / f"model-{name}", build_model), corpus
+
+
+def train_rows(model_dir: Path, corpus: Path) -> list[dict]:
+    """The tokenized rows every variant trains on, made by the project's DataModule."""
+    from mbti_lightning.data import MBTIDataModule
+
+    dm = MBTIDataModule(dataset="parquet", data_files=str(corpus), tokenizer=str(model_dir), keep_fraction=1.0,
+                        val_fraction=0.05, num_workers=0)  # fmt: skip
+    dm.setup("fit")
+    return dm
+
+
+def flops_per_token(config) -> float:
+    """anchors.md: 6 x non-embedding params + 12 x layers x hidden x 220 (the mean length)."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    params = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.hidden_size
+    return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * 220
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- (a) the seed recipe
+
+
+def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
+    """The seed's CustomTrainer and TrainingArguments (seed/tutorial.md), with eval and saving off."""
+    from torch import nn
+    from transformers import (AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)  # fmt: skip
+
+    dm = train_rows(model_dir, corpus)
+    rows = [{"input_ids": ids, "labels": y} for ids, y in zip(dm.splits["train"]["input_ids"][:], dm.splits["train"]["labels"][:])]
+    batch, accumulation = 4, 2
+    steps, warmup_steps = args.samples // (batch * accumulation), args.warmup // (batch * accumulation)
+    counts = {"samples": 0, "real": torch.zeros((), dtype=torch.long, device=device()), "padded": 0}
+    clock = {}
+
+    class CustomTrainer(Trainer):  # the seed's class-weighted loss
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.get("labels")
+            outputs = model(**inputs)
+            logits = outputs.get("logits")
+            loss_fct = nn.CrossEntropyLoss(weight=torch.tensor([0.6, 0.4]).to(logits.device))
+            loss = loss_fct(logits.view(-1, self.model.config.num_labels), labels.view(-1))
+            if clock:
+                counts["samples"] += len(labels)
+                counts["real"] += inputs["attention_mask"].sum()
+                counts["padded"] += inputs["attention_mask"].numel()
+            return (loss, outputs) if return_outputs else loss
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args_, state, control, **kwargs):
+            if state.global_step == warmup_steps:
+                sync()
+                clock["start"] = time.perf_counter()
+
+    config = AutoConfig.from_pretrained(model_dir, num_labels=2, id2label={0: "J", 1: "P"},
+                                        label2id={"J": 0, "P": 1}, pad_token_id=dm.tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device()):
+        model = AutoModelForSequenceClassification.from_config(config)
+    training_args = TrainingArguments(
+        output_dir=str(REPO / "bench/out/seed"), learning_rate=2e-5, per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch, weight_decay=0.01, gradient_accumulation_steps=accumulation,
+        optim="adamw_bnb_8bit", tf32=torch.cuda.is_available(), max_steps=steps, eval_strategy="no",
+        save_strategy="no", logging_steps=10**6, report_to=[], use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, disable_tqdm=True, seed=42,
+    )  # fmt: skip
+    trainer = CustomTrainer(model=model, args=training_args, train_dataset=rows,
+                            data_collator=DataCollatorWithPadding(dm.tokenizer), callbacks=[Clock()])  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    sync()
+    return measurement("seed: HF Trainer, fp32 + tf32, bnb AdamW8bit, batch 4 x accumulation 2", args, config,
+                       time.perf_counter() - clock["start"], counts["samples"], int(counts["real"]), counts["padded"])  # fmt: skip
+
+
+# --------------------------------------------------------------------------- (b) the project's code path
+
+
+def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Path) -> dict:
+    """DataModule + LightningModule + Lightning Trainer, built by the CLI from a config file."""
+    import lightning as L
+
+    from mbti_lightning.cli import cli_main
+
+    config_path, *overrides = shlex.split(variant)
+    sys.argv = sys.argv[:1]  # the CLI reads `args` below, not this script's flags
+    cli = cli_main(
+        ["--config", str(REPO / config_path), "--model.model_name_or_path", str(model_dir),
+         "--model.from_scratch", "true", "--data.dataset", "parquet", "--data.data_files", str(corpus),
+         "--data.keep_fraction", "1.0", "--data.val_fraction", "0.05", "--data.num_workers", "2",
+         "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
+         "--trainer.max_epochs", "-1", "--checkpoint.save_top_k", "0", "--checkpoint.save_last", "false",
+         "--seed_everything", "0",
+         *(["--trainer.accelerator", "cpu"] if args.tiny else []), *overrides],
+        run=False,
+    )  # fmt: skip
+    dm, trainer = cli.datamodule, cli.trainer
+    per_step = dm.hparams.batch_size * trainer.accumulate_grad_batches
+    trainer.fit_loop.epoch_loop.max_steps = args.samples // per_step
+    clock = Clock(warmup_batches=args.warmup // per_step * trainer.accumulate_grad_batches)
+    trainer.callbacks.append(clock)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(cli.model, dm)
+    sync()
+    name = f"{variant}: precision {trainer.precision}, batch {dm.hparams.batch_size} x accumulation {trainer.accumulate_grad_batches}"
+    return measurement(name, args, cli.model.model.config, time.perf_counter() - clock.start, clock.samples,
+                       clock.real, clock.padded)  # fmt: skip
+
+
+def Clock(warmup_batches: int):
+    """A Lightning callback that times training from micro-batch `warmup_batches` on."""
+    import lightning as L
+
+    class _Clock(L.Callback):
+        def __init__(self) -> None:
+            self.start, self.batches, self.samples, self.real, self.padded = None, 0, 0, 0, 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.batches == warmup_batches:
+                sync()
+                self.start = time.perf_counter()
+            self.batches += 1
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.start is not None:
+                self.samples += len(batch["labels"])
+                self.real += batch["num_tokens"]
+                self.padded += batch["input_ids"].numel()
+
+    return _Clock()
+
+
+def measurement(name: str, args, config, seconds: float, samples: int, real: int, padded: int) -> dict:
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {
+        "variant": name,
+        "timed_samples": samples,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(samples / seconds, 2),
+        "real_tokens_per_s": round(real / seconds, 1),
+        "pad_share": round(1 - real / padded, 4),
+        "peak_gib": None if peak is None else round(peak, 2),
+        "mfu_pct": round(100 * flops_per_token(config) * real / seconds / (args.peak_tflops * 1e12), 2)
+        if torch.cuda.is_available()
+        else None,
+    }
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    model_dir, corpus = workload(args.tiny)
+    if args.worker:
+        (REPO / "bench/out").mkdir(parents=True, exist_ok=True)
+        os.chdir(REPO / "bench/out")  # where Lightning writes its config.yaml
+        result = run_seed(args, model_dir, corpus) if args.worker == "seed" else run_config(args, args.worker, model_dir, corpus)
+        print("RESULT " + json.dumps(result), flush=True)
+        return [result]
+
+    results = []
+    for variant in args.variants:
+        command = [sys.executable, __file__, "--worker", variant, "--samples", str(args.samples),
+                   "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops)] + (["--tiny"] if args.tiny else [])  # fmt: skip
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            result = json.loads(lines[-1][7:]) if lines else {"variant": variant, "error": done.stderr[-2000:]}
+        except subprocess.TimeoutExpired:
+            result = {"variant": variant, "error": f"timed out after {args.timeout} s"}
+        results.append(result)
+        print(json.dumps(result), flush=True)
+
+    seed = next((r for r in results if r["variant"].startswith("seed") and "error" not in r), None)
+    for result in results:
+        if seed and "error" not in result:
+            result["ratio_vs_seed"] = round(result["real_tokens_per_s"] / seed["real_tokens_per_s"], 2)
+    summary = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "samples": args.samples,
+        "warmup": args.warmup,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(f"\n{'variant':<90} {'samples/s':>9} {'real tok/s':>10} {'pad':>6} {'peak GiB':>8} {'MFU %':>6} {'ratio':>6}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<90} ERROR: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
+        else:
+            print(f"{r['variant'][:90]:<90} {r['samples_per_s']:>9} {r['real_tokens_per_s']:>10} {r['pad_share']:>6} "
+                  f"{r['peak_gib'] or '-':>8} {r['mfu_pct'] or '-':>6} {r.get('ratio_vs_seed', '-'):>6}")  # fmt: skip
+    print(f"written to {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Length-aware batching: fewer pad tokens in training, sorted batches in evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DistributedSampler
+
+
+class LengthGroupedSampler(DistributedSampler):
+    """Yields whole batches (lists of row indices) of rows with similar token lengths.
+
+    Training (`shuffle=True`): each epoch, a seeded permutation is cut into megabatches of
+    ``megabatch * batch_size * num_replicas`` rows; each megabatch is sorted by length and cut into
+    batches; the batch order is shuffled and the longest batch goes first, so an out-of-memory shows
+    at the first step. ``megabatch=0`` gives plain random batches. Evaluation (`shuffle=False`): all
+    rows sorted by length, longest first.
+
+    Every rank builds the same batch list and takes every `num_replicas`-th batch (training drops
+    the few batches that would leave ranks uneven). It subclasses `DistributedSampler` so that
+    Lightning calls `set_epoch` on it and does not wrap it a second time.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        megabatch: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size = batch_size
+        self.megabatch = megabatch
+
+    def _batches(self) -> list[list[int]]:
+        if not self.shuffle:
+            order = torch.argsort(self.lengths, descending=True, stable=True)
+            return [chunk.tolist() for chunk in order.split(self.batch_size)]
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=generator)
+        if not self.megabatch:
+            batches = list(perm.split(self.batch_size))
+        else:
+            batches = []
+            for mega in perm.split(self.megabatch * self.batch_size * self.num_replicas):
+                mega = mega[torch.argsort(self.lengths[mega], descending=True, stable=True)]
+                batches += list(mega.split(self.batch_size))
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+            longest = max(range(len(batches)), key=lambda i: self.lengths[batches[i]].max())
+            batches.insert(0, batches.pop(longest))
+        usable = len(batches) // self.num_replicas * self.num_replicas
+        return [batch.tolist() for batch in batches[:usable]]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches()[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return len(self._batches()[self.rank :: self.num_replicas])
