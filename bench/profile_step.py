@@ -12,6 +12,7 @@ profiled Lightning steps.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,8 @@ def main() -> None:
     from mbti_lightning.cli import cli_main
 
     sys.argv = sys.argv[:1]
+    (throughput.REPO / "bench/out").mkdir(parents=True, exist_ok=True)
+    os.chdir(throughput.REPO / "bench/out")  # where Lightning writes its config.yaml
     cli = cli_main(
         ["--config", str(throughput.REPO / args.config), "--model.model_name_or_path", str(model_dir),
          "--model.from_scratch", "true", "--data.dataset", "parquet", "--data.data_files", str(corpus),
