@@ -46,6 +46,11 @@ def seed_split(
     return tuple(part.with_format("numpy")["row"] for part in (parts["train"], parts["test"], discarded))
 
 
+def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, column: str, max_length: int) -> dict:
+    ids = tokenizer(batch[column], truncation=True, max_length=max_length)["input_ids"]
+    return {"input_ids": ids, "length": [len(x) for x in ids]}
+
+
 class _Rows(torch.utils.data.Dataset):
     """A tokenized split read a whole batch at a time; each batch also carries its row numbers."""
 
@@ -210,21 +215,19 @@ class MBTIDataModule(L.LightningDataModule):
         train, val, discarded = seed_split(strata, hp.keep_fraction, hp.keep_seed, hp.val_fraction, hp.val_seed)
         rows = {"train": train, "validation": val, "test": discarded[: len(val)]}
 
-        def tokenize(batch: dict) -> dict:
-            ids = self.tokenizer(batch[hp.text_column], truncation=True, max_length=hp.max_length)["input_ids"]
-            return {"input_ids": ids, "length": [len(x) for x in ids]}
-
         workers = hp.preprocessing_workers
         if workers is None:
             workers = min(os.cpu_count() or 1, 8) if len(train) + len(val) > 50_000 else 1
+        # Only the tokenizer travels to worker processes, never the module (or its trainer).
+        tokenize_args = {"tokenizer": self.tokenizer, "column": hp.text_column, "max_length": hp.max_length}
 
         return DatasetDict(
             {
                 name: raw.select(idx)
                 .select_columns([hp.text_column])
                 .add_column("labels", labels[idx].tolist())
-                .map(tokenize, batched=True, remove_columns=[hp.text_column], desc=f"tokenizing {name}",
-                     num_proc=workers)
+                .map(_tokenize, batched=True, remove_columns=[hp.text_column], desc=f"tokenizing {name}",
+                     num_proc=workers if workers > 1 else None, fn_kwargs=tokenize_args)
                 for name, idx in rows.items()
                 if len(idx)
             }

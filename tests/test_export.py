@@ -24,8 +24,10 @@ def trained(tmp_path_factory) -> Path:
     mp = pytest.MonkeyPatch()
     mp.chdir(run)
     mp.setattr(sys, "argv", ["mbti-lightning"])
+    # Two tokenizing processes: under the CLI, nothing but the tokenizer may need pickling.
     cli_main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.max_epochs", "1",
-              "--trainer.limit_train_batches", "60", "--trainer.val_check_interval", "30"])  # fmt: skip
+              "--trainer.limit_train_batches", "60", "--trainer.val_check_interval", "30",
+              "--data.preprocessing_workers", "2"])  # fmt: skip
     mp.undo()
     return run / "checkpoints/demo/last.ckpt"
 
