@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Literal
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from datasets.fingerprint import Hasher
+from datasets.utils.stratify import stratified_shuffle_split_generate_indices
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
@@ -26,24 +28,33 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = "2"
 
 
+def stratified_split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`Dataset.train_test_split(test_size, stratify_by_column=..., seed)` on class ids `y`, as indices.
+
+    The same sizes, generator and stratification routine as datasets uses, without its reading the
+    label column one row at a time (minutes at 2.3M rows).
+    """
+    n_test = math.ceil(test_size * len(y))
+    return next(stratified_shuffle_split_generate_indices(y, len(y) - n_test, n_test, np.random.default_rng(seed)))
+
+
 def seed_split(
     strata: list, keep_fraction: float, keep_seed: int, val_fraction: float, val_seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The seed recipe's two stratified splits, as row numbers: (train, validation, discarded).
 
-    The seed class-encodes the type column, keeps the `test` part of
+    The seed class-encodes the type column (ids follow the sorted values), keeps the `test` part of
     ``train_test_split(test_size=keep_fraction, stratify_by_column=..., seed=keep_seed)`` and splits
-    that again with `val_fraction` / `val_seed`. Running the same calls on a two-column stand-in
-    (stratum, row number) gives the same rows without touching, let alone tokenizing, the text.
+    that again with `val_fraction` / `val_seed`. The same splits on the class ids alone give the same
+    rows without touching, let alone tokenizing, the text; a test compares them with the seed's calls.
     """
-    proxy = Dataset.from_dict({"stratum": strata, "row": np.arange(len(strata))}).class_encode_column("stratum")
+    y = np.unique(np.asarray(strata, dtype=str), return_inverse=True)[1]
     if keep_fraction < 1:
-        parts = proxy.train_test_split(test_size=keep_fraction, stratify_by_column="stratum", seed=keep_seed)
-        discarded, kept = parts["train"], parts["test"]
+        discarded, kept = stratified_split(y, keep_fraction, keep_seed)
     else:
-        discarded, kept = proxy.select([]), proxy
-    parts = kept.train_test_split(test_size=val_fraction, stratify_by_column="stratum", seed=val_seed)
-    return tuple(part.with_format("numpy")["row"] for part in (parts["train"], parts["test"], discarded))
+        discarded, kept = np.array([], dtype=np.int64), np.arange(len(y))
+    train, val = stratified_split(y[kept], val_fraction, val_seed)
+    return kept[train], kept[val], discarded
 
 
 def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, column: str, max_length: int) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 import yaml
@@ -84,6 +85,10 @@ class MBTIClassifier(L.LightningModule):
             and reused, so warm-up stays short).
         gradient_checkpointing: Recompute activations in the backward pass: much less memory, about
             a third more compute.
+        skip_nonfinite_batches: How many batches with a NaN or infinite loss to skip (with a
+            warning) before stopping. At 0 (the default) the first one stops training with an error
+            that names the step and batch; checkpoints already written stay as they are. Skipping
+            is for single-process runs: under DDP every rank must take the same steps.
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class MBTIClassifier(L.LightningModule):
         skip_padding_mask: bool = False,
         compile: bool = False,
         gradient_checkpointing: bool = False,
+        skip_nonfinite_batches: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -117,6 +123,7 @@ class MBTIClassifier(L.LightningModule):
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self._step_weight = 0.0  # summed class weights of the micro-batches of the current optimizer step
+        self._skipped = 0  # batches skipped for a non-finite loss
 
     def setup(self, stage: str) -> None:
         if self.hparams.tf32 and torch.cuda.is_available():
@@ -187,17 +194,33 @@ class MBTIClassifier(L.LightningModule):
         ce = F.cross_entropy(logits, batch["labels"], reduction="none")
         return logits, ce, self.class_weight.float()[batch["labels"]]
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         logits, ce, weight = self._shared_step(batch)
         config = self.model.config
         seq = batch["input_ids"].shape[1]  # attention FLOPs: 12 x layers x hidden x seq per token
         per_token = self._flops_per_token + 12 * config.num_hidden_layers * config.hidden_size * seq
         self.flops_per_batch = per_token * batch["num_tokens"]  # read by ThroughputMonitor
         weighted = (weight * ce).sum()
+        if not torch.isfinite(weighted):
+            return self._nonfinite(weighted, batch_idx)
         self._step_weight = self._step_weight + weight.sum().detach()
         self.log("train/loss", weighted.detach() / weight.sum(), prog_bar=True, batch_size=len(ce))
         # Summed, not averaged: on_before_optimizer_step divides by the whole step's weight.
         return weighted
+
+    def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        where = f"at optimizer step {self.global_step}, batch {batch_idx} of epoch {self.current_epoch}"
+        if self._skipped >= self.hparams.skip_nonfinite_batches:
+            raise FloatingPointError(
+                f"training loss is {loss.item()} {where}. Training stopped; checkpoints already written are "
+                f"untouched. Set model.skip_nonfinite_batches to skip up to N such batches (skipped so far: "
+                f"{self._skipped})."
+            )
+        self._skipped += 1
+        rank_zero_warn(f"skipping a batch with training loss {loss.item()} {where} "
+                       f"({self._skipped} of at most {self.hparams.skip_nonfinite_batches})")  # fmt: skip
+        self.log("train/skipped_batches", float(self._skipped))
+        return None  # Lightning skips the backward pass of this batch
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over
@@ -205,7 +228,7 @@ class MBTIClassifier(L.LightningModule):
         total = self.trainer.strategy.reduce(torch.as_tensor(self._step_weight, device=self.device), "sum")
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
+        if grads:  # none if every micro-batch of the step was skipped
             torch._foreach_mul_(grads, scale.to(grads[0].dtype))
         self._step_weight = 0.0
 

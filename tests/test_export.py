@@ -24,12 +24,21 @@ def trained(tmp_path_factory) -> Path:
     mp = pytest.MonkeyPatch()
     mp.chdir(run)
     mp.setattr(sys, "argv", ["mbti-lightning"])
+    mp.setenv("HF_TOKEN", TOKEN)  # as on a user's machine; it must not leak into anything the run writes
     # Two tokenizing processes: under the CLI, nothing but the tokenizer may need pickling.
     cli_main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.max_epochs", "1",
               "--trainer.limit_train_batches", "60", "--trainer.val_check_interval", "30",
               "--data.preprocessing_workers", "2"])  # fmt: skip
     mp.undo()
     return run / "checkpoints/demo/last.ckpt"
+
+
+def test_the_runs_files_never_hold_the_hub_token(trained):
+    run = trained.parents[2]
+    written = [p for p in run.rglob("*") if p.is_file()]
+    assert {p.suffix for p in written} >= {".ckpt", ".yaml", ".csv"}
+    for path in written:
+        assert TOKEN.encode() not in path.read_bytes(), path
 
 
 def export(*args: str) -> None:
