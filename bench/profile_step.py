@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 
@@ -107,7 +108,7 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
-class _Stepper(__import__("lightning").Callback):
+class _Stepper(L.Callback):
     def __init__(self, prof) -> None:
         self.prof = prof
 
