@@ -42,7 +42,6 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     model_dir, corpus = throughput.workload(args.tiny)
-    bench_args = throughput.parse_args(["--samples", "384", "--warmup", "128"] + (["--tiny"] if args.tiny else []))
     from mbti_lightning.cli import cli_main
 
     sys.argv = sys.argv[:1]

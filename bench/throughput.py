@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +85,8 @@ def workload(tiny: bool) -> tuple[Path, Path]:
     return build_atomically(root / f"model-{name}", build_model), corpus
 
 
-def train_rows(model_dir: Path, corpus: Path) -> list[dict]:
-    """The tokenized rows every variant trains on, made by the project's DataModule."""
+def datamodule(model_dir: Path, corpus: Path):
+    """The project's DataModule over the workload; its train split is what every variant trains on."""
     from mbti_lightning.data import MBTIDataModule
 
     dm = MBTIDataModule(dataset="parquet", data_files=str(corpus), tokenizer=str(model_dir), keep_fraction=1.0,
@@ -122,7 +123,7 @@ def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
     from transformers import (AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
                               TrainerCallback, TrainingArguments)  # fmt: skip
 
-    dm = train_rows(model_dir, corpus)
+    dm = datamodule(model_dir, corpus)
     rows = [{"input_ids": ids, "labels": y} for ids, y in zip(dm.splits["train"]["input_ids"][:], dm.splits["train"]["labels"][:])]
     batch, accumulation = 4, 2
     steps, warmup_steps = args.samples // (batch * accumulation), args.warmup // (batch * accumulation)
@@ -175,7 +176,6 @@ def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
 
 def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Path) -> dict:
     """DataModule + LightningModule + Lightning Trainer, built by the CLI from a config file."""
-    import lightning as L
 
     from mbti_lightning.cli import cli_main
 
@@ -205,27 +205,24 @@ def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: 
                        clock.real, clock.padded)  # fmt: skip
 
 
-def Clock(warmup_batches: int):
-    """A Lightning callback that times training from micro-batch `warmup_batches` on."""
-    import lightning as L
+class Clock(L.Callback):
+    """Times training from micro-batch `warmup_batches` on, counting samples and real/padded tokens."""
 
-    class _Clock(L.Callback):
-        def __init__(self) -> None:
-            self.start, self.batches, self.samples, self.real, self.padded = None, 0, 0, 0, 0
+    def __init__(self, warmup_batches: int) -> None:
+        self.warmup_batches = warmup_batches
+        self.start, self.batches, self.samples, self.real, self.padded = None, 0, 0, 0, 0
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if self.batches == warmup_batches:
-                sync()
-                self.start = time.perf_counter()
-            self.batches += 1
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.batches == self.warmup_batches:
+            sync()
+            self.start = time.perf_counter()
+        self.batches += 1
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if self.start is not None:
-                self.samples += len(batch["labels"])
-                self.real += batch["num_tokens"]
-                self.padded += batch["input_ids"].numel()
-
-    return _Clock()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.start is not None:
+            self.samples += len(batch["labels"])
+            self.real += batch["num_tokens"]
+            self.padded += batch["input_ids"].numel()
 
 
 def measurement(name: str, args, config, seconds: float, samples: int, real: int, padded: int) -> dict:

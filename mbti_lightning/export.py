@@ -75,8 +75,8 @@ def evaluate(model: MBTIClassifier, dm: MBTIDataModule) -> tuple[dict[str, float
     metrics.update(preds, labels)
     confusion.update(preds, labels)
     majority.update(torch.full_like(labels, majority_class), labels)
-    as_floats = lambda collection: {k: float(v) for k, v in collection.compute().items()}  # noqa: E731
-    return as_floats(metrics), confusion.compute(), as_floats(majority) | {"class": dm.id2label[majority_class]}
+    scores, baseline = ({k: float(v) for k, v in m.compute().items()} for m in (metrics, majority))
+    return scores, confusion.compute(), baseline | {"class": dm.id2label[majority_class]}
 
 
 def plot_training(metrics_csv: Path | None, out: Path) -> bool:
