@@ -1,45 +1,80 @@
-"""The data module: load MBTI data, encode labels, make the seed's splits, tokenize once, batch."""
+"""The data module: load MBTI data, clean and label it, split it, tokenize once, batch."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from datasets.fingerprint import Hasher
 from datasets.utils.stratify import stratified_shuffle_split_generate_indices
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from mbti_lightning import demo
 from mbti_lightning.cache import build_atomically, cache_root
-from mbti_lightning.labels import AXES, check_axis, label2id, parse_letter, type_to_id
+from mbti_lightning.labels import AXES, AXIS_POSITION, TYPES, check_axis
+from mbti_lightning.masking import mask_type_mentions
 from mbti_lightning.sampling import LengthGroupedSampler
 from mbti_lightning.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 #: Bump when preprocessing changes in a way that makes older cached splits wrong.
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
+#: Names a data set's own validation split may have, for `split: predefined`.
+VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 
 
-def stratified_split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(y: np.ndarray, test_size: float, seed: int, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """`Dataset.train_test_split(test_size, stratify_by_column=..., seed)` on class ids `y`, as indices.
 
     The same sizes, generator and stratification routine as datasets uses, without its reading the
-    label column one row at a time (minutes at 2.3M rows).
+    label column one row at a time (minutes at 2.3M rows). `names` (class id -> name) make the errors
+    readable when the classes are too small to stratify.
     """
     n_test = math.ceil(test_size * len(y))
+    counts = np.bincount(y, minlength=len(names))
+    if (counts < 2).any():
+        few = ", ".join(f"{names[i]!r} ({counts[i]})" for i in np.flatnonzero(counts < 2))
+        raise ValueError(
+            f"cannot make a stratified split: these classes have fewer than 2 rows (or authors): {few}. "
+            "Remove them from the data or add more."
+        )
+    if min(n_test, len(y) - n_test) < len(names):
+        raise ValueError(
+            f"cannot make a stratified split of {len(y)} rows (or authors) into {len(y) - n_test} and {n_test}: "
+            f"each part needs at least one of each of the {len(names)} classes. Use more data or other fractions."
+        )
     return next(stratified_shuffle_split_generate_indices(y, len(y) - n_test, n_test, np.random.default_rng(seed)))
 
 
+def _class_ids(strata: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    names, ids = np.unique(np.asarray(strata, dtype=str), return_inverse=True)
+    return ids, names.tolist()
+
+
+def _keep(y: np.ndarray, keep_fraction: float, keep_seed: int, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, discarded): the seed keeps the `test` part of a stratified split of size `keep_fraction`."""
+    if keep_fraction == 1:
+        return np.arange(len(y)), np.array([], dtype=np.int64)
+    discarded, kept = stratified_split(y, keep_fraction, keep_seed, names)
+    return kept, discarded
+
+
 def seed_split(
-    strata: list, keep_fraction: float, keep_seed: int, val_fraction: float, val_seed: int
+    strata: np.ndarray, keep_fraction: float, keep_seed: int, val_fraction: float, val_seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The seed recipe's two stratified splits, as row numbers: (train, validation, discarded).
 
@@ -48,25 +83,77 @@ def seed_split(
     that again with `val_fraction` / `val_seed`. The same splits on the class ids alone give the same
     rows without touching, let alone tokenizing, the text; a test compares them with the seed's calls.
     """
-    y = np.unique(np.asarray(strata, dtype=str), return_inverse=True)[1]
-    if keep_fraction < 1:
-        discarded, kept = stratified_split(y, keep_fraction, keep_seed)
-    else:
-        discarded, kept = np.array([], dtype=np.int64), np.arange(len(y))
-    train, val = stratified_split(y[kept], val_fraction, val_seed)
+    y, names = _class_ids(strata)
+    kept, discarded = _keep(y, keep_fraction, keep_seed, names)
+    train, val = stratified_split(y[kept], val_fraction, val_seed, names)
     return kept[train], kept[val], discarded
 
 
-def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, column: str, max_length: int) -> dict:
-    ids = tokenizer(batch[column], truncation=True, max_length=max_length)["input_ids"]
-    return {"input_ids": ids, "length": [len(x) for x in ids]}
+def author_split(
+    authors: np.ndarray,
+    strata: np.ndarray,
+    keep_fraction: float,
+    keep_seed: int,
+    val_fraction: float,
+    val_seed: int,
+    test_fraction: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Author-disjoint (train, validation, test) row numbers, stratified by each author's type.
+
+    Authors, not rows, are split: `keep_fraction` of them are kept (stratified, `keep_seed`), then
+    `val_fraction` and `test_fraction` of the kept authors go to validation and test (`val_seed`).
+    Without a test fraction, the test split takes as many discarded authors as validation has.
+    An author's type is the type of their first row.
+    """
+    _, first, author = np.unique(authors, return_index=True, return_inverse=True)
+    y, names = _class_ids(strata[first])
+    kept, discarded = _keep(y, keep_fraction, keep_seed, names)
+    rest, test = kept, np.array([], dtype=np.int64)
+    if test_fraction:
+        rest_idx, test_idx = stratified_split(y[kept], test_fraction, val_seed + 1, names)
+        rest, test = kept[rest_idx], kept[test_idx]
+    train_idx, val_idx = stratified_split(y[rest], val_fraction / (1 - test_fraction), val_seed, names)
+    train, val = rest[train_idx], rest[val_idx]
+    if not test_fraction:
+        test = discarded[: len(val)]
+    return tuple(np.flatnonzero(np.isin(author, part)) for part in (train, val, test))
+
+
+def _column(ds: Dataset, name: str) -> pa.ChunkedArray:
+    return ds.with_format("arrow")[name]
+
+
+def _normalized(ds: Dataset, name: str) -> np.ndarray:
+    """A label column as upper-case, stripped strings ('' where missing), computed by pyarrow."""
+    values = pc.utf8_upper(pc.utf8_trim_whitespace(pc.cast(_column(ds, name), pa.string())))
+    return np.asarray(values.fill_null("").to_numpy(zero_copy_only=False), dtype=str)
+
+
+def _explode(batch: dict[str, list], indices: list[int], column: str, separator: str) -> dict[str, list]:
+    """One row per post of each row's `separator`-joined posts; other columns repeat, `__row__` is the source row."""
+    out: dict[str, list] = {name: [] for name in [*batch, "__row__"]}
+    for i, row in enumerate(indices):
+        posts = (batch[column][i] or "").split(separator)
+        for name in batch:
+            out[name] += posts if name == column else [batch[name][i]] * len(posts)
+        out["__row__"] += [row] * len(posts)
+    return out
+
+
+def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, column: str, max_length: int, mask: bool) -> dict:
+    texts, out = batch[column], {}
+    if mask:
+        masked = [mask_type_mentions(text) for text in texts]
+        texts, out["mentions"] = [text for text, _ in masked], [n for _, n in masked]
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return out | {"input_ids": ids, "length": [len(x) for x in ids]}
 
 
 class _Rows(torch.utils.data.Dataset):
     """A tokenized split read a whole batch at a time; each batch also carries its row numbers."""
 
     def __init__(self, split: Dataset) -> None:
-        self.split = split.select_columns(["input_ids", "labels"])
+        self.split = split.select_columns(["input_ids", "labels", "author"])
 
     def __len__(self) -> int:
         return len(self.split)
@@ -87,31 +174,69 @@ class Collator:
         return batch
 
 
-class MBTIDataModule(L.LightningDataModule):
-    """MBTI posts -> tokenized train / validation / test splits for one axis.
+class _ResumableLoader(DataLoader):
+    """The training loader, checkpointed by Lightning: a resume mid-epoch skips the batches already trained on.
 
-    `test` (and `predict`) use rows that the seed split discards: as many as the validation split
-    has, never seen in training or model selection. Training batches group rows of similar length
-    (see `LengthGroupedSampler`) unless `group_by_length` is false; evaluation batches are sorted by
-    length and carry their row numbers (`batch["row"]`) so predictions can be put back in order. Splits are tokenized once and cached under
+    Lightning saves ``state_dict()`` in every checkpoint and calls ``load_state_dict`` on resume. The
+    count comes from the trainer's progress, not from this loader, which runs ahead by the batches
+    that are prefetched.
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": self._batches_done()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume(state["epoch"], state["batches_done"])
+
+
+class MBTIDataModule(L.LightningDataModule):
+    """MBTI posts -> cleaned, labelled, split and tokenized train / validation / test splits.
+
+    Rows are read from the hub, local files or the demo corpus; `explode_separator` turns rows of
+    joined posts into one row per post. Rows with an empty text or an invalid label are dropped and
+    reported (or, with ``invalid_rows: error``, stop the run). Splits:
+
+    - ``seed``: the seed recipe's two stratified row splits, exactly. Test (and predict) take rows that
+      split discards, as many as validation has: never seen in training or model selection.
+    - ``author``: the same fractions over authors instead of rows (stratified by each author's type),
+      so no author has posts on both sides; see `author_split`.
+    - ``predefined``: the data set's own ``train``, ``validation`` (or ``valid``/``val``/``dev``) and
+      ``test`` splits.
+
+    Training batches group rows of similar length (see `LengthGroupedSampler`) unless
+    `group_by_length` is false; evaluation batches are sorted by length and carry their row numbers
+    (`batch["row"]`) and author ids (`batch["author"]`). Splits are tokenized once and cached under
     ``$MBTI_LIGHTNING_CACHE/tokenized`` (default ``~/.cache/mbti_lightning``), keyed by the data,
     the tokenizer and every setting below that changes them.
 
     Args:
-        dataset: Hugging Face dataset id, a builder name (``csv``, ``json``, ``parquet``) used with
-            `data_files`, or ``demo`` for the generated offline corpus.
+        dataset: Hugging Face dataset id, a builder name (``csv``, ``json`` for .json/.jsonl,
+            ``parquet``) used with `data_files`, or ``demo`` for the generated offline corpus.
         data_files: Path, glob, list or ``{split: path}`` mapping for local files.
-        dataset_split: Which split of `dataset` to read.
+        dataset_split: Which split of `dataset` to read (all of them for ``split: predefined``).
         text_column: Column with the text.
         type_column: Column with the 4-letter type (any case), or null when `axis_columns` is used.
-        author_column: Column with the author id, or null.
-        axis_columns: ``{axis: column}`` for data with one letter column per axis and no type column.
+        author_column: Column with the author id. Null, or a column the data lacks, makes each source
+            row its own author (with `explode_separator`: all posts of a row share an author).
+        axis_columns: ``{axis: column}`` for data with one letter column per axis, e.g.
+            ``{J-P: P/J}``; used when `type_column` is null.
         target: The axis to classify: ``E-I``, ``N-S``, ``F-T`` or ``J-P``.
-        split: ``seed`` = the seed recipe's two stratified splits, exactly.
-        keep_fraction: Share of all rows kept (the seed keeps 10%); the rest is discarded.
+        split: ``seed``, ``author`` or ``predefined`` (see above).
+        keep_fraction: Share of all rows (or authors) kept (the seed keeps 10%); the rest is discarded.
         keep_seed: Seed of the first split.
-        val_fraction: Share of the kept rows used for validation.
+        val_fraction: Share of the kept rows (or authors) used for validation.
         val_seed: Seed of the second split.
+        test_fraction: ``split: author`` only: share of the kept authors held out for testing
+            (0.2 with `val_fraction` 0.2 gives the published 60/20/20). At 0, test takes discarded authors.
+        explode_separator: Split each text on this string (Kaggle's ``|||``) into one row per post.
+        mask_type_mentions: Replace type names, their x-variants (INxJ) and function abbreviations
+            (Ni, Fe, ...) in the text with ``[MBTI]``; see `mbti_lightning.masking`.
+        invalid_rows: ``drop`` rows with an empty text or an invalid label (with a warning that
+            counts them and names some), or stop with an ``error``.
         tokenizer: Tokenizer name or path; the CLI links it to ``model.model_name_or_path``.
         max_length: Texts are truncated to this many tokens.
         pad_to_multiple_of: Pad each batch to a multiple of this (tensor-core friendly), or null.
@@ -135,11 +260,15 @@ class MBTIDataModule(L.LightningDataModule):
         author_column: str | None = "author",
         axis_columns: dict[str, str] | None = None,
         target: str = "J-P",
-        split: Literal["seed"] = "seed",
+        split: Literal["seed", "author", "predefined"] = "seed",
         keep_fraction: float = 0.1,
         keep_seed: int = 0,
         val_fraction: float = 0.2,
         val_seed: int = 1,
+        test_fraction: float = 0.0,
+        explode_separator: str | None = None,
+        mask_type_mentions: bool = False,
+        invalid_rows: Literal["drop", "error"] = "drop",
         tokenizer: str = "microsoft/Phi-3-mini-4k-instruct",
         max_length: int = 512,
         pad_to_multiple_of: int | None = 8,
@@ -154,11 +283,13 @@ class MBTIDataModule(L.LightningDataModule):
         check_axis(target)
         if max_length <= 0:
             raise ValueError(f"data.max_length must be positive, got {max_length}")
-        if not 0 < keep_fraction <= 1 or not 0 < val_fraction < 1:
+        if not 0 < keep_fraction <= 1 or not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 - val_fraction:
             raise ValueError(
-                f"data.keep_fraction must be in (0, 1] and data.val_fraction in (0, 1), "
-                f"got {keep_fraction} and {val_fraction}"
+                f"data.keep_fraction must be in (0, 1], data.val_fraction in (0, 1) and data.test_fraction in "
+                f"[0, 1 - val_fraction), got {keep_fraction}, {val_fraction} and {test_fraction}"
             )
+        for axis in axis_columns or {}:
+            check_axis(axis)
         if type_column is None and target not in (axis_columns or {}):
             raise ValueError(f"without data.type_column, data.axis_columns must name the column for {target}")
         self.save_hyperparameters()
@@ -168,6 +299,10 @@ class MBTIDataModule(L.LightningDataModule):
     @property
     def id2label(self) -> dict[int, str]:
         return dict(enumerate(AXES[self.hparams.target]))
+
+    @property
+    def _where(self) -> str:
+        return " ".join(str(x) for x in (self.hparams.dataset, self.hparams.data_files or "") if x).strip()
 
     def prepare_data(self) -> None:
         # Downloads (or generates) once per node; setup() then reads from the local cache.
@@ -179,98 +314,194 @@ class MBTIDataModule(L.LightningDataModule):
             return
         self.tokenizer = load_tokenizer(self.hparams.tokenizer)
         raw = self._load_raw()
-        key = Hasher.hash([CACHE_VERSION, raw._fingerprint, Hasher.hash(self.tokenizer), self._preprocessing_args()])
-        path = build_atomically(cache_root() / "tokenized" / key, lambda tmp: self._preprocess(raw).save_to_disk(tmp))
+        parts = raw.values() if isinstance(raw, DatasetDict) else [raw]
+        fingerprint = [part._fingerprint for part in parts]
+        key = Hasher.hash([CACHE_VERSION, fingerprint, Hasher.hash(self.tokenizer), self._preprocessing_args()])
+        path = build_atomically(cache_root() / "tokenized" / key, lambda tmp: self._build(raw, tmp))
         self.splits = load_from_disk(str(path))
-        log.info("tokenized splits from %s: %s", path, {k: len(v) for k, v in self.splits.items()})
+        for message in json.loads((path / "dropped.json").read_text()):
+            rank_zero_warn(message)
+        for name, part in self.splits.items():
+            summary = f"{name}: {len(part)} rows, {len(np.unique(part['author'][:]))} authors"
+            if "mentions" in part.column_names:
+                mentions = np.asarray(part["mentions"][:])
+                summary += f", type mentions masked in {np.count_nonzero(mentions)} rows ({mentions.sum()} mentions)"
+            rank_zero_info(summary)
+        log.info("tokenized splits from %s", path)
 
     def _preprocessing_args(self) -> dict:
-        names = ("dataset", "data_files", "dataset_split", "text_column", "type_column", "axis_columns", "target",
-                 "split", "keep_fraction", "keep_seed", "val_fraction", "val_seed", "max_length")  # fmt: skip
+        names = ("dataset", "data_files", "dataset_split", "text_column", "type_column", "author_column",
+                 "axis_columns", "target", "split", "keep_fraction", "keep_seed", "val_fraction", "val_seed",
+                 "test_fraction", "explode_separator", "mask_type_mentions", "invalid_rows", "max_length")  # fmt: skip
         return {name: self.hparams[name] for name in names}
 
-    def _load_raw(self) -> Dataset:
+    def _load_raw(self) -> Dataset | DatasetDict:
         hp = self.hparams
-        if hp.dataset == demo.DEMO:
-            raw = load_dataset("parquet", data_files=str(demo.corpus_path()), split="train")
-        else:
-            raw = load_dataset(hp.dataset, data_files=hp.data_files, split=hp.dataset_split)
-        label_column = hp.type_column or hp.axis_columns[hp.target]
-        for column in (hp.text_column, label_column):
-            if column not in raw.column_names:
-                raise ValueError(
-                    f"column {column!r} not found in {hp.dataset} {hp.data_files or ''}; "
-                    f"it has {raw.column_names}. Set data.text_column / data.type_column / data.axis_columns."
-                )
+        builder, files = ("parquet", str(demo.corpus_path())) if hp.dataset == demo.DEMO else (hp.dataset, hp.data_files)
+        try:
+            raw = load_dataset(builder, data_files=files, split=None if hp.split == "predefined" else hp.dataset_split)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # datasets wraps a parser's error in its own
+            if files is None:
+                raise
+            cause = err.__cause__ or err
+            raise ValueError(f"could not read {files} as {builder}: {type(cause).__name__}: {cause}") from err
+        for part in raw.values() if isinstance(raw, DatasetDict) else [raw]:
+            label_columns = [hp.type_column] if hp.type_column else list(hp.axis_columns.values())
+            for column in (hp.text_column, *label_columns):
+                if column not in part.column_names:
+                    raise ValueError(
+                        f"column {column!r} not found in {self._where}; it has {part.column_names}. "
+                        "Set data.text_column / data.type_column / data.axis_columns."
+                    )
         return raw
 
-    def _labels(self, values: list) -> np.ndarray:
-        """Class ids of the target axis for every row, from the type column or the axis's letter column."""
+    def _clean(self, ds: Dataset) -> tuple[Dataset, dict[str, np.ndarray], list[str]]:
+        """Explode, label and validate `ds`: (usable rows, their per-row arrays, messages on dropped rows).
+
+        The arrays, aligned with the usable rows: ``labels`` (class ids), ``strata`` (type, or the axis
+        letters there are), ``author`` (author ids) and ``source_row`` (row number in the source, from 0).
+        """
         hp = self.hparams
-        column = hp.type_column or hp.axis_columns[hp.target]
-        to_id = label2id(hp.target)
-        labels = np.empty(len(values), dtype=np.int64)
-        for row, value in enumerate(values):
-            try:
-                labels[row] = (
-                    type_to_id(value, hp.target) if hp.type_column else to_id[parse_letter(value, hp.target)]
+        if hp.author_column and hp.author_column not in ds.column_names and hp.split == "author":
+            raise ValueError(
+                f"data.split 'author' needs the author column {hp.author_column!r}, which {self._where} lacks "
+                f"(it has {ds.column_names}); set data.author_column: null to treat each row as one author"
+            )
+        author_column = hp.author_column if hp.author_column in ds.column_names else None
+        if hp.explode_separator:
+            keep = {hp.text_column, hp.type_column, author_column, *(hp.axis_columns or {}).values()} - {None}
+            ds = ds.select_columns(list(keep)).map(
+                _explode, batched=True, with_indices=True, desc="one row per post",
+                fn_kwargs={"column": hp.text_column, "separator": hp.explode_separator},
+            )  # fmt: skip
+            source = np.asarray(_column(ds, "__row__"))
+        else:
+            source = np.arange(len(ds))
+        if author_column:
+            names = pc.cast(_column(ds, author_column), pa.string()).to_numpy(zero_copy_only=False)
+            authors = np.unique(names.astype(str), return_inverse=True)[1]
+        else:
+            authors = source
+
+        text = pc.utf8_length(pc.utf8_trim_whitespace(pc.cast(_column(ds, hp.text_column), pa.string())))
+        problems = [(f"with an empty {hp.text_column!r}", text.fill_null(0).to_numpy() == 0, None)]
+        if hp.type_column:
+            strata = _normalized(ds, hp.type_column)
+            problems.append((f"whose {hp.type_column!r} is not an MBTI type", ~np.isin(strata, TYPES), strata))
+            letters = np.array([t[AXIS_POSITION[hp.target]] if len(t) == 4 else "" for t in strata.tolist()])
+        else:
+            columns = {axis: _normalized(ds, column) for axis, column in hp.axis_columns.items()}
+            strata = np.array(["".join(x) for x in zip(*columns.values())], dtype=str)
+            for axis, column in hp.axis_columns.items():
+                bad = ~np.isin(columns[axis], AXES[axis])
+                problems.append((f"whose {column!r} is not a letter of {axis} {AXES[axis]}", bad, columns[axis]))
+            letters = columns[hp.target]
+        labels = (letters == AXES[hp.target][1]).astype(np.int64)
+
+        invalid = np.logical_or.reduce([bad for _, bad, _ in problems])
+        messages = []
+        for what, bad, values in problems:
+            if bad.any():
+                shown = [f"{source[i]}" + (f" ({str(values[i])!r})" if values is not None else "")
+                         for i in np.flatnonzero(bad)[:5]]  # fmt: skip
+                more = f" and {bad.sum() - 5} more" if bad.sum() > 5 else ""
+                messages.append(f"{bad.sum()} rows {what}: rows {', '.join(shown)}{more}")
+        if messages:
+            summary = f"{self._where}: {invalid.sum()} of {len(invalid)} rows are unusable; " + "; ".join(messages)
+            if hp.invalid_rows == "error":
+                raise ValueError(f"{summary}. Fix them, or set data.invalid_rows: drop to leave them out.")
+            messages = [f"{summary}. They were dropped (data.invalid_rows: drop)."]
+        if invalid.all():
+            raise ValueError(f"{self._where}: no usable rows left. {' '.join(messages)}")
+        valid = np.flatnonzero(~invalid)
+        arrays = {"labels": labels, "strata": strata, "author": authors, "source_row": source}
+        return ds.select(valid), {name: values[valid] for name, values in arrays.items()}, messages
+
+    def _split(self, raw: Dataset | DatasetDict) -> tuple[dict[str, tuple[Dataset, dict]], list[str]]:
+        """{split name: (usable rows, their arrays)} for train / validation / test, and the drop messages."""
+        hp = self.hparams
+        if hp.split == "predefined":
+            names = {"train": "train", "validation": next((n for n in VALIDATION_NAMES if n in raw), None), "test": "test"}
+            if names["validation"] is None or "train" not in raw:
+                raise ValueError(
+                    f"data.split 'predefined' needs a train and a validation split; {self._where} has {list(raw)}"
                 )
-            except ValueError as err:
-                raise ValueError(f"row {row} of {hp.dataset} {hp.data_files or ''}, column {column!r}: {err}") from None
-        return labels
+            cleaned = {ours: self._clean(raw[theirs]) for ours, theirs in names.items() if theirs in raw}
+            return {name: (ds, arrays) for name, (ds, arrays, _) in cleaned.items()}, sum(
+                (messages for _, _, messages in cleaned.values()), []
+            )
+        ds, arrays, messages = self._clean(raw)
+        if hp.split == "seed":
+            train, val, discarded = seed_split(arrays["strata"], hp.keep_fraction, hp.keep_seed, hp.val_fraction,
+                                               hp.val_seed)  # fmt: skip
+            test = discarded[: len(val)]
+        else:
+            train, val, test = author_split(arrays["author"], arrays["strata"], hp.keep_fraction, hp.keep_seed,
+                                            hp.val_fraction, hp.val_seed, hp.test_fraction)  # fmt: skip
+        rows = {"train": train, "validation": val, "test": test}
+        return {name: (ds.select(idx), {k: v[idx] for k, v in arrays.items()}) for name, idx in rows.items()
+                if len(idx)}, messages  # fmt: skip
 
-    def _preprocess(self, raw: Dataset) -> DatasetDict:
+    def _build(self, raw: Dataset | DatasetDict, out: os.PathLike) -> None:
         hp = self.hparams
-        strata = raw[hp.type_column or hp.axis_columns[hp.target]][:]
-        labels = self._labels(strata)
-        train, val, discarded = seed_split(strata, hp.keep_fraction, hp.keep_seed, hp.val_fraction, hp.val_seed)
-        rows = {"train": train, "validation": val, "test": discarded[: len(val)]}
-
+        parts, messages = self._split(raw)
+        for name in ("train", "validation"):
+            counts = np.bincount(parts[name][1]["labels"], minlength=2)
+            if not counts.all():
+                missing = [AXES[hp.target][i] for i in np.flatnonzero(counts == 0)]
+                raise ValueError(
+                    f"the {name} split of {self._where} has no rows of class {missing} ({hp.target}); "
+                    "a classifier cannot be trained or scored without both. Use more data or other split fractions."
+                )
         workers = hp.preprocessing_workers
         if workers is None:
-            workers = min(os.cpu_count() or 1, 8) if len(train) + len(val) > 50_000 else 1
+            kept = sum(len(parts[name][0]) for name in ("train", "validation"))
+            workers = min(os.cpu_count() or 1, 8) if kept > 50_000 else 1
         # Only the tokenizer travels to worker processes, never the module (or its trainer).
-        tokenize_args = {"tokenizer": self.tokenizer, "column": hp.text_column, "max_length": hp.max_length}
-
-        return DatasetDict(
-            {
-                name: raw.select(idx)
-                .select_columns([hp.text_column])
-                .add_column("labels", labels[idx].tolist())
-                .map(_tokenize, batched=True, remove_columns=[hp.text_column], desc=f"tokenizing {name}",
-                     num_proc=workers if workers > 1 else None, fn_kwargs=tokenize_args)
-                for name, idx in rows.items()
-                if len(idx)
-            }
-        )
+        tokenize_args = {"tokenizer": self.tokenizer, "column": hp.text_column, "max_length": hp.max_length,
+                         "mask": hp.mask_type_mentions}  # fmt: skip
+        splits = DatasetDict()
+        for name, (ds, arrays) in parts.items():
+            columns = ds.select_columns([hp.text_column])
+            for key in ("labels", "author", "source_row"):
+                columns = columns.add_column(key, arrays[key].tolist())
+            splits[name] = columns.map(_tokenize, batched=True, remove_columns=[hp.text_column], desc=f"tokenizing {name}",
+                                       num_proc=workers if workers > 1 else None, fn_kwargs=tokenize_args)  # fmt: skip
+        splits.save_to_disk(out)
+        (Path(out) / "dropped.json").write_text(json.dumps(messages))
 
     def train_label_counts(self) -> torch.Tensor:
         """How many training rows each class has, in class-id order."""
         labels = self.splits["train"].with_format("numpy")["labels"]
         return torch.as_tensor(np.bincount(labels, minlength=len(self.id2label)))
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
         hp = self.hparams
+        if split not in self.splits:
+            raise ValueError(f"{self._where} has no {split} split with data.split {hp.split!r}; "
+                             "for split 'author' set data.test_fraction or data.keep_fraction below 1")  # fmt: skip
         sampler = LengthGroupedSampler(
             self.splits[split]["length"][:],
-            batch_size=hp.batch_size if shuffle else hp.eval_batch_size or hp.batch_size,
-            shuffle=shuffle,
+            batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
+            shuffle=train,
             seed=hp.seed,
             megabatch=50 if hp.group_by_length else 0,
             num_replicas=self.trainer.world_size if self.trainer else 1,
             rank=self.trainer.global_rank if self.trainer else 0,
         )
-        return DataLoader(
-            _Rows(self.splits[split]),
-            sampler=sampler,
-            batch_size=None,  # the sampler yields whole batches
-            collate_fn=Collator(self.tokenizer, hp.pad_to_multiple_of),
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-        )
+        kwargs = {"batch_size": None,  # the sampler yields whole batches
+                  "collate_fn": Collator(self.tokenizer, hp.pad_to_multiple_of),
+                  "num_workers": hp.num_workers, "persistent_workers": hp.num_workers > 0}  # fmt: skip
+        if train and self.trainer:
+            loop = self.trainer.fit_loop.epoch_loop
+            return _ResumableLoader(_Rows(self.splits[split]), sampler=sampler,
+                                    batches_done=lambda: loop.batch_progress.current.processed, **kwargs)  # fmt: skip
+        return DataLoader(_Rows(self.splits[split]), sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation")

@@ -30,6 +30,23 @@ def check_axis(axis: str) -> str:
     return axis
 
 
+def heads(target: str | list[str]) -> dict[str, tuple[str, ...]]:
+    """What a model predicts for `target`: head name -> its classes in class-id order.
+
+    An axis (``J-P``) gives one binary head; ``all`` or a list of axes one binary head per axis;
+    ``mbti`` one 16-way head over the types.
+    """
+    if target == "mbti":
+        return {"mbti": TYPES}
+    axes = list(AXES) if target == "all" else [target] if isinstance(target, str) else list(target)
+    if not axes or len(set(axes)) != len(axes):
+        raise ValueError(f"target {target!r} must name each axis at most once")
+    for axis in axes:
+        if axis not in AXES:
+            raise ValueError(f"unknown target {axis!r}; expected an axis ({', '.join(AXES)}), a list of axes, 'all' or 'mbti'")
+    return {axis: AXES[axis] for axis in axes}
+
+
 def id2label(axis: str) -> dict[int, str]:
     """Class id -> letter for one axis, e.g. ``{0: "J", 1: "P"}``."""
     return dict(enumerate(AXES[check_axis(axis)]))

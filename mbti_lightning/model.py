@@ -6,18 +6,12 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 import yaml
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    BinaryF1Score,
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MulticlassMatthewsCorrCoef,
-    MulticlassRecall,
-)
+from torchmetrics import MeanMetric
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -27,34 +21,8 @@ from transformers import (
 
 from mbti_lightning import demo
 from mbti_lightning.labels import id2label, label2id
+from mbti_lightning.metrics import AuthorMetrics, classification_metrics
 from mbti_lightning.tokenizer import load_tokenizer
-
-
-class MatthewsCorrCoef(MulticlassMatthewsCorrCoef):
-    """MCC that is 0 when all predictions (or all targets) are one class, as scikit-learn's.
-
-    For such a 2x2 confusion matrix torchmetrics returns a small eps-based value instead (0.0086 for a
-    constant answer on a 59/41 split), which would credit a majority-class model with skill.
-    """
-
-    def compute(self) -> torch.Tensor:
-        if (self.confmat.sum(0) > 0).sum() < 2 or (self.confmat.sum(1) > 0).sum() < 2:
-            return torch.zeros((), device=self.confmat.device)
-        return super().compute()
-
-
-def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Accuracy, F1 (of class 1 for two classes, as the seed; macro otherwise), MCC and balanced accuracy."""
-    f1 = BinaryF1Score() if num_classes == 2 else MulticlassF1Score(num_classes, average="macro")
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "f1": f1,
-            "mcc": MatthewsCorrCoef(num_classes),
-            "bal_acc": MulticlassRecall(num_classes, average="macro"),
-        },
-        prefix=prefix,
-    )
 
 
 class MBTIClassifier(L.LightningModule):
@@ -122,6 +90,7 @@ class MBTIClassifier(L.LightningModule):
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_authors, self.test_authors = AuthorMetrics(num_classes), AuthorMetrics(num_classes)
         self._step_weight = 0.0  # summed class weights of the micro-batches of the current optimizer step
         self._skipped = 0  # batches skipped for a non-finite loss
 
@@ -181,7 +150,18 @@ class MBTIClassifier(L.LightningModule):
             "id2label": self.id2label,
             "log_dir": str(log_dir) if log_dir else None,
             "config": yaml.safe_load(config.read_text()) if config and config.is_file() else None,
+            "rng": _collect_rng_states(),  # Lightning restores the rest of a run, not the random generators
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("mbti_lightning", {})
+        if "id2label" in saved and saved["id2label"] != self.id2label:
+            raise ValueError(
+                f"the checkpoint classifies {'/'.join(saved['id2label'].values())} but this run's target "
+                f"{self.hparams.target} is {'/'.join(self.id2label.values())}; set data.target to the checkpoint's axis"
+            )
+        if "rng" in saved:
+            _set_rng_states(saved["rng"])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(batch, seq) right-padded token ids -> (batch, num_classes) logits in fp32."""
@@ -232,18 +212,33 @@ class MBTIClassifier(L.LightningModule):
             torch._foreach_mul_(grads, scale.to(grads[0].dtype))
         self._step_weight = 0.0
 
-    def _eval_step(self, batch: dict, metrics: MetricCollection, loss: MeanMetric, stage: str) -> None:
+    def _eval_step(self, batch: dict, stage: str) -> None:
         logits, ce, weight = self._shared_step(batch)
+        loss, metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_metrics")
         loss.update(ce, weight)  # weighted mean over the whole set, as one large batch
         metrics.update(logits.argmax(-1), batch["labels"])
+        getattr(self, f"{stage}_authors").update(logits, batch["labels"], batch["author"])
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(ce))
         self.log_dict(metrics, on_epoch=True, batch_size=len(ce))
 
+    def _log_author_metrics(self, stage: str) -> None:
+        authors = getattr(self, f"{stage}_authors")
+        if authors.update_called:
+            # compute() gathered every rank's posts already, so each rank logs the same values.
+            self.log_dict({f"{stage}/{name}": value for name, value in authors.compute().items()})
+            authors.reset()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, self.val_loss, "val")
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_author_metrics("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, self.test_loss, "test")
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_author_metrics("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         probs = self(batch["input_ids"], batch["attention_mask"]).softmax(-1)

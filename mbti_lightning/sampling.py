@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -15,11 +16,13 @@ class LengthGroupedSampler(DistributedSampler):
     ``megabatch * batch_size * num_replicas`` rows; each megabatch is sorted by length and cut into
     batches; the batch order is shuffled and the longest batch goes first, so an out-of-memory shows
     at the first step. ``megabatch=0`` gives plain random batches. Evaluation (`shuffle=False`): all
-    rows sorted by length, longest first.
+    rows sorted by length, longest first, each row exactly once over all ranks (no padding rows, so
+    metrics synced across ranks equal one process's), in as many batches on every rank.
 
     Every rank builds the same batch list and takes every `num_replicas`-th batch (training drops
     the few batches that would leave ranks uneven). It subclasses `DistributedSampler` so that
-    Lightning calls `set_epoch` on it and does not wrap it a second time.
+    Lightning calls `set_epoch` on it and does not wrap it a second time. `resume` skips the batches
+    of an epoch that a checkpoint had already trained on.
     """
 
     def __init__(
@@ -36,11 +39,18 @@ class LengthGroupedSampler(DistributedSampler):
         self.lengths = torch.as_tensor(lengths)
         self.batch_size = batch_size
         self.megabatch = megabatch
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches to skip)
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Make the next iteration over `epoch` start after its first `batches_done` batches."""
+        self._resume_at = (epoch, batches_done)
 
     def _batches(self) -> list[list[int]]:
         if not self.shuffle:
             order = torch.argsort(self.lengths, descending=True, stable=True)
-            return [chunk.tolist() for chunk in order.split(self.batch_size)]
+            # As many batches as batch_size needs, rounded up so that every rank gets the same number.
+            n = math.ceil(math.ceil(len(order) / self.batch_size) / self.num_replicas) * self.num_replicas
+            return [chunk.tolist() for chunk in order.tensor_split(n) if len(chunk)]
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(len(self.lengths), generator=generator)
         if not self.megabatch:
@@ -57,7 +67,11 @@ class LengthGroupedSampler(DistributedSampler):
         return [batch.tolist() for batch in batches[:usable]]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches()[self.rank :: self.num_replicas])
+        batches = self._batches()[self.rank :: self.num_replicas]
+        if self._resume_at is not None and self._resume_at[0] == self.epoch:
+            batches = batches[self._resume_at[1] :]
+        self._resume_at = None
+        return iter(batches)
 
     def __len__(self) -> int:
         return len(self._batches()[self.rank :: self.num_replicas])

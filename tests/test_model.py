@@ -7,7 +7,8 @@ from torch.utils.data import DataLoader
 from transformers import Phi3Config, PreTrainedTokenizerFast
 
 from mbti_lightning.data import Collator, MBTIDataModule, _Rows
-from mbti_lightning.model import MBTIClassifier, classification_metrics
+from mbti_lightning.metrics import AuthorMetrics, classification_metrics
+from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.tokenizer import load_tokenizer
 
 
@@ -61,6 +62,20 @@ def test_mcc_matches_its_definition():
     tp, tn, fp, fn = 2, 2, 1, 1
     expected = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
     assert metrics.compute()["val/mcc"].item() == pytest.approx(expected)
+
+
+def test_author_metrics_match_a_hand_computation():
+    # Log-odds of class 1 per post (logits [0, x]); authors 7, 3 and 9 with 2, 3 and 1 posts.
+    log_odds = torch.tensor([2.0, -1.0, -3.0, 1.0, 1.0, -0.5])
+    metric = AuthorMetrics(num_classes=2)
+    # Two updates, as two batches (or two ranks) would give.
+    metric.update(torch.stack([torch.zeros(3), log_odds[:3]], 1), torch.tensor([1, 1, 1]), torch.tensor([7, 7, 3]))
+    metric.update(torch.stack([torch.zeros(3), log_odds[3:]], 1), torch.tensor([1, 1, 0]), torch.tensor([3, 3, 9]))
+    # Means: author 7 +0.5 -> 1 (label 1, right); author 3 -1/3 -> 0 (label 1, wrong); author 9 -0.5 -> 0 (label 0, right).
+    # TP 1, FN 1, TN 1, FP 0: MCC (1*1 - 0) / sqrt(1*2*1*2) = 0.5; F1 of class 1 = 2/3; balanced acc (0.5 + 1) / 2.
+    expected = {"author/acc": 2 / 3, "author/f1": 2 / 3, "author/mcc": 0.5, "author/bal_acc": 0.75,
+                "author/count": 3, "majority_acc": 5 / 6, "author/majority_acc": 2 / 3}  # fmt: skip
+    assert {k: pytest.approx(float(v)) for k, v in metric.compute().items()} == expected
 
 
 def test_model_labels_are_letters_and_pad_matches_tokenizer():

@@ -43,6 +43,18 @@ def test_evaluation_is_sorted_and_complete_across_ranks():
     shards = [list(LengthGroupedSampler(LENGTHS, 64, shuffle=False, num_replicas=3, rank=r)) for r in range(3)]
     rows = [i for s in shards for b in s for i in b]
     assert sorted(rows) == list(range(1000))  # nothing dropped or repeated: metrics see every row once
+    assert len({len(s) for s in shards}) == 1 and max(len(b) for s in shards for b in s) <= 64
     (single,) = [list(LengthGroupedSampler(LENGTHS, 64, shuffle=False))]
     flat = [LENGTHS[i] for b in single for i in b]
     assert flat == sorted(flat, reverse=True)
+
+
+def test_resume_skips_the_batches_already_trained_on_in_that_epoch_only():
+    sampler = LengthGroupedSampler(LENGTHS, 16, shuffle=True)
+    sampler.set_epoch(1)
+    full = list(sampler)
+    sampler.resume(epoch=1, batches_done=10)
+    assert list(sampler) == full[10:] and len(sampler) == len(full)  # Lightning still counts the whole epoch
+    assert list(sampler) == full  # only the first pass after the resume is shortened
+    sampler.resume(epoch=0, batches_done=10)
+    assert list(sampler) == full  # a state saved in another epoch skips nothing

@@ -1,0 +1,87 @@
+"""Evaluation metrics: post-level classification metrics, and author-level ones with a majority baseline."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (
+    BinaryF1Score,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassMatthewsCorrCoef,
+    MulticlassRecall,
+)
+from torchmetrics.utilities import dim_zero_cat
+
+
+class MatthewsCorrCoef(MulticlassMatthewsCorrCoef):
+    """MCC that is 0 when all predictions (or all targets) are one class, as scikit-learn's.
+
+    For such a 2x2 confusion matrix torchmetrics returns a small eps-based value instead (0.0086 for a
+    constant answer on a 59/41 split), which would credit a majority-class model with skill.
+    """
+
+    def compute(self) -> torch.Tensor:
+        if (self.confmat.sum(0) > 0).sum() < 2 or (self.confmat.sum(1) > 0).sum() < 2:
+            return torch.zeros((), device=self.confmat.device)
+        return super().compute()
+
+
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Accuracy, F1 (of class 1 for two classes, as the seed; macro otherwise), MCC and balanced accuracy."""
+    f1 = BinaryF1Score() if num_classes == 2 else MulticlassF1Score(num_classes, average="macro")
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1": f1,
+            "mcc": MatthewsCorrCoef(num_classes),
+            "bal_acc": MulticlassRecall(num_classes, average="macro"),
+        },
+        prefix=prefix,
+    )
+
+
+class AuthorMetrics(Metric):
+    """Metrics per author, beside the majority-class baselines that give every number its context.
+
+    Each author's posts vote with their mean log-probabilities (for two classes: their mean log-odds)
+    and the author's label is the most common label of their posts. `compute` returns
+    ``author/{acc,f1,mcc,bal_acc}``, ``author/count`` (how many authors), ``majority_acc`` (share of
+    the most common class among the posts) and ``author/majority_acc`` (the same among authors).
+    States are concatenated across processes, so under DDP every rank computes on all posts.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("log_probs", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+        self.add_state("authors", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, authors: torch.Tensor) -> None:
+        """(posts, classes) logits, (posts,) class ids and (posts,) author ids."""
+        self.log_probs.append(logits.detach().float().log_softmax(-1))
+        self.labels.append(labels)
+        self.authors.append(authors)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        log_probs, labels, authors = (dim_zero_cat(x) for x in (self.log_probs, self.labels, self.authors))
+        _, author = torch.unique(authors, return_inverse=True)  # (posts,) -> 0..n_authors-1
+        n_authors = int(author.max()) + 1
+        votes = log_probs.new_zeros(n_authors, self.num_classes).index_add_(0, author, log_probs)
+        label_counts = votes.new_zeros(n_authors, self.num_classes).index_add_(
+            0, author, F.one_hot(labels, self.num_classes).to(votes.dtype)
+        )
+        author_labels = label_counts.argmax(-1)
+        # The mean of the posts' log-probabilities has the argmax of their sum.
+        scores = classification_metrics(self.num_classes, "author/").to(votes.device)
+        scores.update(votes.argmax(-1), author_labels)
+        return {
+            **scores.compute(),
+            "author/count": torch.tensor(float(n_authors), device=votes.device),
+            "majority_acc": torch.bincount(labels, minlength=self.num_classes).max() / len(labels),
+            "author/majority_acc": torch.bincount(author_labels, minlength=self.num_classes).max() / n_authors,
+        }

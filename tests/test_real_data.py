@@ -1,0 +1,144 @@
+"""Real-world data: local files in other shapes, bad rows, author-disjoint and predefined splits."""
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mbti_lightning.data import MBTIDataModule, author_split
+from mbti_lightning.demo import generate_rows
+from mbti_lightning.labels import AXES
+
+
+def make_dm(path: Path, builder: str, **kwargs) -> MBTIDataModule:
+    args = dict(dataset=builder, data_files=str(path), tokenizer="demo", keep_fraction=1.0, num_workers=0)
+    return MBTIDataModule(**(args | kwargs))
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def kaggle_file(path: Path, num_rows: int = 8000) -> Path:
+    """Kaggle mbti_1's shape: one row per user, `type,posts`, the posts joined with |||."""
+    rows = generate_rows(num_rows=num_rows, seed=3)
+    users: dict[str, list] = {}
+    for author, body, mbti in zip(rows["author"], rows["body"], rows["mbti"]):
+        users.setdefault(author, [mbti.upper(), []])[1].append(body)
+    return write_csv(path, ["type", "posts"], [[t, "|||".join(posts)] for t, posts in users.values()])
+
+
+def axis_letter_file(path: Path, num_rows: int = 3000) -> Path:
+    """One letter column per axis under other names (P/J ...) and the text in `Comment`."""
+    rows = generate_rows(num_rows=num_rows, seed=4)
+    names = {"E-I": "I/E", "N-S": "S/N", "F-T": "T/F", "J-P": "P/J"}
+    table = {"Comment": rows["body"], "user": rows["author"]} | {names[a]: [x.lower() for x in rows[a]] for a in AXES}
+    pq.write_table(pa.table(table), path)
+    return path
+
+
+def test_bad_rows_are_dropped_with_counts_and_row_numbers(tmp_path):
+    path = write_csv(tmp_path / "bad.csv", ["body", "mbti"],
+                     [["hello there", "intj"], ["hi", "INTX"], ["  ", "ENFP"], ["fine", " enfp "]] * 20)  # fmt: skip
+    dm = make_dm(path, "csv", val_fraction=0.25)
+    with pytest.warns(UserWarning, match=r"bad.csv: 40 of 80 rows are unusable; 20 rows with an empty 'body': "
+                                         r"rows 2, 6, 10, 14, 18 and 15 more; 20 rows whose 'mbti' is not an MBTI type: "
+                                         r"rows 1 \('INTX'\), 5 \('INTX'\)"):  # fmt: skip
+        dm.setup("fit")
+    assert len(dm.splits["train"]) + len(dm.splits["validation"]) == 40  # the " enfp " rows are kept
+
+    with pytest.raises(ValueError, match=r"rows 1 \('INTX'\).*set data.invalid_rows: drop"):
+        make_dm(path, "csv", invalid_rows="error").setup("fit")
+
+
+def test_nothing_left_after_filtering_is_an_error(tmp_path):
+    path = write_csv(tmp_path / "empty.csv", ["body", "mbti"], [["", "INTJ"], ["text", "none"]])
+    with pytest.raises(ValueError, match="empty.csv: no usable rows left"):
+        make_dm(path, "csv").setup("fit")
+
+
+def test_a_class_too_small_to_stratify_is_named(tmp_path):
+    path = write_csv(tmp_path / "rare.csv", ["body", "mbti"], [["a", "INTJ"]] * 10 + [["b", "ESFP"]])
+    with pytest.raises(ValueError, match=r"fewer than 2 rows \(or authors\): 'ESFP' \(1\)"):
+        make_dm(path, "csv").setup("fit")
+
+
+def test_a_class_missing_from_a_split_is_named(tmp_path):
+    files = {"train": write_csv(tmp_path / "train.csv", ["body", "mbti"], [["a", "INTJ"], ["b", "INTP"]] * 5),
+             "validation": write_csv(tmp_path / "val.csv", ["body", "mbti"], [["a", "INTJ"]] * 4)}  # fmt: skip
+    dm = MBTIDataModule(dataset="csv", data_files={k: str(v) for k, v in files.items()}, split="predefined",
+                        tokenizer="demo")  # fmt: skip
+    with pytest.raises(ValueError, match=r"the validation split of csv .* has no rows of class \['P'\] \(J-P\)"):
+        dm.setup("fit")
+
+
+def test_unreadable_file_is_named(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match=r"could not read .*broken.parquet as parquet"):
+        make_dm(path, "parquet").setup("fit")
+
+
+def test_missing_author_column_for_an_author_split_is_named(tmp_path):
+    path = write_csv(tmp_path / "a.csv", ["body", "mbti"], [["a", "INTJ"]])
+    with pytest.raises(ValueError, match="needs the author column 'author'.*set data.author_column: null"):
+        make_dm(path, "csv", split="author").setup("fit")
+
+
+def test_author_split_is_disjoint_and_keeps_type_proportions():
+    rows = generate_rows(num_rows=16_000, seed=1)
+    authors, types = np.array(rows["author"]), np.array(rows["mbti"])
+    train, val, test = author_split(authors, types, keep_fraction=1.0, keep_seed=0, val_fraction=0.2, val_seed=1,
+                                    test_fraction=0.2)  # fmt: skip
+    parts = [set(authors[idx]) for idx in (train, val, test)]
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert len(train) + len(val) + len(test) == len(authors)
+    assert [round(len(p) / len(set(authors)), 2) for p in parts] == [0.6, 0.2, 0.2]
+
+    def shares(idx):  # share of each type among the authors of a split
+        first = {a: t for a, t in zip(authors[idx], types[idx])}
+        return {t: n / len(first) for t, n in Counter(first.values()).items()}
+
+    everyone = shares(np.arange(len(authors)))
+    for idx in (train, val, test):
+        assert max(abs(shares(idx).get(t, 0) - s) for t, s in everyone.items()) < 0.02
+
+
+def test_kaggle_file_explodes_into_posts_with_the_row_as_author(tmp_path):
+    path = kaggle_file(tmp_path / "mbti_1.csv")
+    users = sum(1 for _ in csv.reader(path.open())) - 1
+    dm = make_dm(path, "csv", text_column="posts", type_column="type", author_column=None,
+                 explode_separator="|||", split="author", keep_fraction=1.0, test_fraction=0.2)  # fmt: skip
+    dm.setup("fit")
+    assert sum(len(s) for s in dm.splits.values()) == 8000  # every post, once
+    authors = {name: set(s["author"][:]) for name, s in dm.splits.items()}
+    assert sum(len(a) for a in authors.values()) == users
+    assert not authors["train"] & authors["validation"] and not authors["train"] & authors["test"]
+
+
+def test_axis_letter_columns_under_other_names(tmp_path):
+    path = axis_letter_file(tmp_path / "letters.parquet")
+    dm = make_dm(path, "parquet", text_column="Comment", type_column=None, author_column="user", target="J-P",
+                 axis_columns={"E-I": "I/E", "N-S": "S/N", "F-T": "T/F", "J-P": "P/J"})  # fmt: skip
+    dm.setup("fit")
+    rows = generate_rows(num_rows=3000, seed=4)
+    expected = Counter(rows["J-P"])
+    got = Counter(dm.id2label[x] for s in dm.splits.values() for x in s["labels"][:])
+    assert got == expected  # lower-case letters were read as J / P, no row lost
+
+
+def test_predefined_splits_are_used_as_they_are(tmp_path):
+    rows = generate_rows(num_rows=600, seed=5)
+    files = {}
+    for name, part in {"train": slice(0, 400), "dev": slice(400, 500), "test": slice(500, 600)}.items():
+        files[name] = str(tmp_path / f"{name}.parquet")
+        pq.write_table(pa.table({k: v[part] for k, v in rows.items()}), files[name])
+    dm = MBTIDataModule(dataset="parquet", data_files=files, split="predefined", tokenizer="demo")
+    dm.setup("fit")
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 400, "validation": 100, "test": 100}
