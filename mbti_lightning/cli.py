@@ -50,9 +50,15 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MBTILightningCL
         MBTIDataModule,
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
-            "callbacks": [RichProgressBar(), TokenThroughputMonitor()],
+            "callbacks": [RichProgressBar(), TokenThroughputMonitor()],  # always added, never saved in config.yaml
+            "plugins": [{"class_path": "mbti_lightning.checkpoint.AtomicCheckpointIO"}],
         },
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
     )
+
+
+def main() -> None:
+    """The `mbti-lightning` console script."""
+    cli_main()

@@ -175,11 +175,11 @@ class Collator:
 
 
 class _ResumableLoader(DataLoader):
-    """The training loader, checkpointed by Lightning: a resume mid-epoch skips the batches already trained on.
+    """The training loader, whose state says how far into its epoch training got.
 
-    Lightning saves ``state_dict()`` in every checkpoint and calls ``load_state_dict`` on resume. The
-    count comes from the trainer's progress, not from this loader, which runs ahead by the batches
-    that are prefetched.
+    The count comes from the trainer's progress, not from this loader, which runs ahead by the
+    batches that are prefetched. The data module saves and restores this state (see
+    `MBTIDataModule.load_state_dict`); that the loader has it also tells Lightning it can resume.
     """
 
     def __init__(self, *args, batches_done: Callable[[], int], **kwargs) -> None:
@@ -295,6 +295,8 @@ class MBTIDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.tokenizer = None
         self.splits: DatasetDict | None = None
+        self._train_loader: _ResumableLoader | None = None
+        self._resume_at: dict[str, int] | None = None
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -303,6 +305,16 @@ class MBTIDataModule(L.LightningDataModule):
     @property
     def _where(self) -> str:
         return " ".join(str(x) for x in (self.hparams.dataset, self.hparams.data_files or "") if x).strip()
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in its epoch, saved in every checkpoint."""
+        return self._train_loader.state_dict() if self._train_loader else {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # Lightning restores the data module before it first builds the training loader, and may
+        # build that loader (to count the steps of the schedule) before it restores its own loader
+        # states, too late for the first iteration. So the skip is set up here.
+        self._resume_at = state or None
 
     def prepare_data(self) -> None:
         # Downloads (or generates) once per node; setup() then reads from the local cache.
@@ -496,8 +508,12 @@ class MBTIDataModule(L.LightningDataModule):
                   "num_workers": hp.num_workers, "persistent_workers": hp.num_workers > 0}  # fmt: skip
         if train and self.trainer:
             loop = self.trainer.fit_loop.epoch_loop
-            return _ResumableLoader(_Rows(self.splits[split]), sampler=sampler,
-                                    batches_done=lambda: loop.batch_progress.current.processed, **kwargs)  # fmt: skip
+            self._train_loader = _ResumableLoader(_Rows(self.splits[split]), sampler=sampler,
+                                                  batches_done=lambda: loop.batch_progress.current.processed, **kwargs)  # fmt: skip
+            if self._resume_at:
+                self._train_loader.load_state_dict(self._resume_at)
+                self._resume_at = None
+            return self._train_loader
         return DataLoader(_Rows(self.splits[split]), sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:

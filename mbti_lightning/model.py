@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from transformers import (
 )
 
 from mbti_lightning import demo
+from mbti_lightning.checkpoint import rng_states, set_rng_states
 from mbti_lightning.labels import id2label, label2id
 from mbti_lightning.metrics import AuthorMetrics, classification_metrics
 from mbti_lightning.tokenizer import load_tokenizer
@@ -150,7 +150,7 @@ class MBTIClassifier(L.LightningModule):
             "id2label": self.id2label,
             "log_dir": str(log_dir) if log_dir else None,
             "config": yaml.safe_load(config.read_text()) if config and config.is_file() else None,
-            "rng": _collect_rng_states(),  # Lightning restores the rest of a run, not the random generators
+            "rng": rng_states(),  # Lightning restores the rest of a run, not the random generators
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -161,7 +161,7 @@ class MBTIClassifier(L.LightningModule):
                 f"{self.hparams.target} is {'/'.join(self.id2label.values())}; set data.target to the checkpoint's axis"
             )
         if "rng" in saved:
-            _set_rng_states(saved["rng"])
+            set_rng_states(saved["rng"])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(batch, seq) right-padded token ids -> (batch, num_classes) logits in fp32."""
@@ -205,7 +205,7 @@ class MBTIClassifier(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over
         # ranks; undo both and divide by the step's total class weight over all ranks instead.
-        total = self.trainer.strategy.reduce(torch.as_tensor(self._step_weight, device=self.device), "sum")
+        total = self.trainer.strategy.reduce(torch.as_tensor(self._step_weight, device=self.device), reduce_op="sum")
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:  # none if every micro-batch of the step was skipped

@@ -1,3 +1,10 @@
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -5,6 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mbti_lightning.data import MBTIDataModule
 from mbti_lightning.model import MBTIClassifier
+
+from conftest import REPO
 
 
 class NaNAtStep(MBTIClassifier):
@@ -41,3 +50,81 @@ def test_nonfinite_batches_can_be_skipped_with_a_warning(tmp_path):
         trainer = fit(tmp_path, skip_nonfinite_batches=1)
     assert trainer.global_step == 6 and trainer.lightning_module._skipped == 1
     assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m mbti_lightning ...` in `cwd`, with this folder importable for the killing callbacks."""
+    env = os.environ | {"PYTHONPATH": str(REPO / "tests")}
+    return subprocess.run([sys.executable, "-m", "mbti_lightning", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+def logged(run: Path, version: int) -> list[dict[str, str]]:
+    return list(csv.DictReader((run / f"logs/demo/version_{version}/metrics.csv").open()))
+
+
+# 1,280 training rows in batches of 32: 40 steps an epoch, 80 in all.
+SHORT_DEMO = ["--config", str(REPO / "configs/demo.yaml"), "--data.keep_fraction", "0.1", "--trainer.max_epochs", "2",
+              "--trainer.val_check_interval", "20", "--checkpoint.every_n_train_steps", "10"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    assert run_cli(whole, "fit", *SHORT_DEMO).returncode == 0
+
+    died = run_cli(killed, "fit", *SHORT_DEMO, "--trainer.callbacks+=killing.KillAtStep", "--trainer.callbacks.step=25")
+    assert died.returncode == -signal.SIGKILL
+    last = killed / "checkpoints/demo/last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    assert (saved["global_step"], saved["epoch"]) == (20, 0)  # halfway through the first epoch
+    assert saved["optimizer_states"][0]["state"]  # bitsandbytes' 8-bit state travels with it
+
+    resumed = run_cli(killed, "fit", *SHORT_DEMO, "--ckpt_path", str(last))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr
+    expected, got = logged(whole, 0), logged(killed, 1)
+    assert min(int(r["step"]) for r in got) > 20  # continued from step 20, not from the start
+    train = {r["step"]: float(r["train/loss"]) for r in expected if r["train/loss"]}
+    resumed_train = {r["step"]: float(r["train/loss"]) for r in got if r["train/loss"]}
+    assert resumed_train == pytest.approx({s: train[s] for s in resumed_train}, abs=1e-4)
+    final, resumed_final = ([r for r in rows if r["val/mcc"]][-1] for rows in (expected, got))
+    assert final["step"] == resumed_final["step"] == "79"
+    for key in ("val/loss", "val/mcc", "val/acc", "val/author/mcc"):
+        assert float(resumed_final[key]) == pytest.approx(float(final[key]), abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
+    died = run_cli(tmp_path, "fit", *SHORT_DEMO, "--trainer.max_epochs", "1",
+                   "--trainer.callbacks+=killing.KillWhileSaving", "--trainer.callbacks.save=3")  # fmt: skip
+    assert died.returncode == -signal.SIGKILL
+    saved = torch.load(tmp_path / "checkpoints/demo/last.ckpt", weights_only=False)
+    assert saved["global_step"] in (10, 20) and saved["state_dict"]
+
+
+def test_a_checkpoint_for_another_axis_is_refused(tmp_path):
+    trainer = fit(tmp_path, skip_nonfinite_batches=1)
+    model = MBTIClassifier(model_name_or_path="demo", from_scratch=True, target="E-I")
+    dm = MBTIDataModule(dataset="demo", tokenizer="demo", target="E-I", keep_fraction=0.1, num_workers=0)
+    with pytest.raises(ValueError, match="the checkpoint classifies J/P but this run's target E-I is E/I"):
+        L.Trainer(accelerator="cpu", logger=False).validate(model, dm, ckpt_path=trainer.checkpoint_callback.last_model_path)
+
+
+@pytest.mark.slow
+def test_ddp_with_two_processes_syncs_metrics_and_writes_one_checkpoint(tmp_path):
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    fit_run = run_cli(tmp_path, "fit", *SHORT_DEMO, *ddp, "--trainer.max_epochs", "1")
+    assert fit_run.returncode == 0, fit_run.stderr[-3000:]
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints/demo").iterdir())
+    assert len(checkpoints) == 2 and checkpoints[1] == "last.ckpt"  # the best and the last, once, not per rank
+    assert torch.load(tmp_path / "checkpoints/demo/last.ckpt", weights_only=False)["global_step"] == 20
+
+    for version, devices in ((1, ddp), (2, [])):
+        ran = run_cli(tmp_path, "validate", *SHORT_DEMO, *devices, "--ckpt_path", "checkpoints/demo/last.ckpt")
+        assert ran.returncode == 0, ran.stderr[-3000:]
+    two, one = logged(tmp_path, 1)[-1], logged(tmp_path, 2)[-1]
+    assert float(one["val/author/count"]) > 100
+    for key in ("val/loss", "val/mcc", "val/acc", "val/f1", "val/author/mcc", "val/author/count", "val/majority_acc"):
+        assert float(two[key]) == pytest.approx(float(one[key]), abs=1e-5), key
