@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 
 def cache_root() -> Path:
@@ -32,3 +34,26 @@ def build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextmanager
+def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing; on success, sync it to disk and rename it to `path`.
+
+    A rename within one directory is atomic: readers, and a resume after a kill, see the old file or
+    the new one, never half of one. A crash leaves at most a hidden ``.<name>.*.tmp`` file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(fd, 0o666 & ~umask)  # mkstemp makes it owner-only; the result is an ordinary file
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

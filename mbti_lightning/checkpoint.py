@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,38 +11,23 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from mbti_lightning.cache import atomic_open
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file beside its target, syncs it to disk, then renames it into place.
 
-    A rename within one directory is atomic, so `last.ckpt` is always either the previous checkpoint or
-    the new one. (Lightning's own writer stages the file in the system's temporary directory, which is
-    often another file system; moving it from there is a copy that a kill can cut short.) Remote
-    paths such as ``s3://`` go to Lightning's writer.
+    So `last.ckpt` is always either the previous checkpoint or the new one. (Lightning's own writer
+    stages the file in the system's temporary directory, which is often another file system; moving
+    it from there is a copy that a kill can cut short.) Remote paths such as ``s3://`` go to
+    Lightning's writer.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.chmod(fd, 0o666 & ~_umask())  # mkstemp makes it owner-only; a checkpoint is an ordinary file
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        with atomic_open(Path(path)) as f:
+            torch.save(checkpoint, f)
 
 
 def rng_states() -> dict[str, Any]:

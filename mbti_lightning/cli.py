@@ -7,6 +7,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mbti_lightning.data import MBTIDataModule
 from mbti_lightning.model import MBTIClassifier
+from mbti_lightning.predict import PredictionWriter
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
@@ -25,10 +26,12 @@ def _num_tokens(batch: dict) -> int:
 
 
 class MBTILightningCLI(LightningCLI):
-    """Adds the checkpoint callback as `--checkpoint.*` and links the values data and model share."""
+    """Adds the checkpoint callback as `--checkpoint.*`, the prediction writer as `--predictions.*`, and links
+    the values data and model share."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.set_defaults(
             {
                 "checkpoint.dirpath": "checkpoints",

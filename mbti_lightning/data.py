@@ -24,7 +24,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from mbti_lightning import demo
 from mbti_lightning.cache import build_atomically, cache_root
-from mbti_lightning.labels import AXES, AXIS_POSITION, TYPES, check_axis
+from mbti_lightning.labels import AXES, AXIS_POSITION, TYPES, check_axis, heads
 from mbti_lightning.masking import mask_type_mentions
 from mbti_lightning.sampling import LengthGroupedSampler
 from mbti_lightning.tokenizer import load_tokenizer
@@ -224,7 +224,8 @@ class MBTIDataModule(L.LightningDataModule):
             row its own author (with `explode_separator`: all posts of a row share an author).
         axis_columns: ``{axis: column}`` for data with one letter column per axis, e.g.
             ``{J-P: P/J}``; used when `type_column` is null.
-        target: The axis to classify: ``E-I``, ``N-S``, ``F-T`` or ``J-P``.
+        target: What to classify: an axis (``E-I``, ``N-S``, ``F-T``, ``J-P``), a list of axes or
+            ``all`` (one binary head per axis), or ``mbti`` (one 16-way head over the types).
         split: ``seed``, ``author`` or ``predefined`` (see above).
         keep_fraction: Share of all rows (or authors) kept (the seed keeps 10%); the rest is discarded.
         keep_seed: Seed of the first split.
@@ -248,6 +249,9 @@ class MBTIDataModule(L.LightningDataModule):
         preprocessing_workers: Processes that tokenize; null = one per CPU core (at most 8) when
             more than 50,000 rows are kept, else one.
         seed: Seed of the training shuffle.
+        predict_file: Texts for ``predict``: a .txt file (one text per line), or a .csv / .jsonl
+            file with `text_column` (and an optional ``id`` column). Without it, ``predict`` runs
+            on the test split.
     """
 
     def __init__(
@@ -259,7 +263,7 @@ class MBTIDataModule(L.LightningDataModule):
         type_column: str | None = "mbti",
         author_column: str | None = "author",
         axis_columns: dict[str, str] | None = None,
-        target: str = "J-P",
+        target: str | list[str] = "J-P",
         split: Literal["seed", "author", "predefined"] = "seed",
         keep_fraction: float = 0.1,
         keep_seed: int = 0,
@@ -278,9 +282,10 @@ class MBTIDataModule(L.LightningDataModule):
         num_workers: int = 2,
         preprocessing_workers: int | None = None,
         seed: int = 0,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__()
-        check_axis(target)
+        self.heads = heads(target)
         if max_length <= 0:
             raise ValueError(f"data.max_length must be positive, got {max_length}")
         if not 0 < keep_fraction <= 1 or not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 - val_fraction:
@@ -290,17 +295,16 @@ class MBTIDataModule(L.LightningDataModule):
             )
         for axis in axis_columns or {}:
             check_axis(axis)
-        if type_column is None and target not in (axis_columns or {}):
-            raise ValueError(f"without data.type_column, data.axis_columns must name the column for {target}")
+        needed = list(AXES) if "mbti" in self.heads else list(self.heads)
+        if type_column is None and set(needed) - set(axis_columns or {}):
+            raise ValueError(f"without data.type_column, data.axis_columns must name a column for each of {needed}")
         self.save_hyperparameters()
         self.tokenizer = None
         self.splits: DatasetDict | None = None
         self._train_loader: _ResumableLoader | None = None
         self._resume_at: dict[str, int] | None = None
+        self.predict_inputs: dict[str, list] = {}  # "id" and "text" of each predicted row, for the writer
 
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(AXES[self.hparams.target]))
 
     @property
     def _where(self) -> str:
@@ -318,13 +322,17 @@ class MBTIDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Downloads (or generates) once per node; setup() then reads from the local cache.
-        self._load_raw()
+        if not self.hparams.predict_file:
+            self._load_raw()
         load_tokenizer(self.hparams.tokenizer)
 
     def setup(self, stage: str) -> None:
+        self.tokenizer = self.tokenizer or load_tokenizer(self.hparams.tokenizer)
+        if stage == "predict" and self.hparams.predict_file:
+            self.splits = DatasetDict({"predict": self._read_predict_file()})
+            return
         if self.splits is not None:
             return
-        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
         raw = self._load_raw()
         parts = raw.values() if isinstance(raw, DatasetDict) else [raw]
         fingerprint = [part._fingerprint for part in parts]
@@ -340,6 +348,35 @@ class MBTIDataModule(L.LightningDataModule):
                 summary += f", type mentions masked in {np.count_nonzero(mentions)} rows ({mentions.sum()} mentions)"
             rank_zero_info(summary)
         log.info("tokenized splits from %s", path)
+
+    def _read_predict_file(self) -> Dataset:
+        hp = self.hparams
+        path = Path(hp.predict_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.predict_file {path} not found")
+        if path.suffix == ".txt":
+            texts = path.read_text().splitlines()
+            ids = list(range(1, len(texts) + 1))
+        elif path.suffix in (".csv", ".jsonl", ".json"):
+            ds = load_dataset("csv" if path.suffix == ".csv" else "json", data_files=str(path), split="train")
+            if hp.text_column not in ds.column_names:
+                raise ValueError(f"column {hp.text_column!r} not found in {path}; it has {ds.column_names}. "
+                                 "Set data.text_column.")  # fmt: skip
+            texts = ds[hp.text_column][:]
+            ids = ds["id"][:] if "id" in ds.column_names else list(range(len(ds)))
+        else:
+            raise ValueError(f"data.predict_file must be a .txt, .csv or .jsonl file, got {path.name}")
+        empty = [i for i, text in enumerate(texts) if not (text or "").strip()]
+        if empty:
+            shown = ", ".join(str(ids[i]) for i in empty[:5])
+            rank_zero_warn(f"{path}: skipped {len(empty)} empty texts (ids {shown}{', ...' if len(empty) > 5 else ''})")
+        keep = sorted(set(range(len(texts))) - set(empty))
+        self.predict_inputs = {"id": [ids[i] for i in keep], "text": [texts[i] for i in keep]}
+        no_label = [0] * len(self.heads) if len(self.heads) > 1 else 0
+        rows = Dataset.from_dict({"text": self.predict_inputs["text"], "labels": [no_label] * len(keep), "author": keep})
+        return rows.map(_tokenize, batched=True, remove_columns=["text"], desc="tokenizing predict_file",
+                        fn_kwargs={"tokenizer": self.tokenizer, "column": "text", "max_length": hp.max_length,
+                                   "mask": hp.mask_type_mentions})  # fmt: skip
 
     def _preprocessing_args(self) -> dict:
         names = ("dataset", "data_files", "dataset_split", "text_column", "type_column", "author_column",
@@ -402,15 +439,15 @@ class MBTIDataModule(L.LightningDataModule):
         if hp.type_column:
             strata = _normalized(ds, hp.type_column)
             problems.append((f"whose {hp.type_column!r} is not an MBTI type", ~np.isin(strata, TYPES), strata))
-            letters = np.array([t[AXIS_POSITION[hp.target]] if len(t) == 4 else "" for t in strata.tolist()])
+            types = strata
         else:
             columns = {axis: _normalized(ds, column) for axis, column in hp.axis_columns.items()}
             strata = np.array(["".join(x) for x in zip(*columns.values())], dtype=str)
             for axis, column in hp.axis_columns.items():
                 bad = ~np.isin(columns[axis], AXES[axis])
                 problems.append((f"whose {column!r} is not a letter of {axis} {AXES[axis]}", bad, columns[axis]))
-            letters = columns[hp.target]
-        labels = (letters == AXES[hp.target][1]).astype(np.int64)
+            types = np.array(["".join(x) for x in zip(*columns.values())], dtype=str) if len(columns) == 4 else None
+        labels = np.stack([self._head_labels(head, types, None if hp.type_column else columns) for head in self.heads], 1)
 
         invalid = np.logical_or.reduce([bad for _, bad, _ in problems])
         messages = []
@@ -430,6 +467,19 @@ class MBTIDataModule(L.LightningDataModule):
         valid = np.flatnonzero(~invalid)
         arrays = {"labels": labels, "strata": strata, "author": authors, "source_row": source}
         return ds.select(valid), {name: values[valid] for name, values in arrays.items()}, messages
+
+    def _head_labels(self, head: str, types: np.ndarray | None, columns: dict[str, np.ndarray] | None) -> np.ndarray:
+        """Class ids of one head per row, from the types or the axis letter columns (junk where invalid)."""
+        if head == "mbti":
+            return np.searchsorted(TYPES, types).clip(0, len(TYPES) - 1)
+        letters = columns[head] if columns else np.array([t[AXIS_POSITION[head]] if len(t) == 4 else "" for t in types])
+        return (letters == AXES[head][1]).astype(np.int64)
+
+    def train_label_counts(self) -> list[torch.Tensor]:
+        """How many training rows each class has, per head, in class-id order."""
+        labels = np.asarray(self.splits["train"]["labels"][:]).reshape(len(self.splits["train"]), -1)
+        return [torch.as_tensor(np.bincount(labels[:, h], minlength=len(classes)))
+                for h, classes in enumerate(self.heads.values())]  # fmt: skip
 
     def _split(self, raw: Dataset | DatasetDict) -> tuple[dict[str, tuple[Dataset, dict]], list[str]]:
         """{split name: (usable rows, their arrays)} for train / validation / test, and the drop messages."""
@@ -460,13 +510,16 @@ class MBTIDataModule(L.LightningDataModule):
         hp = self.hparams
         parts, messages = self._split(raw)
         for name in ("train", "validation"):
-            counts = np.bincount(parts[name][1]["labels"], minlength=2)
-            if not counts.all():
-                missing = [AXES[hp.target][i] for i in np.flatnonzero(counts == 0)]
-                raise ValueError(
-                    f"the {name} split of {self._where} has no rows of class {missing} ({hp.target}); "
-                    "a classifier cannot be trained or scored without both. Use more data or other split fractions."
-                )
+            for h, (head, classes) in enumerate(self.heads.items()):
+                counts = np.bincount(parts[name][1]["labels"][:, h], minlength=len(classes))
+                missing = [classes[i] for i in np.flatnonzero(counts == 0)]
+                if missing and (head != "mbti" or name == "train"):
+                    raise ValueError(
+                        f"the {name} split of {self._where} has no rows of class {missing} ({head}); a classifier "
+                        "cannot be trained or scored without them. Use more data or other split fractions."
+                    )
+                if missing:
+                    rank_zero_warn(f"the validation split has no rows of the types {missing}")
         workers = hp.preprocessing_workers
         if workers is None:
             kept = sum(len(parts[name][0]) for name in ("train", "validation"))
@@ -477,17 +530,14 @@ class MBTIDataModule(L.LightningDataModule):
         splits = DatasetDict()
         for name, (ds, arrays) in parts.items():
             columns = ds.select_columns([hp.text_column])
-            for key in ("labels", "author", "source_row"):
+            labels = arrays["labels"] if len(self.heads) > 1 else arrays["labels"][:, 0]
+            columns = columns.add_column("labels", labels.tolist())
+            for key in ("author", "source_row"):
                 columns = columns.add_column(key, arrays[key].tolist())
             splits[name] = columns.map(_tokenize, batched=True, remove_columns=[hp.text_column], desc=f"tokenizing {name}",
                                        num_proc=workers if workers > 1 else None, fn_kwargs=tokenize_args)  # fmt: skip
         splits.save_to_disk(out)
         (Path(out) / "dropped.json").write_text(json.dumps(messages))
-
-    def train_label_counts(self) -> torch.Tensor:
-        """How many training rows each class has, in class-id order."""
-        labels = self.splits["train"].with_format("numpy")["labels"]
-        return torch.as_tensor(np.bincount(labels, minlength=len(self.id2label)))
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         hp = self.hparams
@@ -526,4 +576,7 @@ class MBTIDataModule(L.LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
+        if self.hparams.predict_file:
+            return self._loader("predict")
+        self.predict_inputs = {"id": self.splits["test"]["source_row"][:]}  # rows of the source data
         return self._loader("test")

@@ -23,7 +23,8 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mbti_lightning.data import MBTIDataModule
-from mbti_lightning.model import MBTIClassifier, classification_metrics
+from mbti_lightning.metrics import classification_metrics
+from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,24 +60,26 @@ def read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def evaluate(model: MBTIClassifier, dm: MBTIDataModule) -> tuple[dict[str, float], torch.Tensor, dict[str, float]]:
-    """Validation metrics, confusion matrix and majority-class baseline, on the weights being exported."""
+def evaluate(model: MBTIClassifier, dm: MBTIDataModule) -> dict[str, dict]:
+    """Per head: validation metrics, confusion matrix and majority-class baseline, on the weights being exported."""
     trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False)  # fmt: skip
     outputs = trainer.predict(model, dataloaders=dm.val_dataloader())
     rows = torch.cat([o["row"] for o in outputs]).cpu()
-    preds = torch.cat([o["probs"] for o in outputs]).argmax(-1).cpu()
-    labels = torch.as_tensor(dm.splits["validation"]["labels"][:])[rows]
-    num_classes = len(dm.id2label)
-    metrics = classification_metrics(num_classes, "")
-    confusion = MulticlassConfusionMatrix(num_classes)
-    majority = classification_metrics(num_classes, "")
-    majority_class = int(dm.train_label_counts().argmax())
-    metrics.update(preds, labels)
-    confusion.update(preds, labels)
-    majority.update(torch.full_like(labels, majority_class), labels)
-    scores, baseline = ({k: float(v) for k, v in m.compute().items()} for m in (metrics, majority))
-    return scores, confusion.compute(), baseline | {"class": dm.id2label[majority_class]}
+    labels = torch.as_tensor(dm.splits["validation"]["labels"][:]).view(len(dm.splits["validation"]), -1)[rows]
+    results = {}
+    for h, ((head, classes), counts) in enumerate(zip(model.heads.items(), dm.train_label_counts())):
+        preds = torch.cat([o["probs"][head] for o in outputs]).argmax(-1).cpu()
+        metrics, majority = classification_metrics(len(classes), ""), classification_metrics(len(classes), "")
+        confusion = MulticlassConfusionMatrix(len(classes))
+        majority_class = int(counts.argmax())
+        metrics.update(preds, labels[:, h])
+        confusion.update(preds, labels[:, h])
+        majority.update(torch.full_like(labels[:, h], majority_class), labels[:, h])
+        scores, baseline = ({k: float(v) for k, v in m.compute().items()} for m in (metrics, majority))
+        results[head] = {"metrics": scores, "confusion": confusion.compute(),
+                         "majority": baseline | {"class": classes[majority_class]}}  # fmt: skip
+    return results
 
 
 def plot_training(metrics_csv: Path | None, out: Path) -> bool:
@@ -112,11 +115,11 @@ def plot_confusion(confusion: torch.Tensor, letters: list[str], out: Path) -> No
     plt.close(fig)
 
 
-def model_card(checkpoint: dict, metrics: dict, majority: dict, n_val: int, has_training_plot: bool) -> ModelCard:
+def model_card(checkpoint: dict, results: dict[str, dict], n_val: int, has_training_plot: bool) -> ModelCard:
     model_hp = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
     data_hp = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
-    target, base = model_hp["target"], model_hp["model_name_or_path"]
-    letters = list(checkpoint["mbti_lightning"]["id2label"].values())
+    base, head_classes = model_hp["model_name_or_path"], checkpoint["mbti_lightning"]["heads"]
+    target = ", ".join(head_classes)
     dataset = data_hp.get("dataset", "unknown")
     recipe = checkpoint["mbti_lightning"].get("config") or {"model": model_hp, "data": data_hp}
     card_data = ModelCardData(
@@ -127,36 +130,24 @@ def model_card(checkpoint: dict, metrics: dict, majority: dict, n_val: int, has_
         tags=["mbti", "personality", "text-classification", "mbti-lightning"],
         metrics=["accuracy", "f1", "matthews_correlation"],
     )
-    rows = "\n".join(
-        f"| {name} | {metrics[key]:.4f} | {majority[key]:.4f} |" for key, name in METRIC_NAMES.items()
-    )
-    plots = ("![Validation metrics during training](val_metrics.png)\n\n" if has_training_plot else "") + (
-        "![Validation confusion matrix](confusion_matrix.png)"
+    tables = "\n\n".join(_results_table(head, classes, results[head], len(head_classes) > 1)
+                           for head, classes in head_classes.items())  # fmt: skip
+    plots = ("![Validation metrics during training](val_metrics.png)\n\n" if has_training_plot else "") + "\n\n".join(
+        f"![Validation confusion matrix, {head}]({_confusion_file(head, len(head_classes))})" for head in head_classes
     )
     origin = f"random initialisation with the architecture of `{base}`" if model_hp.get("from_scratch") else f"`{base}`"
     body = f"""
 # MBTI {target} classifier
 
-Predicts the **{target}** axis of the Myers-Briggs type of a text's author: `{letters[0]}` or
-`{letters[1]}`. Trained from {origin} on `{dataset}` with mbti-lightning.
-
-```python
-from transformers import pipeline
-
-classifier = pipeline("text-classification", model="PATH_OR_REPO_ID", top_k=None)
-classifier("i already made a packing list for the trip next month")
-# [[{{'label': '{letters[0]}', 'score': ...}}, {{'label': '{letters[1]}', 'score': ...}}]]
-```
+{_usage(head_classes, origin, dataset)}
 
 ## Validation results
 
 Computed by the export on the exported weights, over {n_val:,} validation rows, beside a model that
-always answers the training set's majority class (`{majority['class']}`). F1 is that of class
-`{letters[1]}`; MCC and balanced accuracy are 0 and 0.5 for any constant answer.
+always answers the training set's majority class. MCC and balanced accuracy are 0 and 0.5 for any
+constant answer.
 
-| metric | this model | majority class |
-|---|---|---|
-{rows}
+{tables}
 
 {plots}
 
@@ -184,17 +175,75 @@ The resolved configuration of the run:
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
 
 
+def _usage(head_classes: dict[str, tuple[str, ...]], origin: str, dataset: str) -> str:
+    """What the model predicts, and how to call it with `pipeline`."""
+    call = """```python
+from transformers import pipeline
+
+classifier = pipeline("text-classification", model="PATH_OR_REPO_ID", top_k=None)
+classifier("i already made a packing list for the trip next month")
+"""
+    trained = f"Trained from {origin} on `{dataset}` with mbti-lightning."
+    if len(head_classes) > 1:
+        letters = [classes[1] for classes in head_classes.values()]
+        example = ", ".join(f"{{'label': '{letter}', 'score': ...}}" for letter in letters)
+        axes = ", ".join(f"{axis} (`{a}` or `{b}`)" for axis, (a, b) in head_classes.items())
+        return f"""Predicts {len(head_classes)} axes of the Myers-Briggs type of a text's author at once: {axes}.
+{trained}
+
+One output per axis, named by the axis's second letter; its score (a sigmoid, as for any
+`multi_label_classification` model) is the probability of that letter, and one minus it the
+probability of the other letter.
+
+{call}# [[{example}]]
+```"""
+    ((head, classes),) = head_classes.items()
+    what = "the 16-way Myers-Briggs type" if head == "mbti" else f"the **{head}** axis of the Myers-Briggs type"
+    return f"""Predicts {what} of a text's author: {", ".join(f"`{c}`" for c in classes)}. {trained}
+
+{call}# [[{{'label': '{classes[0]}', 'score': ...}}, {{'label': '{classes[1]}', 'score': ...}}, ...]]
+```"""
+
+
+def _results_table(head: str, classes: tuple[str, ...], result: dict, titled: bool) -> str:
+    metrics, majority = result["metrics"], result["majority"]
+    f1 = f"F1 is that of class `{classes[1]}`" if len(classes) == 2 else "F1 is the macro average over the types"
+    rows = "\n".join(f"| {name} | {metrics[key]:.4f} | {majority[key]:.4f} |" for key, name in METRIC_NAMES.items())
+    title = f"### {head}\n\n" if titled else ""
+    return f"""{title}{f1}; the majority class is `{majority['class']}`.
+
+| metric | this model | majority class |
+|---|---|---|
+{rows}"""
+
+
+def _confusion_file(head: str, n_heads: int) -> str:
+    return "confusion_matrix.png" if n_heads == 1 else f"confusion_matrix_{head}.png"
+
+
 def _split_text(data_hp: dict) -> str:
-    if data_hp.get("split", "seed") != "seed":
-        return f"Split: `{data_hp.get('split')}`."
+    masked = (
+        "Mentions of types (\"as an intj ...\", INxJ, Ni, Fe, ...) were masked before training and evaluation."
+        if data_hp.get("mask_type_mentions")
+        else "Mentions of types (\"as an intj ...\") were not masked and leak the label."
+    )
+    keep, val = data_hp.get("keep_fraction", 0.1), data_hp.get("val_fraction", 0.2)
+    split = data_hp.get("split", "seed")
+    if split == "author":
+        return (
+            f"**Authors, not rows, are split**: {keep:g} of the authors kept, {val:g} of those held out for "
+            f"validation (and {data_hp.get('test_fraction', 0):g} for testing), stratified by each author's type; "
+            f"no author has posts on both sides. {masked}"
+        )
+    if split == "predefined":
+        return f"The data set's own train and validation splits. {masked}"
     return (
-        f"The seed recipe's split: {data_hp.get('keep_fraction', 0.1):g} of all rows kept by a stratified split on "
-        f"the type column (seed {data_hp.get('keep_seed', 0)}), then {data_hp.get('val_fraction', 0.2):g} of those "
-        f"held out for validation (seed {data_hp.get('val_seed', 1)}).\n\n"
+        f"The seed recipe's split: {keep:g} of all rows kept by a stratified split on the type column (seed "
+        f"{data_hp.get('keep_seed', 0)}), then {val:g} of those held out for validation (seed "
+        f"{data_hp.get('val_seed', 1)}).\n\n"
         "**Rows are split, not authors.** The same author's posts are in both training and validation, so a "
-        "model can score by recognising authors rather than personality, and these numbers are optimistic. "
-        "Mentions of types (\"as an intj ...\") were not masked and leak the label. The numbers are therefore "
-        "not comparable with published per-author results on author-disjoint splits."
+        f"model can score by recognising authors rather than personality, and these numbers are optimistic. {masked} "
+        "The numbers are therefore not comparable with published per-author results on author-disjoint splits."
     )
 
 
@@ -217,7 +266,7 @@ def export(ckpt: Path, out: Path, dtype: str = "auto", overwrite: bool = False, 
     data_hp = {k: v for k, v in checkpoint["datamodule_hyper_parameters"].items() if not k.startswith("_")}
     dm = MBTIDataModule(**data_hp)
     dm.setup("validate")
-    metrics, confusion, majority = evaluate(model, dm)
+    results = evaluate(model, dm)
 
     hf_model = model.model.cpu()
     if dtype == "auto":
@@ -232,8 +281,9 @@ def export(ckpt: Path, out: Path, dtype: str = "auto", overwrite: bool = False, 
         load_tokenizer(model.hparams.model_name_or_path).save_pretrained(tmp)
         log_dir = checkpoint["mbti_lightning"].get("log_dir")
         has_plot = plot_training(Path(log_dir) / "metrics.csv" if log_dir else None, tmp / "val_metrics.png")
-        plot_confusion(confusion, list(dm.id2label.values()), tmp / "confusion_matrix.png")
-        model_card(checkpoint, metrics, majority, len(dm.splits["validation"]), has_plot).save(tmp / "README.md")
+        for head, classes in model.heads.items():
+            plot_confusion(results[head]["confusion"], list(classes), tmp / _confusion_file(head, len(model.heads)))
+        model_card(checkpoint, results, len(dm.splits["validation"]), has_plot).save(tmp / "README.md")
         if out.exists():
             old = out.with_name(f".{out.name}.replaced")
             shutil.rmtree(old, ignore_errors=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryF1Score,
     MulticlassAccuracy,
@@ -85,3 +85,51 @@ class AuthorMetrics(Metric):
             "majority_acc": torch.bincount(labels, minlength=self.num_classes).max() / len(labels),
             "author/majority_acc": torch.bincount(author_labels, minlength=self.num_classes).max() / n_authors,
         }
+
+
+class EvalMetrics(torch.nn.Module):
+    """All that one evaluation stage logs, for one or several heads.
+
+    Per head: loss, post-level metrics, author-level metrics and majority baselines. With one head
+    the names are plain (``mcc``, ``author/mcc``); with several they are per head (``J-P/mcc``) plus
+    their mean under the plain name, so ``val/mcc`` is always the number that picks checkpoints.
+    ``type_acc`` (all four letters right) is there when the heads make up whole types.
+    """
+
+    def __init__(self, heads: dict[str, tuple[str, ...]]) -> None:
+        super().__init__()
+        self.heads = heads
+        self.loss = MeanMetric()
+        self.posts = torch.nn.ModuleDict({head: classification_metrics(len(c), "") for head, c in heads.items()})
+        self.authors = torch.nn.ModuleDict({head: AuthorMetrics(len(c)) for head, c in heads.items()})
+        self.type_acc = MeanMetric() if "mbti" in heads or len(heads) == 4 else None
+
+    def update(self, logits: list[torch.Tensor], labels: torch.Tensor, loss: torch.Tensor, loss_weight: torch.Tensor,
+               authors: torch.Tensor) -> None:  # fmt: skip
+        """Per-head (batch, classes) logits, (batch, heads) labels, per-row loss and its weight, author ids."""
+        self.loss.update(loss, loss_weight)
+        right = torch.ones_like(labels[:, 0], dtype=torch.bool)
+        for (head, posts), head_logits, head_labels in zip(self.posts.items(), logits, labels.T):
+            posts.update(head_logits.argmax(-1), head_labels)
+            self.authors[head].update(head_logits, head_labels, authors)
+            right &= head_logits.argmax(-1) == head_labels
+        if self.type_acc is not None:
+            self.type_acc.update(right.float())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        per_head = {head: {**self.posts[head].compute(), **self.authors[head].compute()} for head in self.heads}
+        if len(per_head) == 1:
+            (values,) = per_head.values()
+        else:
+            values = {f"{head}/{name}": v for head, head_values in per_head.items() for name, v in head_values.items()}
+            first = next(iter(per_head.values()))
+            values |= {name: torch.stack([h[name] for h in per_head.values()]).mean() for name in first}
+        values["loss"] = self.loss.compute()
+        if self.type_acc is not None:
+            values["type_acc"] = self.type_acc.compute()
+        return values
+
+    def reset(self) -> None:
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.reset()

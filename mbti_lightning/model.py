@@ -10,7 +10,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 import yaml
-from torchmetrics import MeanMetric
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -20,25 +19,29 @@ from transformers import (
 
 from mbti_lightning import demo
 from mbti_lightning.checkpoint import rng_states, set_rng_states
-from mbti_lightning.labels import id2label, label2id
-from mbti_lightning.metrics import AuthorMetrics, classification_metrics
+from mbti_lightning.labels import heads
+from mbti_lightning.metrics import EvalMetrics
 from mbti_lightning.tokenizer import load_tokenizer
 
 
 class MBTIClassifier(L.LightningModule):
-    """Fine-tunes ``AutoModelForSequenceClassification`` on one MBTI axis.
+    """Fine-tunes ``AutoModelForSequenceClassification`` on one MBTI axis, several axes, or the type.
 
-    The loss is class-weighted cross entropy, normalised by the summed class weights of the whole
-    optimizer step (all accumulated micro-batches, all ranks), so gradient accumulation and data
-    parallelism give the same gradient as one large batch.
+    One axis: two logits and class-weighted cross entropy, normalised by the summed class weights of
+    the whole optimizer step (all accumulated micro-batches, all ranks), so gradient accumulation
+    and data parallelism give the same gradient as one large batch. Several axes: one logit per axis
+    (the log-odds of its second letter; Hugging Face's ``multi_label_classification``) from the same
+    backbone pass, each with its own class weights; the loss is the mean over axes of the weighted
+    cross entropy, normalised by the step's number of rows. ``mbti``: one 16-way head.
 
     Args:
         model_name_or_path: Hub id or local folder of the base model (``demo`` for the offline demo).
-        target: The axis to classify; the CLI links it to ``data.target``.
+        target: An axis, a list of axes, ``all`` or ``mbti``; the CLI links it to ``data.target``.
         from_scratch: Build the model from its config with random weights instead of loading them.
         config_overrides: Config fields to change before building, e.g. ``{num_hidden_layers: 2}``.
-        class_weights: One weight per class (the seed used ``[0.6, 0.4]`` for J, P), ``balanced``
-            (n_rows / (n_classes * n_rows_of_class), from the training split), or null for none.
+        class_weights: One weight per class (the seed used ``[0.6, 0.4]`` for J, P; one head only),
+            ``balanced`` (n_rows / (n_classes * n_rows_of_class) per head, from the training split),
+            or null for none.
         learning_rate: Peak learning rate.
         weight_decay: AdamW weight decay, not applied to biases and norm weights.
         optimizer: ``adamw8bit`` (bitsandbytes 8-bit AdamW, as the seed) or ``adamw`` (torch).
@@ -62,7 +65,7 @@ class MBTIClassifier(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str = "microsoft/Phi-3-mini-4k-instruct",
-        target: str = "J-P",
+        target: str | list[str] = "J-P",
         from_scratch: bool = False,
         config_overrides: dict | None = None,
         class_weights: list[float] | Literal["balanced"] | None = "balanced",
@@ -80,17 +83,19 @@ class MBTIClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.id2label = id2label(target)
-        num_classes = len(self.id2label)
-        if isinstance(class_weights, list) and len(class_weights) != num_classes:
-            raise ValueError(f"model.class_weights needs {num_classes} values for {target}, got {class_weights}")
-        weights = torch.tensor(class_weights if isinstance(class_weights, list) else [1.0] * num_classes)
-        self.register_buffer("class_weight", weights.float())
+        self.heads = heads(target)
+        classes = max(len(c) for c in self.heads.values())
+        if len(self.heads) > 1:  # one logit per axis, named by the letter it predicts
+            self.id2label = {i: letters[1] for i, letters in enumerate(self.heads.values())}
+        else:
+            self.id2label = dict(enumerate(next(iter(self.heads.values()))))
+        if isinstance(class_weights, list) and (len(self.heads) > 1 or len(class_weights) != classes):
+            raise ValueError(f"model.class_weights as a list needs one axis and {classes} values; got "
+                             f"{class_weights} for {target}. Use 'balanced' or null for several heads.")  # fmt: skip
+        weights = torch.tensor([class_weights]) if isinstance(class_weights, list) else torch.ones(len(self.heads), classes)
+        self.register_buffer("class_weight", weights.float())  # (heads, classes)
         self.model = None
-        self.val_metrics = classification_metrics(num_classes, "val/")
-        self.test_metrics = classification_metrics(num_classes, "test/")
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        self.val_authors, self.test_authors = AuthorMetrics(num_classes), AuthorMetrics(num_classes)
+        self.val_metrics, self.test_metrics = EvalMetrics(self.heads), EvalMetrics(self.heads)
         self._step_weight = 0.0  # summed class weights of the micro-batches of the current optimizer step
         self._skipped = 0  # batches skipped for a non-finite loss
 
@@ -99,11 +104,11 @@ class MBTIClassifier(L.LightningModule):
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.hparams.class_weights == "balanced" and stage == "fit":
-            counts = self.trainer.datamodule.train_label_counts().float()
-            if (counts == 0).any():
-                missing = [self.id2label[i] for i in (counts == 0).nonzero().flatten().tolist()]
-                raise ValueError(f"class {missing} has no training rows, so 'balanced' class weights are undefined")
-            self.class_weight.copy_(counts.sum() / (len(counts) * counts))
+            for h, counts in enumerate(self.trainer.datamodule.train_label_counts()):
+                counts = counts.float()
+                if (counts == 0).any():  # the data module stops earlier; this guards custom ones
+                    raise ValueError("a class has no training rows, so 'balanced' class weights are undefined")
+                self.class_weight[h].copy_(counts.sum() / (len(counts) * counts))
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -114,7 +119,8 @@ class MBTIClassifier(L.LightningModule):
             demo.resolve(hp.model_name_or_path),
             num_labels=len(self.id2label),
             id2label=self.id2label,
-            label2id=label2id(hp.target),
+            label2id={label: i for i, label in self.id2label.items()},
+            problem_type="multi_label_classification" if len(self.heads) > 1 else "single_label_classification",
             use_cache=False,  # a classifier never reuses past keys and values
             **(hp.config_overrides or {}),
         )
@@ -148,6 +154,7 @@ class MBTIClassifier(L.LightningModule):
         config = log_dir / "config.yaml" if log_dir else None
         checkpoint["mbti_lightning"] = {
             "id2label": self.id2label,
+            "heads": self.heads,
             "log_dir": str(log_dir) if log_dir else None,
             "config": yaml.safe_load(config.read_text()) if config and config.is_file() else None,
             "rng": rng_states(),  # Lightning restores the rest of a run, not the random generators
@@ -155,37 +162,45 @@ class MBTIClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("mbti_lightning", {})
-        if "id2label" in saved and saved["id2label"] != self.id2label:
+        if "heads" in saved and saved["heads"] != self.heads:
             raise ValueError(
-                f"the checkpoint classifies {'/'.join(saved['id2label'].values())} but this run's target "
-                f"{self.hparams.target} is {'/'.join(self.id2label.values())}; set data.target to the checkpoint's axis"
+                f"the checkpoint predicts {', '.join(saved['heads'])} but this run's target is "
+                f"{', '.join(self.heads)}; set data.target to the checkpoint's"
             )
         if "rng" in saved:
             set_rng_states(saved["rng"])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) right-padded token ids -> (batch, num_classes) logits in fp32."""
+        """(batch, seq) right-padded token ids -> (batch, num_labels) logits in fp32."""
         mask = None if self.hparams.skip_padding_mask else attention_mask
         return self.model(input_ids=input_ids, attention_mask=mask).logits.float()
 
-    def _shared_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits, per-row cross entropy and per-row class weight; the loss stays in fp32."""
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        ce = F.cross_entropy(logits, batch["labels"], reduction="none")
-        return logits, ce, self.class_weight.float()[batch["labels"]]
+    def head_logits(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        """(batch, num_labels) -> one (batch, classes) tensor per head; an axis's logit z becomes [0, z]."""
+        if len(self.heads) == 1:
+            return [logits]
+        return list(torch.stack([torch.zeros_like(logits), logits], -1).unbind(1))
+
+    def _shared_step(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head logits, (batch, heads) labels, cross entropy and class weights; the loss stays in fp32."""
+        logits = self.head_logits(self(batch["input_ids"], batch["attention_mask"]))
+        labels = batch["labels"].view(len(batch["labels"]), -1)
+        ce = torch.stack([F.cross_entropy(x, y, reduction="none") for x, y in zip(logits, labels.T)], 1)
+        return logits, labels, ce, self.class_weight.float().gather(1, labels.T).T
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        logits, ce, weight = self._shared_step(batch)
+        _, _, ce, weight = self._shared_step(batch)
         config = self.model.config
         seq = batch["input_ids"].shape[1]  # attention FLOPs: 12 x layers x hidden x seq per token
         per_token = self._flops_per_token + 12 * config.num_hidden_layers * config.hidden_size * seq
         self.flops_per_batch = per_token * batch["num_tokens"]  # read by ThroughputMonitor
-        weighted = (weight * ce).sum()
+        weighted = (weight * ce).sum() / len(self.heads)
         if not torch.isfinite(weighted):
             return self._nonfinite(weighted, batch_idx)
-        self._step_weight = self._step_weight + weight.sum().detach()
-        self.log("train/loss", weighted.detach() / weight.sum(), prog_bar=True, batch_size=len(ce))
-        # Summed, not averaged: on_before_optimizer_step divides by the whole step's weight.
+        norm = weight.sum().detach() if len(self.heads) == 1 else weight.new_tensor(len(ce))
+        self._step_weight = self._step_weight + norm
+        self.log("train/loss", weighted.detach() / norm, prog_bar=True, batch_size=len(ce))
+        # Summed, not averaged: on_before_optimizer_step divides by the whole step's weight (or rows).
         return weighted
 
     def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
@@ -212,38 +227,35 @@ class MBTIClassifier(L.LightningModule):
             torch._foreach_mul_(grads, scale.to(grads[0].dtype))
         self._step_weight = 0.0
 
-    def _eval_step(self, batch: dict, stage: str) -> None:
-        logits, ce, weight = self._shared_step(batch)
-        loss, metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_metrics")
-        loss.update(ce, weight)  # weighted mean over the whole set, as one large batch
-        metrics.update(logits.argmax(-1), batch["labels"])
-        getattr(self, f"{stage}_authors").update(logits, batch["labels"], batch["author"])
-        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(ce))
-        self.log_dict(metrics, on_epoch=True, batch_size=len(ce))
+    def _eval_step(self, batch: dict, metrics: EvalMetrics) -> None:
+        logits, labels, ce, weight = self._shared_step(batch)
+        if len(self.heads) == 1:  # the weighted mean over the whole set, as one large batch
+            metrics.update(logits, labels, ce[:, 0], weight[:, 0], batch["author"])
+        else:
+            metrics.update(logits, labels, (weight * ce).mean(1), torch.ones_like(ce[:, 0]), batch["author"])
 
-    def _log_author_metrics(self, stage: str) -> None:
-        authors = getattr(self, f"{stage}_authors")
-        if authors.update_called:
-            # compute() gathered every rank's posts already, so each rank logs the same values.
-            self.log_dict({f"{stage}/{name}": value for name, value in authors.compute().items()})
-            authors.reset()
+    def _log_eval_metrics(self, stage: str, metrics: EvalMetrics) -> None:
+        if metrics.loss.update_called:
+            # compute() gathers every rank's state, so each rank logs the same values.
+            self.log_dict({f"{stage}/{name}": value for name, value in metrics.compute().items()}, sync_dist=True)
+            metrics.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_author_metrics("val")
+        self._log_eval_metrics("val", self.val_metrics)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
-        self._log_author_metrics("test")
+        self._log_eval_metrics("test", self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        probs = self(batch["input_ids"], batch["attention_mask"]).softmax(-1)
-        labels = [self.id2label[i] for i in probs.argmax(-1).tolist()]
-        return {"row": batch["row"], "probs": probs, "labels": labels}
+        """Row numbers, and per head the (batch, classes) probabilities in class-id order."""
+        logits = self.head_logits(self(batch["input_ids"], batch["attention_mask"]))
+        return {"row": batch["row"], "probs": {head: x.softmax(-1) for head, x in zip(self.heads, logits)}}
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams

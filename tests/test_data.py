@@ -81,7 +81,7 @@ def test_missing_column_is_named(corpus_file):
 
 
 @pytest.mark.parametrize("kwargs, message", [({"max_length": 0}, "max_length must be positive"),
-                                             ({"target": "JP"}, "unknown MBTI axis")])  # fmt: skip
+                                             ({"target": "JP"}, "unknown target .JP.; expected an axis")])  # fmt: skip
 def test_bad_settings(corpus_file, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_dm(corpus_file, **kwargs)

@@ -123,8 +123,10 @@ def test_tokenizer_without_pad_token_gets_one_and_model_follows(no_special_token
 
 
 def test_class_weights_must_match_classes():
-    with pytest.raises(ValueError, match="needs 2 values for J-P"):
+    with pytest.raises(ValueError, match="needs one axis and 2 values; got \\[0.2, 0.3, 0.5\\] for J-P"):
         MBTIClassifier(class_weights=[0.2, 0.3, 0.5])
+    with pytest.raises(ValueError, match="Use 'balanced' or null for several heads"):
+        MBTIClassifier(target="all", class_weights=[0.6, 0.4])
 
 
 def test_skipping_the_padding_mask_is_exact_for_right_padded_causal_models():

@@ -1,6 +1,7 @@
 """Real-world data: local files in other shapes, bad rows, author-disjoint and predefined splits."""
 
 import csv
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -9,9 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mbti_lightning.cli import cli_main
 from mbti_lightning.data import MBTIDataModule, author_split
 from mbti_lightning.demo import generate_rows
 from mbti_lightning.labels import AXES
+
+from conftest import REPO
 
 
 def make_dm(path: Path, builder: str, **kwargs) -> MBTIDataModule:
@@ -129,7 +133,7 @@ def test_axis_letter_columns_under_other_names(tmp_path):
     dm.setup("fit")
     rows = generate_rows(num_rows=3000, seed=4)
     expected = Counter(rows["J-P"])
-    got = Counter(dm.id2label[x] for s in dm.splits.values() for x in s["labels"][:])
+    got = Counter(AXES["J-P"][x] for s in dm.splits.values() for x in s["labels"][:])
     assert got == expected  # lower-case letters were read as J / P, no row lost
 
 
@@ -142,3 +146,27 @@ def test_predefined_splits_are_used_as_they_are(tmp_path):
     dm = MBTIDataModule(dataset="parquet", data_files=files, split="predefined", tokenizer="demo")
     dm.setup("fit")
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 400, "validation": 100, "test": 100}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["kaggle", "axis letters"])
+def test_other_file_shapes_train_through_the_cli(shape, tmp_path, monkeypatch):
+    """Config keys only: a Kaggle-shaped csv, and a parquet file with P/J-style letter columns and `Comment`."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
+    if shape == "kaggle":
+        data = ["--data.dataset", "csv", "--data.data_files", str(kaggle_file(tmp_path / "mbti_1.csv")),
+                "--data.text_column", "posts", "--data.type_column", "type", "--data.author_column", "null",
+                "--data.explode_separator", "|||", "--data.mask_type_mentions", "true", "--data.split", "author"]  # fmt: skip
+    else:
+        data = ["--data.dataset", "parquet", "--data.data_files", str(axis_letter_file(tmp_path / "l.parquet", 8000)),
+                "--data.text_column", "Comment", "--data.type_column", "null", "--data.author_column", "user",
+                "--data.axis_columns", '{"E-I": "I/E", "N-S": "S/N", "F-T": "T/F", "J-P": "P/J"}']  # fmt: skip
+    cli_main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--data.keep_fraction", "1.0",
+              "--trainer.max_epochs", "1", "--trainer.val_check_interval", "100", *data])  # fmt: skip
+
+    (metrics,) = (tmp_path / "logs/demo").glob("version_*/metrics.csv")
+    final = [row for row in csv.DictReader(metrics.open()) if row["val/mcc"]][-1]
+    assert float(final["val/mcc"]) > 0.3 and float(final["val/author/mcc"]) > 0.3
+    assert float(final["val/majority_acc"]) > 0.5 and float(final["val/author/count"]) > 100
+    assert list((tmp_path / "checkpoints/demo").glob("best-*.ckpt"))

@@ -108,7 +108,7 @@ def test_a_checkpoint_for_another_axis_is_refused(tmp_path):
     trainer = fit(tmp_path, skip_nonfinite_batches=1)
     model = MBTIClassifier(model_name_or_path="demo", from_scratch=True, target="E-I")
     dm = MBTIDataModule(dataset="demo", tokenizer="demo", target="E-I", keep_fraction=0.1, num_workers=0)
-    with pytest.raises(ValueError, match="the checkpoint classifies J/P but this run's target E-I is E/I"):
+    with pytest.raises(ValueError, match="the checkpoint predicts J-P but this run.s target is E-I"):
         L.Trainer(accelerator="cpu", logger=False).validate(model, dm, ckpt_path=trainer.checkpoint_callback.last_model_path)
 
 

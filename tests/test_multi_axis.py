@@ -1,0 +1,110 @@
+"""Several axes in one model, the 16-way type, and predictions written to a file."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import pipeline
+
+from mbti_lightning.cli import cli_main
+from mbti_lightning.export import main as export_main
+from mbti_lightning.labels import AXES, TYPES
+from mbti_lightning.model import MBTIClassifier
+from mbti_lightning.predict import prediction_records
+
+from conftest import REPO
+
+TEXTS = ["i made a list and a schedule for the whole week", "whatever lol lets just improvise",
+         "alone with a book at home, quiet evening", "party with friends at the club tonight", "the the the"]  # fmt: skip
+
+
+def fit(run: Path, *args: str) -> Path:
+    """A short demo fit in `run`; returns its last checkpoint."""
+    mp = pytest.MonkeyPatch()
+    mp.chdir(run)
+    mp.setattr(sys, "argv", ["mbti-lightning"])
+    cli_main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.max_epochs", "1",
+              "--trainer.limit_train_batches", "80", "--trainer.val_check_interval", "40", *args])  # fmt: skip
+    mp.undo()
+    return run / "checkpoints/demo/last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def all_axes(tmp_path_factory) -> Path:
+    return fit(tmp_path_factory.mktemp("all"), "--data.target", "all")
+
+
+def metrics_of(ckpt: Path) -> dict[str, str]:
+    (log,) = (ckpt.parents[2] / "logs/demo").glob("version_*/metrics.csv")
+    return [row for row in csv.DictReader(log.open()) if row["val/mcc"]][-1]
+
+
+def test_all_axes_log_per_axis_metrics_their_mean_and_type_accuracy(all_axes):
+    final = metrics_of(all_axes)
+    per_axis = [float(final[f"val/{axis}/mcc"]) for axis in AXES]
+    assert float(final["val/mcc"]) == pytest.approx(sum(per_axis) / 4, abs=1e-6)
+    assert min(per_axis) > 0.03 and sum(per_axis) / 4 > 0.15, per_axis  # N-S (7% S) learns slowest
+    assert 0 < float(final["val/type_acc"]) < min(float(final[f"val/{axis}/acc"]) for axis in AXES)
+    assert {"val/J-P/author/mcc", "val/author/mcc", "val/J-P/majority_acc"} <= set(final)
+    model = MBTIClassifier.load_from_checkpoint(all_axes, weights_only=False)
+    assert model.model.config.id2label == {0: "I", 1: "S", 2: "T", 3: "P"}
+    assert model.model.config.problem_type == "multi_label_classification"
+
+
+def test_sixteen_way_type_head(tmp_path):
+    final = metrics_of(fit(tmp_path, "--data.target", "mbti", "--trainer.limit_train_batches", "200"))
+    assert float(final["val/type_acc"]) == pytest.approx(float(final["val/acc"]))
+    assert float(final["val/mcc"]) > 0.05  # well above chance for 16 classes
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_predictions_keep_the_input_order_and_use_letters(all_axes, tmp_path, monkeypatch, suffix):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS * 40) + "\n")  # 200 texts: several length-sorted batches
+    out = tmp_path / f"predictions{suffix}"
+    monkeypatch.chdir(all_axes.parents[2])
+    monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
+    cli_main(["predict", "--config", str(REPO / "configs/demo.yaml"), "--data.target", "all",
+              "--ckpt_path", str(all_axes), "--data.predict_file", str(texts), "--data.eval_batch_size", "16",
+              "--predictions.output", str(out)])  # fmt: skip
+
+    if suffix == ".csv":
+        rows = list(csv.DictReader(out.open()))
+    else:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [str(r["id"]) for r in rows] == [str(i) for i in range(1, 201)]  # line numbers, in order
+    assert [r["text"] for r in rows] == TEXTS * 40
+    assert list(rows[0]) == ["id", "text", "type", "E-I", "E-I_prob", "N-S", "N-S_prob", "F-T", "F-T_prob",
+                             "J-P", "J-P_prob"]  # fmt: skip
+    for row in rows:
+        assert row["type"] in TYPES and row["type"] == "".join(row[axis] for axis in AXES)
+        assert all(0.5 <= float(row[f"{axis}_prob"]) <= 1 for axis in AXES)
+    same_text = [{k: v for k, v in rows[i].items() if k != "id"} for i in (0, 5, 195)]
+    assert same_text[0] == same_text[1] == same_text[2]  # wherever its batch was
+
+
+def test_records_from_a_type_head_sum_the_types_of_each_letter():
+    probs = torch.zeros(1, 16)
+    probs[0, TYPES.index("INTJ")], probs[0, TYPES.index("ENTP")] = 0.3, 0.7
+    (record,) = prediction_records({"mbti": TYPES}, {"mbti": probs})
+    assert record == {"type": "ENTP", "type_prob": 0.7, "E-I": "E", "E-I_prob": 0.7, "N-S": "N", "N-S_prob": 1.0,
+                      "F-T": "T", "F-T_prob": 1.0, "J-P": "P", "J-P_prob": 0.7}  # fmt: skip
+
+
+def test_multi_axis_export_works_with_pipeline(all_axes, tmp_path):
+    out = tmp_path / "model"
+    export_main(["--ckpt", str(all_axes), "--out", str(out)])
+    card = (out / "README.md").read_text()
+    assert "Predicts 4 axes" in card and all(f"### {axis}" in card for axis in AXES)
+    assert all((out / f"confusion_matrix_{axis}.png").is_file() for axis in AXES)
+
+    classifier = pipeline("text-classification", model=str(out), top_k=None)
+    scores = {d["label"]: d["score"] for d in classifier([TEXTS[0]])[0]}
+    model = MBTIClassifier.load_from_checkpoint(all_axes, weights_only=False).eval()
+    with torch.no_grad():
+        expected = torch.sigmoid(model(**classifier.tokenizer([TEXTS[0]], return_tensors="pt")))[0]
+    assert scores == pytest.approx({"I": expected[0].item(), "S": expected[1].item(), "T": expected[2].item(),
+                                    "P": expected[3].item()}, abs=1e-5)  # fmt: skip
