@@ -303,8 +303,8 @@ class MBTIDataModule(L.LightningDataModule):
         self.splits: DatasetDict | None = None
         self._train_loader: _ResumableLoader | None = None
         self._resume_at: dict[str, int] | None = None
+        self.predict_rows: Dataset | None = None  # the tokenized predict_file
         self.predict_inputs: dict[str, list] = {}  # "id" and "text" of each predicted row, for the writer
-
 
     @property
     def _where(self) -> str:
@@ -329,7 +329,7 @@ class MBTIDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         self.tokenizer = self.tokenizer or load_tokenizer(self.hparams.tokenizer)
         if stage == "predict" and self.hparams.predict_file:
-            self.splits = DatasetDict({"predict": self._read_predict_file()})
+            self.predict_rows = self._read_predict_file()
             return
         if self.splits is not None:
             return
@@ -355,7 +355,7 @@ class MBTIDataModule(L.LightningDataModule):
         if not path.is_file():
             raise FileNotFoundError(f"data.predict_file {path} not found")
         if path.suffix == ".txt":
-            texts = path.read_text().splitlines()
+            texts: list = path.read_text().splitlines()
             ids = list(range(1, len(texts) + 1))
         elif path.suffix in (".csv", ".jsonl", ".json"):
             ds = load_dataset("csv" if path.suffix == ".csv" else "json", data_files=str(path), split="train")
@@ -366,7 +366,8 @@ class MBTIDataModule(L.LightningDataModule):
             ids = ds["id"][:] if "id" in ds.column_names else list(range(len(ds)))
         else:
             raise ValueError(f"data.predict_file must be a .txt, .csv or .jsonl file, got {path.name}")
-        empty = [i for i, text in enumerate(texts) if not (text or "").strip()]
+        texts = ["" if text is None else str(text) for text in texts]
+        empty = [i for i, text in enumerate(texts) if not text.strip()]
         if empty:
             shown = ", ".join(str(ids[i]) for i in empty[:5])
             rank_zero_warn(f"{path}: skipped {len(empty)} empty texts (ids {shown}{', ...' if len(empty) > 5 else ''})")
@@ -541,11 +542,12 @@ class MBTIDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         hp = self.hparams
-        if split not in self.splits:
+        rows = self.predict_rows if split == "predict" else self.splits.get(split)
+        if rows is None:
             raise ValueError(f"{self._where} has no {split} split with data.split {hp.split!r}; "
                              "for split 'author' set data.test_fraction or data.keep_fraction below 1")  # fmt: skip
         sampler = LengthGroupedSampler(
-            self.splits[split]["length"][:],
+            rows["length"][:],
             batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
             shuffle=train,
             seed=hp.seed,
@@ -558,13 +560,13 @@ class MBTIDataModule(L.LightningDataModule):
                   "num_workers": hp.num_workers, "persistent_workers": hp.num_workers > 0}  # fmt: skip
         if train and self.trainer:
             loop = self.trainer.fit_loop.epoch_loop
-            self._train_loader = _ResumableLoader(_Rows(self.splits[split]), sampler=sampler,
+            self._train_loader = _ResumableLoader(_Rows(rows), sampler=sampler,
                                                   batches_done=lambda: loop.batch_progress.current.processed, **kwargs)  # fmt: skip
             if self._resume_at:
                 self._train_loader.load_state_dict(self._resume_at)
                 self._resume_at = None
             return self._train_loader
-        return DataLoader(_Rows(self.splits[split]), sampler=sampler, **kwargs)
+        return DataLoader(_Rows(rows), sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

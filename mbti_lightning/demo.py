@@ -15,7 +15,7 @@ from mbti_lightning.cache import build_atomically, cache_root
 from mbti_lightning.labels import AXES
 
 #: Bump when the generator, tokenizer or model config changes, so stale cached files are not reused.
-VERSION = "v1"
+VERSION = "v2"
 DEMO = "demo"
 
 #: Share of the second letter of each axis in the real data (anchors.md section 2 majority rates).
@@ -87,15 +87,17 @@ def corpus_path() -> Path:
 
 
 def model_dir() -> Path:
-    """A local model folder: a byte-level BPE tokenizer trained on the corpus and a tiny Phi-3 config.
+    """A local model folder: a byte-level BPE tokenizer trained on the corpus, a tiny Phi-3 config and weights.
 
     The tokenizer deliberately has no pad token, like many base-model tokenizers; the data module
-    gives it one.
+    gives it one. The weights are a seeded random initialisation, saved so that the folder loads
+    like a pretrained model (``from_scratch: false``), as a base for adapters (LoRA) must.
     """
 
     def build(tmp: Path) -> None:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import Phi3Config, PreTrainedTokenizerFast
+        import torch
+        from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
         import pyarrow.parquet as pq
 
@@ -113,7 +115,7 @@ def model_dir() -> Path:
             tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=512
         )
         fast.save_pretrained(tmp)
-        Phi3Config(
+        config = Phi3Config(
             vocab_size=tokenizer.get_vocab_size(),
             hidden_size=64,
             intermediate_size=128,
@@ -125,7 +127,9 @@ def model_dir() -> Path:
             bos_token_id=fast.bos_token_id,
             eos_token_id=fast.eos_token_id,
             pad_token_id=None,
-        ).save_pretrained(tmp)
+        )
+        torch.manual_seed(0)
+        Phi3ForCausalLM(config).save_pretrained(tmp)
 
     return build_atomically(cache_root() / f"demo-{VERSION}" / "model", build)
 

@@ -115,7 +115,8 @@ def plot_confusion(confusion: torch.Tensor, letters: list[str], out: Path) -> No
     plt.close(fig)
 
 
-def model_card(checkpoint: dict, results: dict[str, dict], n_val: int, has_training_plot: bool) -> ModelCard:
+def model_card(checkpoint: dict, results: dict[str, dict], n_val: int, has_training_plot: bool,
+               adapter: bool = False) -> ModelCard:  # fmt: skip
     model_hp = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
     data_hp = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
     base, head_classes = model_hp["model_name_or_path"], checkpoint["mbti_lightning"]["heads"]
@@ -139,7 +140,7 @@ def model_card(checkpoint: dict, results: dict[str, dict], n_val: int, has_train
     body = f"""
 # MBTI {target} classifier
 
-{_usage(head_classes, origin, dataset)}
+{_usage(head_classes, origin, dataset, adapter)}
 
 ## Validation results
 
@@ -175,12 +176,24 @@ The resolved configuration of the run:
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
 
 
-def _usage(head_classes: dict[str, tuple[str, ...]], origin: str, dataset: str) -> str:
+def _usage(head_classes: dict[str, tuple[str, ...]], origin: str, dataset: str, adapter: bool) -> str:
     """What the model predicts, and how to call it with `pipeline`."""
     call = """```python
 from transformers import pipeline
 
 classifier = pipeline("text-classification", model="PATH_OR_REPO_ID", top_k=None)
+classifier("i already made a packing list for the trip next month")
+"""
+    if adapter:
+        call = """This folder holds LoRA adapters and the classification head; the base model named in
+`adapter_config.json` is loaded under them (needs `pip install peft`).
+
+```python
+from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
+
+config = AutoConfig.from_pretrained("PATH_OR_REPO_ID", subfolder="classifier_config")  # the labels
+model = AutoModelForSequenceClassification.from_pretrained("PATH_OR_REPO_ID", config=config)
+classifier = pipeline("text-classification", model=model, tokenizer="PATH_OR_REPO_ID", top_k=None)
 classifier("i already made a packing list for the trip next month")
 """
     trained = f"Trained from {origin} on `{dataset}` with mbti-lightning."
@@ -248,8 +261,11 @@ def _split_text(data_hp: dict) -> str:
 
 
 def export(ckpt: Path, out: Path, dtype: str = "auto", overwrite: bool = False, push_to_hub: str | None = None,
-           private: bool = False) -> Path:  # fmt: skip
-    """Write the model folder at `out` (and upload it if `push_to_hub`); return `out`."""
+           private: bool = False, adapter: bool = False) -> Path:  # fmt: skip
+    """Write the model folder at `out` (and upload it if `push_to_hub`); return `out`.
+
+    A LoRA model is merged into its base, or with `adapter` saved as the adapter alone (plus the head).
+    """
     token = hub_token() if push_to_hub else None
     if push_to_hub and not token:
         raise ExportError("--push-to-hub needs a Hugging Face token: set HF_TOKEN (or HF_HUB_TOKEN), or put "
@@ -262,13 +278,18 @@ def export(ckpt: Path, out: Path, dtype: str = "auto", overwrite: bool = False, 
         raise ExportError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
     checkpoint = read_checkpoint(ckpt)
 
-    model = MBTIClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).eval()
+    # A 4-bit (QLoRA) base is rebuilt in full precision: merging needs it, and a CPU cannot load 4 bits.
+    model = MBTIClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False, quantize=None).eval()
+    if adapter and model.hparams.peft is None:
+        raise ExportError(f"--adapter needs a LoRA checkpoint (model.peft); {ckpt} was fully fine-tuned")
     data_hp = {k: v for k, v in checkpoint["datamodule_hyper_parameters"].items() if not k.startswith("_")}
     dm = MBTIDataModule(**data_hp)
     dm.setup("validate")
     results = evaluate(model, dm)
 
     hf_model = model.model.cpu()
+    if model.hparams.peft is not None and not adapter:
+        hf_model = hf_model.merge_and_unload()
     if dtype == "auto":
         dtype = str(next(v for v in checkpoint["state_dict"].values() if v.is_floating_point()).dtype).split(".")[1]
     hf_model.to(DTYPES[dtype])
@@ -278,12 +299,14 @@ def export(ckpt: Path, out: Path, dtype: str = "auto", overwrite: bool = False, 
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
     try:
         hf_model.save_pretrained(tmp)
+        if adapter:  # not config.json, or transformers would take the folder for a whole model
+            hf_model.get_base_model().config.save_pretrained(tmp / "classifier_config")
         load_tokenizer(model.hparams.model_name_or_path).save_pretrained(tmp)
         log_dir = checkpoint["mbti_lightning"].get("log_dir")
         has_plot = plot_training(Path(log_dir) / "metrics.csv" if log_dir else None, tmp / "val_metrics.png")
         for head, classes in model.heads.items():
             plot_confusion(results[head]["confusion"], list(classes), tmp / _confusion_file(head, len(model.heads)))
-        model_card(checkpoint, results, len(dm.splits["validation"]), has_plot).save(tmp / "README.md")
+        model_card(checkpoint, results, len(dm.splits["validation"]), has_plot, adapter).save(tmp / "README.md")
         if out.exists():
             old = out.with_name(f".{out.name}.replaced")
             shutil.rmtree(old, ignore_errors=True)
@@ -312,9 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="dtype of the saved weights; auto = as trained")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--adapter", action="store_true",
+                        help="LoRA models: save the adapter (and head) alone instead of merging it into the base")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        out = export(args.ckpt, args.out, args.dtype, args.overwrite, args.push_to_hub, args.private)
+        out = export(args.ckpt, args.out, args.dtype, args.overwrite, args.push_to_hub, args.private, args.adapter)
     except ExportError as err:
         parser.exit(2, f"mbti-lightning-export: error: {err}\n")
     print(f"exported to {out}" + (f" and uploaded to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else ""))

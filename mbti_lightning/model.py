@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
@@ -22,6 +22,35 @@ from mbti_lightning.checkpoint import rng_states, set_rng_states
 from mbti_lightning.labels import heads
 from mbti_lightning.metrics import EvalMetrics
 from mbti_lightning.tokenizer import load_tokenizer
+
+
+def _nf4_config() -> Any:
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "model.quantize: nf4 needs a CUDA GPU (bitsandbytes' 4-bit kernels); on this machine use LoRA "
+            "without quantize, or full fine-tuning"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+
+
+def _with_lora(model: torch.nn.Module, settings: dict[str, Any], quantized: bool) -> torch.nn.Module:
+    """`model` with LoRA adapters from `settings` (``peft.LoraConfig`` fields); its head trains in full."""
+    try:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    except ImportError:
+        raise ImportError('model.peft needs peft: pip install "mbti-lightning[peft]"') from None
+    try:
+        # For sequence classification, peft adds the head ("score", "classifier") to modules_to_save.
+        config = LoraConfig(task_type="SEQ_CLS", **settings)
+    except TypeError as err:
+        raise ValueError(f"model.peft: {err}; use peft.LoraConfig fields such as r, lora_alpha, lora_dropout, "
+                         "target_modules") from None  # fmt: skip
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, config)
 
 
 class MBTIClassifier(L.LightningModule):
@@ -56,6 +85,14 @@ class MBTIClassifier(L.LightningModule):
             and reused, so warm-up stays short).
         gradient_checkpointing: Recompute activations in the backward pass: much less memory, about
             a third more compute.
+        peft: LoRA instead of full fine-tuning, as ``peft.LoraConfig`` settings, e.g. ``{r: 16,
+            lora_alpha: 32, lora_dropout: 0.05, target_modules: all-linear}`` (``{}``: peft's
+            defaults). The classification head is trained in full and saved with the adapter.
+            Needs ``pip install "mbti-lightning[peft]"``. Checkpoints then hold only the trained
+            weights; the base is loaded from `model_name_or_path` again (with `from_scratch` the
+            random base cannot be rebuilt, so it is saved too).
+        quantize: ``nf4``: load the base in 4 bits through bitsandbytes (QLoRA; needs `peft` and a
+            CUDA GPU), computing in bf16.
         skip_nonfinite_batches: How many batches with a NaN or infinite loss to skip (with a
             warning) before stopping. At 0 (the default) the first one stops training with an error
             that names the step and batch; checkpoints already written stay as they are. Skipping
@@ -79,6 +116,8 @@ class MBTIClassifier(L.LightningModule):
         skip_padding_mask: bool = False,
         compile: bool = False,
         gradient_checkpointing: bool = False,
+        peft: dict[str, Any] | None = None,
+        quantize: Literal["nf4"] | None = None,
         skip_nonfinite_batches: int = 0,
     ) -> None:
         super().__init__()
@@ -98,6 +137,11 @@ class MBTIClassifier(L.LightningModule):
         self.val_metrics, self.test_metrics = EvalMetrics(self.heads), EvalMetrics(self.heads)
         self._step_weight = 0.0  # summed class weights of the micro-batches of the current optimizer step
         self._skipped = 0  # batches skipped for a non-finite loss
+        if quantize and peft is None:
+            raise ValueError("model.quantize needs model.peft: a 4-bit base can only be trained through adapters")
+        # With adapters on a loadable base, checkpoints hold only the trained weights (see on_save_checkpoint).
+        self._adapter_only = peft is not None and not from_scratch
+        self.strict_loading = not self._adapter_only
 
     def setup(self, stage: str) -> None:
         if self.hparams.tf32 and torch.cuda.is_available():
@@ -126,6 +170,8 @@ class MBTIClassifier(L.LightningModule):
         )
         # Lightning sets the default dtype for the trainer's precision (bf16 for bf16-true).
         kwargs = {"attn_implementation": hp.attn_implementation, "dtype": torch.get_default_dtype()}
+        if hp.quantize:
+            kwargs |= {"quantization_config": _nf4_config(), "dtype": torch.bfloat16}
         if hp.from_scratch:
             model = AutoModelForSequenceClassification.from_config(config, **kwargs)
         else:
@@ -138,6 +184,8 @@ class MBTIClassifier(L.LightningModule):
         model.config.pad_token_id = tokenizer.pad_token_id
         if hp.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hp.peft is not None:
+            model = _with_lora(model, hp.peft, quantized=bool(hp.quantize))
         if hp.compile:
             for module in model.modules():
                 if type(module).__name__ in model._no_split_modules:  # the decoder blocks
@@ -148,6 +196,11 @@ class MBTIClassifier(L.LightningModule):
         self._flops_per_token = 6 * (sum(p.numel() for p in model.parameters()) - embedding)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._adapter_only:  # the frozen base is model_name_or_path's; keep adapters, head and buffers
+            trained = {name for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if k in trained or not k.startswith("model.")
+            }
         # What mbti-lightning-export needs beyond the weights and hyperparameters: the labels, and
         # where the run's metrics and resolved config (written by the CLI) are.
         log_dir = Path(self.trainer.log_dir).resolve() if self.trainer.log_dir else None
