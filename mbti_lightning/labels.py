@@ -45,39 +45,3 @@ def heads(target: str | list[str]) -> dict[str, tuple[str, ...]]:
         if axis not in AXES:
             raise ValueError(f"unknown target {axis!r}; expected an axis ({', '.join(AXES)}), a list of axes, 'all' or 'mbti'")
     return {axis: AXES[axis] for axis in axes}
-
-
-def id2label(axis: str) -> dict[int, str]:
-    """Class id -> letter for one axis, e.g. ``{0: "J", 1: "P"}``."""
-    return dict(enumerate(AXES[check_axis(axis)]))
-
-
-def label2id(axis: str) -> dict[str, int]:
-    """Letter -> class id for one axis, e.g. ``{"J": 0, "P": 1}``."""
-    return {letter: i for i, letter in id2label(axis).items()}
-
-
-def parse_type(value: object) -> str:
-    """Normalize a 4-letter type in any case and with stray whitespace ("intj " -> "INTJ").
-
-    Raises:
-        ValueError: if `value` is not one of the 16 types.
-    """
-    text = str(value).strip().upper() if value is not None else ""
-    if text not in TYPES:
-        raise ValueError(f"{value!r} is not an MBTI type; expected four letters such as 'INTJ' or 'enfp'")
-    return text
-
-
-def parse_letter(value: object, axis: str) -> str:
-    """Normalize one axis letter in any case ("p" -> "P") and check that it belongs to `axis`."""
-    text = str(value).strip().upper() if value is not None else ""
-    if text not in AXES[check_axis(axis)]:
-        raise ValueError(f"{value!r} is not a letter of axis {axis}; expected one of {AXES[axis]}")
-    return text
-
-
-def type_to_id(mbti_type: object, axis: str) -> int:
-    """Class id of `axis` for a type: ``type_to_id("intp", "J-P") == 1``."""
-    letter = parse_type(mbti_type)[AXIS_POSITION[check_axis(axis)]]
-    return label2id(axis)[letter]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,17 @@ def corpus_file(tmp_path: Path) -> Path:
     path = tmp_path / "mbti.parquet"
     pq.write_table(pa.table(generate_rows(num_rows=3000, seed=7)), path)
     return path
+
+
+def fit_demo(run: Path, *args: str) -> Path:
+    """`mbti-lightning fit --config configs/demo.yaml ARGS` in folder `run`, in-process; returns its checkpoint folder."""
+    from mbti_lightning.cli import cli_main
+
+    mp = pytest.MonkeyPatch()
+    mp.chdir(run)
+    mp.setattr(sys, "argv", ["mbti-lightning"])  # LightningCLI warns when sys.argv (pytest's) and args are both given
+    try:
+        cli_main(["fit", "--config", str(REPO / "configs/demo.yaml"), *args])
+    finally:
+        mp.undo()
+    return run / "checkpoints/demo"

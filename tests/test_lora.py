@@ -13,7 +13,7 @@ from mbti_lightning.export import main as export_main
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.tokenizer import load_tokenizer
 
-from conftest import REPO
+from conftest import REPO, fit_demo
 
 TEXTS = ["i made a list and a schedule for the whole week", "whatever lol lets just improvise", "the the the"]
 # The demo base is random, not pretrained: its frozen embeddings know no words, so they get adapters
@@ -22,14 +22,9 @@ LORA = "{r: 8, lora_alpha: 16, lora_dropout: 0.0, target_modules: [embed_tokens,
 
 
 def demo_fit(run: Path, *args: str) -> Path:
-    mp = pytest.MonkeyPatch()
-    mp.chdir(run)
-    mp.setattr(sys, "argv", ["mbti-lightning"])
     # The demo folder's saved weights stand in for a pretrained base (from_scratch false).
-    cli_main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--model.from_scratch", "false",
-              "--trainer.max_epochs", "1", "--trainer.val_check_interval", "50", *args])  # fmt: skip
-    mp.undo()
-    return run / "checkpoints/demo"
+    return fit_demo(run, "--model.from_scratch", "false", "--trainer.max_epochs", "1",
+                    "--trainer.val_check_interval", "50", *args)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

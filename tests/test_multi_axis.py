@@ -15,7 +15,7 @@ from mbti_lightning.labels import AXES, TYPES
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.predict import prediction_records
 
-from conftest import REPO
+from conftest import REPO, fit_demo
 
 TEXTS = ["i made a list and a schedule for the whole week", "whatever lol lets just improvise",
          "alone with a book at home, quiet evening", "party with friends at the club tonight", "the the the"]  # fmt: skip
@@ -23,13 +23,8 @@ TEXTS = ["i made a list and a schedule for the whole week", "whatever lol lets j
 
 def fit(run: Path, *args: str) -> Path:
     """A short demo fit in `run`; returns its last checkpoint."""
-    mp = pytest.MonkeyPatch()
-    mp.chdir(run)
-    mp.setattr(sys, "argv", ["mbti-lightning"])
-    cli_main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.max_epochs", "1",
-              "--trainer.limit_train_batches", "80", "--trainer.val_check_interval", "40", *args])  # fmt: skip
-    mp.undo()
-    return run / "checkpoints/demo/last.ckpt"
+    return fit_demo(run, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "80",
+                    "--trainer.val_check_interval", "40", *args) / "last.ckpt"  # fmt: skip
 
 
 @pytest.fixture(scope="module")
