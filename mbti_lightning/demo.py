@@ -128,8 +128,9 @@ def model_dir() -> Path:
             eos_token_id=fast.eos_token_id,
             pad_token_id=None,
         )
-        torch.manual_seed(0)
-        Phi3ForCausalLM(config).save_pretrained(tmp)
+        with torch.random.fork_rng():  # seeded here, without touching the caller's random state
+            torch.manual_seed(0)
+            Phi3ForCausalLM(config).save_pretrained(tmp)
 
     return build_atomically(cache_root() / f"demo-{VERSION}" / "model", build)
 
