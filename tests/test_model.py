@@ -141,3 +141,14 @@ def test_skipping_the_padding_mask_is_exact_for_right_padded_causal_models():
     masked.eval()
     with torch.no_grad():
         torch.testing.assert_close(unmasked(**batch), masked(**batch), rtol=1e-5, atol=1e-5)
+
+
+def test_building_the_demo_folder_leaves_the_random_state_alone(tmp_path, monkeypatch):
+    """Else a run that builds the demo folder would initialise its model unlike one that finds it cached."""
+    from mbti_lightning import demo
+
+    monkeypatch.setenv("MBTI_LIGHTNING_CACHE", str(tmp_path))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    assert (demo.model_dir() / "model.safetensors").is_file()
+    assert torch.equal(torch.get_rng_state(), before)
