@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -124,9 +125,25 @@ def _column(ds: Dataset, name: str) -> pa.ChunkedArray:
 
 
 def _normalized(ds: Dataset, name: str) -> np.ndarray:
-    """A label column as upper-case, stripped strings ('' where missing), computed by pyarrow."""
-    values = pc.utf8_upper(pc.utf8_trim_whitespace(pc.cast(_column(ds, name), pa.string())))
-    return np.asarray(values.fill_null("").to_numpy(zero_copy_only=False), dtype=str)
+    """A label column as upper-case, stripped strings ('' where missing), without a Python string per row."""
+    values = pc.utf8_upper(pc.utf8_trim_whitespace(pc.cast(_column(ds, name), pa.string()))).fill_null("")
+    encoded = pc.dictionary_encode(values.combine_chunks())
+    return np.asarray(encoded.dictionary.to_pylist(), dtype=str)[encoded.indices.to_numpy()]
+
+
+def _ids(ds: Dataset, name: str) -> np.ndarray:
+    """Each row's number for its value in column `name` (e.g. author names -> 0, 1, 2, ...; missing is one value)."""
+    encoded = pc.dictionary_encode(pc.cast(_column(ds, name), pa.string()).combine_chunks(), null_encoding="encode")
+    return encoded.indices.to_numpy().astype(np.int64)
+
+
+def _empty(ds: Dataset, name: str) -> np.ndarray:
+    """Rows whose text is missing, empty or only whitespace; no copy of the texts is made."""
+    texts = _column(ds, name)
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+        texts = pc.cast(texts, pa.string())
+    empty = pc.or_(pc.equal(pc.utf8_length(texts), 0), pc.utf8_is_space(texts))
+    return empty.fill_null(True).to_numpy(zero_copy_only=False)
 
 
 def _explode(batch: dict[str, list], indices: list[int], column: str, separator: str) -> dict[str, list]:
@@ -429,25 +446,20 @@ class MBTIDataModule(L.LightningDataModule):
             source = np.asarray(_column(ds, "__row__"))
         else:
             source = np.arange(len(ds))
-        if author_column:
-            names = pc.cast(_column(ds, author_column), pa.string()).to_numpy(zero_copy_only=False)
-            authors = np.unique(names.astype(str), return_inverse=True)[1]
-        else:
-            authors = source
+        authors = _ids(ds, author_column) if author_column else source
 
-        text = pc.utf8_length(pc.utf8_trim_whitespace(pc.cast(_column(ds, hp.text_column), pa.string())))
-        problems = [(f"with an empty {hp.text_column!r}", text.fill_null(0).to_numpy() == 0, None)]
+        problems = [(f"with an empty {hp.text_column!r}", _empty(ds, hp.text_column), None)]
         if hp.type_column:
             strata = _normalized(ds, hp.type_column)
             problems.append((f"whose {hp.type_column!r} is not an MBTI type", ~np.isin(strata, TYPES), strata))
             types = strata
         else:
             columns = {axis: _normalized(ds, column) for axis, column in hp.axis_columns.items()}
-            strata = np.array(["".join(x) for x in zip(*columns.values())], dtype=str)
+            strata = functools.reduce(np.char.add, columns.values())
             for axis, column in hp.axis_columns.items():
                 bad = ~np.isin(columns[axis], AXES[axis])
                 problems.append((f"whose {column!r} is not a letter of {axis} {AXES[axis]}", bad, columns[axis]))
-            types = np.array(["".join(x) for x in zip(*columns.values())], dtype=str) if len(columns) == 4 else None
+            types = strata if len(columns) == 4 else None
         labels = np.stack([self._head_labels(head, types, None if hp.type_column else columns) for head in self.heads], 1)
 
         invalid = np.logical_or.reduce([bad for _, bad, _ in problems])
@@ -473,7 +485,8 @@ class MBTIDataModule(L.LightningDataModule):
         """Class ids of one head per row, from the types or the axis letter columns (junk where invalid)."""
         if head == "mbti":
             return np.searchsorted(TYPES, types).clip(0, len(TYPES) - 1)
-        letters = columns[head] if columns else np.array([t[AXIS_POSITION[head]] if len(t) == 4 else "" for t in types])
+        # A type's letters as a (rows, 4) array; rows that are not types are dropped later anyway.
+        letters = columns[head] if columns else types.astype("U4").view("U1").reshape(len(types), 4)[:, AXIS_POSITION[head]]
         return (letters == AXES[head][1]).astype(np.int64)
 
     def train_label_counts(self) -> list[torch.Tensor]:
