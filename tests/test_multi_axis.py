@@ -1,6 +1,7 @@
 """Several axes in one model, the 16-way type, and predictions written to a file."""
 
 import csv
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -55,8 +56,8 @@ def test_sixteen_way_type_head(tmp_path):
     assert float(final["val/mcc"]) > 0.05  # well above chance for 16 classes
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
-def test_predictions_keep_the_input_order_and_use_letters(all_axes, tmp_path, monkeypatch, suffix):
+@pytest.mark.parametrize("suffix, text", [(".csv", "text"), (".jsonl", "hash")])
+def test_predictions_keep_the_input_order_and_use_letters(all_axes, tmp_path, monkeypatch, suffix, text):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TEXTS * 40) + "\n")  # 200 texts: several length-sorted batches
     out = tmp_path / f"predictions{suffix}"
@@ -64,16 +65,19 @@ def test_predictions_keep_the_input_order_and_use_letters(all_axes, tmp_path, mo
     monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
     cli_main(["predict", "--config", str(REPO / "configs/demo.yaml"), "--data.target", "all",
               "--ckpt_path", str(all_axes), "--data.predict_file", str(texts), "--data.eval_batch_size", "16",
-              "--predictions.output", str(out)])  # fmt: skip
+              "--predictions.output", str(out), "--predictions.text", text])  # fmt: skip
 
     if suffix == ".csv":
         rows = list(csv.DictReader(out.open()))
     else:
         rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [str(r["id"]) for r in rows] == [str(i) for i in range(1, 201)]  # line numbers, in order
-    assert [r["text"] for r in rows] == TEXTS * 40
-    assert list(rows[0]) == ["id", "text", "type", "E-I", "E-I_prob", "N-S", "N-S_prob", "F-T", "F-T_prob",
-                             "J-P", "J-P_prob"]  # fmt: skip
+    if text == "text":
+        assert [r["text"] for r in rows] == TEXTS * 40
+    else:  # the text stays private; its hash still identifies it
+        assert [r["text_sha256"] for r in rows] == [hashlib.sha256(t.encode()).hexdigest() for t in TEXTS * 40]
+    assert list(rows[0]) == ["id", "text" if text == "text" else "text_sha256", "type", "E-I", "E-I_prob", "N-S",
+                             "N-S_prob", "F-T", "F-T_prob", "J-P", "J-P_prob"]  # fmt: skip
     for row in rows:
         assert row["type"] in TYPES and row["type"] == "".join(row[axis] for axis in AXES)
         assert all(0.5 <= float(row[f"{axis}_prob"]) <= 1 for axis in AXES)
