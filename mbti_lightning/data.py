@@ -505,9 +505,8 @@ class MBTIDataModule(L.LightningDataModule):
                     f"data.split 'predefined' needs a train and a validation split; {self._where} has {list(raw)}"
                 )
             cleaned = {ours: self._clean(raw[theirs]) for ours, theirs in names.items() if theirs in raw}
-            return {name: (ds, arrays) for name, (ds, arrays, _) in cleaned.items()}, sum(
-                (messages for _, _, messages in cleaned.values()), []
-            )
+            messages = [message for _, _, split_messages in cleaned.values() for message in split_messages]
+            return {name: (ds, arrays) for name, (ds, arrays, _) in cleaned.items()}, messages
         ds, arrays, messages = self._clean(raw)
         if hp.split == "seed":
             train, val, discarded = seed_split(arrays["strata"], hp.keep_fraction, hp.keep_seed, hp.val_fraction,

@@ -135,7 +135,7 @@ class MBTIClassifier(L.LightningModule):
         self.register_buffer("class_weight", weights.float())  # (heads, classes)
         self.model = None
         self.val_metrics, self.test_metrics = EvalMetrics(self.heads), EvalMetrics(self.heads)
-        self._step_weight = 0.0  # summed class weights of the micro-batches of the current optimizer step
+        self._step_weight = 0.0  # the current optimizer step's loss normaliser so far: class weights (or rows)
         self._skipped = 0  # batches skipped for a non-finite loss
         if quantize and peft is None:
             raise ValueError("model.quantize needs model.peft: a 4-bit base can only be trained through adapters")
