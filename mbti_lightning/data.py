@@ -325,7 +325,7 @@ class MBTIDataModule(L.LightningDataModule):
 
     @property
     def _where(self) -> str:
-        return " ".join(str(x) for x in (self.hparams.dataset, self.hparams.data_files or "") if x).strip()
+        return " ".join(str(x) for x in (self.hparams.dataset, self.hparams.data_files) if x)
 
     def state_dict(self) -> dict[str, int]:
         """Where training is in its epoch, saved in every checkpoint."""
@@ -391,10 +391,16 @@ class MBTIDataModule(L.LightningDataModule):
         keep = sorted(set(range(len(texts))) - set(empty))
         self.predict_inputs = {"id": [ids[i] for i in keep], "text": [texts[i] for i in keep]}
         no_label = [0] * len(self.heads) if len(self.heads) > 1 else 0
-        rows = Dataset.from_dict({"text": self.predict_inputs["text"], "labels": [no_label] * len(keep), "author": keep})
-        return rows.map(_tokenize, batched=True, remove_columns=["text"], desc="tokenizing predict_file",
-                        fn_kwargs={"tokenizer": self.tokenizer, "column": "text", "max_length": hp.max_length,
-                                   "mask": hp.mask_type_mentions})  # fmt: skip
+        rows = Dataset.from_dict({hp.text_column: self.predict_inputs["text"], "labels": [no_label] * len(keep),
+                                  "author": keep})  # fmt: skip
+        return rows.map(_tokenize, batched=True, remove_columns=[hp.text_column], desc="tokenizing predict_file",
+                        fn_kwargs=self._tokenize_args())  # fmt: skip
+
+    def _tokenize_args(self) -> dict:
+        # Only the tokenizer travels to worker processes, never the module (or its trainer).
+        hp = self.hparams
+        return {"tokenizer": self.tokenizer, "column": hp.text_column, "max_length": hp.max_length,
+                "mask": hp.mask_type_mentions}  # fmt: skip
 
     def _preprocessing_args(self) -> dict:
         names = ("dataset", "data_files", "dataset_split", "text_column", "type_column", "author_column",
@@ -537,9 +543,6 @@ class MBTIDataModule(L.LightningDataModule):
         if workers is None:
             kept = sum(len(parts[name][0]) for name in ("train", "validation"))
             workers = min(os.cpu_count() or 1, 8) if kept > 50_000 else 1
-        # Only the tokenizer travels to worker processes, never the module (or its trainer).
-        tokenize_args = {"tokenizer": self.tokenizer, "column": hp.text_column, "max_length": hp.max_length,
-                         "mask": hp.mask_type_mentions}  # fmt: skip
         splits = DatasetDict()
         for name, (ds, arrays) in parts.items():
             columns = ds.select_columns([hp.text_column])
@@ -548,7 +551,7 @@ class MBTIDataModule(L.LightningDataModule):
             for key in ("author", "source_row"):
                 columns = columns.add_column(key, arrays[key].tolist())
             splits[name] = columns.map(_tokenize, batched=True, remove_columns=[hp.text_column], desc=f"tokenizing {name}",
-                                       num_proc=workers if workers > 1 else None, fn_kwargs=tokenize_args)  # fmt: skip
+                                       num_proc=workers if workers > 1 else None, fn_kwargs=self._tokenize_args())  # fmt: skip
         splits.save_to_disk(out)
         (Path(out) / "dropped.json").write_text(json.dumps(messages))
 
