@@ -99,9 +99,12 @@ def main() -> None:
     with torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=6, warmup=2, active=4)) as prof:
         cli.trainer.callbacks.append(_Stepper(prof))
         cli.trainer.fit(module, dm)
+    syncs = clock.syncs.stop()
     throughput.sync()
     per_batch = 1000 * (time.perf_counter() - clock.start) / (clock.batches - 4)
     print(f"Lightning micro-batch incl. optimizer share (profiled for 4 of them): {per_batch:.1f} ms", flush=True)
+    if syncs is not None:
+        print(f"device synchronisations per micro-batch: {syncs / (clock.batches - 4):.2f}", flush=True)
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=22, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))

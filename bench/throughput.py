@@ -10,8 +10,10 @@ and an out-of-memory ends only that variant.
     python bench/throughput.py --tiny          # CPU smoke run, under two minutes
 
 Prints, per variant: samples/s, real (non-pad) tokens/s, pad share, peak GPU memory, MFU as defined
-in anchors.md ((6 x non-embedding params + 12 x layers x hidden x 220) x real tokens/s / peak), and
-each preset's ratio of real tokens/s to the seed's. Writes the same as JSON (`--out`).
+in anchors.md ((6 x non-embedding params + 12 x layers x hidden x 220) x real tokens/s / peak), the
+device synchronisations per timed micro-batch (PyTorch's sync debug mode; each one stops the CPU
+from queueing work ahead of the GPU), and each preset's ratio of real tokens/s to the seed's.
+Writes the same as JSON (`--out`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -114,6 +117,24 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+class SyncCounter:
+    """Counts the synchronising CUDA calls that PyTorch's sync debug mode reports between start and stop."""
+
+    def start(self) -> None:
+        if torch.cuda.is_available():
+            self._catching = warnings.catch_warnings(record=True)
+            self._records = self._catching.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> int | None:
+        if not torch.cuda.is_available():
+            return None
+        torch.cuda.set_sync_debug_mode("default")
+        self._catching.__exit__(None, None, None)
+        return sum("synchroniz" in str(w.message) for w in self._records)
+
+
 # --------------------------------------------------------------------------- (a) the seed recipe
 
 
@@ -128,7 +149,7 @@ def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
     batch, accumulation = 4, 2
     steps, warmup_steps = args.samples // (batch * accumulation), args.warmup // (batch * accumulation)
     counts = {"samples": 0, "real": torch.zeros((), dtype=torch.long, device=device()), "padded": 0}
-    clock = {}
+    clock, syncs = {}, SyncCounter()
 
     class CustomTrainer(Trainer):  # the seed's class-weighted loss
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -148,6 +169,7 @@ def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
             if state.global_step == warmup_steps:
                 sync()
                 clock["start"] = time.perf_counter()
+                syncs.start()
 
     config = AutoConfig.from_pretrained(model_dir, num_labels=2, id2label={0: "J", 1: "P"},
                                         label2id={"J": 0, "P": 1}, pad_token_id=dm.tokenizer.pad_token_id)  # fmt: skip
@@ -166,9 +188,11 @@ def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
+    sync_count = syncs.stop()
     sync()
     return measurement("seed: HF Trainer, fp32 + tf32, bnb AdamW8bit, batch 4 x accumulation 2", args, config,
-                       time.perf_counter() - clock["start"], counts["samples"], int(counts["real"]), counts["padded"])  # fmt: skip
+                       time.perf_counter() - clock["start"], counts["samples"], int(counts["real"]), counts["padded"],
+                       sync_count, counts["samples"] // batch)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- (b) the project's code path
@@ -199,10 +223,11 @@ def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(cli.model, dm)
+    sync_count = clock.syncs.stop()
     sync()
     name = f"{variant}: precision {trainer.precision}, batch {dm.hparams.batch_size} x accumulation {trainer.accumulate_grad_batches}"
     return measurement(name, args, cli.model.model.config, time.perf_counter() - clock.start, clock.samples,
-                       clock.real, clock.padded)  # fmt: skip
+                       clock.real, clock.padded, sync_count, clock.batches - clock.warmup_batches)  # fmt: skip
 
 
 class Clock(L.Callback):
@@ -211,11 +236,13 @@ class Clock(L.Callback):
     def __init__(self, warmup_batches: int) -> None:
         self.warmup_batches = warmup_batches
         self.start, self.batches, self.samples, self.real, self.padded = None, 0, 0, 0, 0
+        self.syncs = SyncCounter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.batches == self.warmup_batches:
             sync()
             self.start = time.perf_counter()
+            self.syncs.start()
         self.batches += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -225,7 +252,8 @@ class Clock(L.Callback):
             self.padded += batch["input_ids"].numel()
 
 
-def measurement(name: str, args, config, seconds: float, samples: int, real: int, padded: int) -> dict:
+def measurement(name: str, args, config, seconds: float, samples: int, real: int, padded: int,
+                syncs: int | None, batches: int) -> dict:  # fmt: skip
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {
         "variant": name,
@@ -238,6 +266,7 @@ def measurement(name: str, args, config, seconds: float, samples: int, real: int
         "mfu_pct": round(100 * flops_per_token(config) * real / seconds / (args.peak_tflops * 1e12), 2)
         if torch.cuda.is_available()
         else None,
+        "syncs_per_batch": None if syncs is None else round(syncs / batches, 2),
     }
 
 
@@ -282,13 +311,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
-    print(f"\n{'variant':<90} {'samples/s':>9} {'real tok/s':>10} {'pad':>6} {'peak GiB':>8} {'MFU %':>6} {'ratio':>6}")
+    print(f"\n{'variant':<90} {'samples/s':>9} {'real tok/s':>10} {'pad':>6} {'peak GiB':>8} {'MFU %':>6} {'syncs':>5} {'ratio':>6}")
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<90} ERROR: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
         else:
             print(f"{r['variant'][:90]:<90} {r['samples_per_s']:>9} {r['real_tokens_per_s']:>10} {r['pad_share']:>6} "
-                  f"{r['peak_gib'] or '-':>8} {r['mfu_pct'] or '-':>6} {r.get('ratio_vs_seed', '-'):>6}")  # fmt: skip
+                  f"{r['peak_gib'] or '-':>8} {r['mfu_pct'] or '-':>6} {r['syncs_per_batch'] or '-':>5} "
+                  f"{r.get('ratio_vs_seed', '-'):>6}")  # fmt: skip
     print(f"written to {args.out}")
     return results
 

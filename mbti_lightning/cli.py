@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, ThroughputMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mbti_lightning.callbacks import ProgressBar, Throughput
 from mbti_lightning.data import MBTIDataModule
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.predict import PredictionWriter
-
-
-class TokenThroughputMonitor(ThroughputMonitor):
-    """Logs samples/s, real (non-pad) tokens/s, FLOP/s and, on GPUs Lightning knows, MFU."""
-
-    def __init__(self, window_size: int = 50) -> None:
-        super().__init__(batch_size_fn=_batch_size, length_fn=_num_tokens, window_size=window_size)
-
-
-def _batch_size(batch: dict) -> int:
-    return len(batch["labels"])
-
-
-def _num_tokens(batch: dict) -> int:
-    return batch["num_tokens"]
 
 
 class MBTILightningCLI(LightningCLI):
@@ -53,7 +39,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MBTILightningCL
         MBTIDataModule,
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
-            "callbacks": [RichProgressBar(), TokenThroughputMonitor()],  # always added, never saved in config.yaml
+            "callbacks": [ProgressBar(), Throughput()],  # always added, never saved in config.yaml
             "plugins": [{"class_path": "mbti_lightning.checkpoint.AtomicCheckpointIO"}],
         },
         save_config_kwargs={"overwrite": True},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 import yaml
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -53,6 +55,14 @@ def _with_lora(model: torch.nn.Module, settings: dict[str, Any], quantized: bool
     return get_peft_model(model, config)
 
 
+SDPA_KERNELS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
 class MBTIClassifier(L.LightningModule):
     """Fine-tunes ``AutoModelForSequenceClassification`` on one MBTI axis, several axes, or the type.
 
@@ -78,6 +88,11 @@ class MBTIClassifier(L.LightningModule):
         warmup_steps: Warm-up length in optimizer steps, or as a fraction of all steps if below 1.
         tf32: Allow TF32 matmuls on CUDA.
         attn_implementation: Attention kernel, e.g. ``sdpa`` or ``eager``.
+        sdpa_kernels: The kernels SDPA attention may use, in order of preference (``flash``,
+            ``efficient``, ``cudnn``, ``math``); null lets PyTorch choose. On H100/H200, recent
+            PyTorch prefers cuDNN, which took about 1.5 ms of CPU per call in this project's
+            profile (bench/RESULTS.md) and builds a plan for each new batch shape; the GPU presets
+            prefer flash.
         skip_padding_mask: Don't pass the padding mask. Exact for decoder-only (causal) models with
             right padding: real tokens never attend to the pads after them, and pooling finds the
             last real token from the ids. Without a mask, SDPA can use its flash kernel.
@@ -113,6 +128,7 @@ class MBTIClassifier(L.LightningModule):
         warmup_steps: float = 0,
         tf32: bool = True,
         attn_implementation: str = "sdpa",
+        sdpa_kernels: list[Literal["flash", "efficient", "cudnn", "math"]] | None = None,
         skip_padding_mask: bool = False,
         compile: bool = False,
         gradient_checkpointing: bool = False,
@@ -226,7 +242,18 @@ class MBTIClassifier(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(batch, seq) right-padded token ids -> (batch, num_labels) logits in fp32."""
         mask = None if self.hparams.skip_padding_mask else attention_mask
-        return self.model(input_ids=input_ids, attention_mask=mask).logits.float()
+        with self._sdpa_kernels():
+            return self.model(input_ids=input_ids, attention_mask=mask).logits.float()
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        with self._sdpa_kernels():  # gradient checkpointing runs the forward pass again in here
+            super().backward(loss, *args, **kwargs)
+
+    def _sdpa_kernels(self) -> contextlib.AbstractContextManager:
+        kernels = self.hparams.sdpa_kernels
+        if not kernels:
+            return contextlib.nullcontext()
+        return sdpa_kernel([SDPA_KERNELS[k] for k in kernels], set_priority=True)
 
     def head_logits(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """(batch, num_labels) -> one (batch, classes) tensor per head; an axis's logit z becomes [0, z]."""
@@ -246,13 +273,13 @@ class MBTIClassifier(L.LightningModule):
         config = self.model.config
         seq = batch["input_ids"].shape[1]  # attention FLOPs: 12 x layers x hidden x seq per token
         per_token = self._flops_per_token + 12 * config.num_hidden_layers * config.hidden_size * seq
-        self.flops_per_batch = per_token * batch["num_tokens"]  # read by ThroughputMonitor
+        self.flops_per_batch = per_token * batch["num_tokens"]  # read by callbacks.Throughput
         weighted = (weight * ce).sum() / len(self.heads)
         if not torch.isfinite(weighted):
             return self._nonfinite(weighted, batch_idx)
         norm = weight.sum().detach() if len(self.heads) == 1 else weight.new_tensor(len(ce))
         self._step_weight = self._step_weight + norm
-        self.log("train/loss", weighted.detach() / norm, prog_bar=True, batch_size=len(ce))
+        self.log("train/loss", weighted.detach() / norm, batch_size=len(ce))  # callbacks.ProgressBar shows it
         # Summed, not averaged: on_before_optimizer_step divides by the whole step's weight (or rows).
         return weighted
 

@@ -53,6 +53,11 @@ def test_demo_fit_learns_and_validate_reproduces_the_best_checkpoint(tmp_path, m
     best = max(rows, key=lambda row: float(row["val/mcc"]))
     assert float(best["val/mcc"]) >= 0.4
     assert {"val/loss", "val/acc", "val/f1", "val/bal_acc", "train/loss"} <= set(rows[0])
+    # Throughput at every logging step (every 10 optimizer steps in the demo), not in between.
+    speed = [row for row in read_metrics(tmp_path / "logs") if row["train/device/items_per_sec"]]
+    assert [int(row["step"]) for row in speed[:3]] == [9, 19, 29]
+    assert all(float(row["train/device/items_per_sec"]) > 10 * float(row["train/device/samples_per_sec"]) > 0
+               for row in speed)  # fmt: skip
     (ckpt,) = (tmp_path / "checkpoints/demo").glob("best-*.ckpt")
     assert (tmp_path / "checkpoints/demo/last.ckpt").exists()
     assert f"step{int(best['step']) + 1}-" in ckpt.name

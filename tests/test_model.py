@@ -152,3 +152,19 @@ def test_building_the_demo_folder_leaves_the_random_state_alone(tmp_path, monkey
     before = torch.get_rng_state()
     assert (demo.model_dir() / "model.safetensors").is_file()
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_sdpa_kernels_apply_to_the_forward_pass_and_its_recomputation():
+    """Gradient checkpointing runs attention again in the backward pass: with the same choice of kernels."""
+    model = MBTIClassifier(model_name_or_path="demo", from_scratch=True, sdpa_kernels=["math"],
+                           gradient_checkpointing=True)  # fmt: skip
+    model.configure_model()
+    model.train()
+    flash_allowed = []
+    model.model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda *_: flash_allowed.append(torch.backends.cuda.flash_sdp_enabled())
+    )
+    batch = load_tokenizer("demo")(["i plan my week", "whatever lol"], padding=True, return_tensors="pt")
+    model.backward(model(**batch).sum())
+    assert flash_allowed == [False, False]  # the forward pass, then its recomputation
+    assert torch.backends.cuda.flash_sdp_enabled()  # and the global choice is left as it was
