@@ -1,8 +1,8 @@
-"""Where the training loop reads tensor values back to Python: a CPU stand-in for GPU synchronisations.
+"""Where training and validation read tensor values back to Python: a CPU stand-in for GPU synchronisations.
 
 On a GPU, every ``.item()``, ``bool(tensor)``, ``float(tensor)``, ``.tolist()`` or ``.cpu()`` of a
 device tensor waits for all queued kernels. This script trains the demo on CPU for a few dozen
-batches and counts those calls per training batch, by where they come from. Reads of tensors that
+batches, then validates on ten, and counts those calls per batch, by where they come from. Reads of tensors that
 are on the CPU by design (the sampler's indices, the collator's token counts) show up too; the
 file names tell them apart. Explicit ``torch.cuda.synchronize()`` calls are not seen here.
 
@@ -26,11 +26,13 @@ BATCHES = 40
 
 
 class Counter(L.Callback):
-    """Counts value reads from the start of the third training batch to the end of training."""
+    """Counts value reads in training (from the third batch on, each batch up to the next one's start)
+    and in validation batches (without the metrics' computation at the end)."""
 
     def __init__(self) -> None:
-        self.active, self.batches = False, 0
-        self.calls: collections.Counter = collections.Counter()
+        self.phase: str | None = None
+        self.batches: collections.Counter = collections.Counter()
+        self.calls = {"training": collections.Counter(), "validation": collections.Counter()}
         for name in READS:
             self._wrap(name)
 
@@ -38,23 +40,32 @@ class Counter(L.Callback):
         original = getattr(torch.Tensor, name)
 
         def read(tensor, *args, **kwargs):
-            if self.active and tensor.numel():
+            if self.phase and tensor.numel():
                 caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename)
-                self.calls[f"{name} in {caller.filename.split('site-packages/')[-1]}:{caller.lineno}"] += 1
+                self.calls[self.phase][f"{name} in {caller.filename.split('site-packages/')[-1]}:{caller.lineno}"] += 1
             return original(tensor, *args, **kwargs)
 
         setattr(torch.Tensor, name, read)
 
-    def on_train_batch_start(self, trainer, *args) -> None:  # counts until the next batch starts
-        self.active = trainer.global_step >= 2
-        self.batches += self.active
+    def _start(self, phase: str | None) -> None:
+        self.phase = phase
+        self.batches[phase] += 1
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self._start("training" if trainer.global_step >= 2 else None)
+
+    def on_validation_batch_start(self, *args) -> None:
+        self._start("validation")
+
+    def on_validation_batch_end(self, *args) -> None:
+        self.phase = None
 
     def on_train_end(self, *args) -> None:
-        self.active = False
+        self.phase = None
 
 
-def main(args: list[str] | None = None) -> dict[str, float]:
-    """Reads per training batch, by kind and place."""
+def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Reads per training and per validation batch, by kind and place."""
     from mbti_lightning.cli import cli_main
 
     args, sys.argv = sys.argv[1:] if args is None else args, sys.argv[:1]
@@ -69,10 +80,16 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     counter = Counter()
     cli.trainer.callbacks.append(counter)
     cli.trainer.fit(cli.model, cli.datamodule)
-    reads = {where: count / counter.batches for where, count in counter.calls.most_common()}
-    print(f"\nreads per training batch ({counter.batches} batches, log_every_n_steps {cli.trainer.log_every_n_steps}):")
-    for where, per_batch in reads.items():
-        print(f"{per_batch:8.2f}  {where}")
+    validation = L.Trainer(accelerator=cli.trainer.accelerator, devices=1, precision=cli.trainer.precision,
+                           limit_val_batches=10, logger=False, callbacks=[counter])  # fmt: skip
+    validation.validate(cli.model, cli.datamodule, verbose=False)
+    print(f"\ntrainer.log_every_n_steps: {cli.trainer.log_every_n_steps}")
+    reads = {}
+    for phase, calls in counter.calls.items():
+        reads[phase] = {where: count / counter.batches[phase] for where, count in calls.most_common()}
+        print(f"reads per {phase} batch ({counter.batches[phase]} batches):")
+        for where, per_batch in reads[phase].items():
+            print(f"{per_batch:8.2f}  {where}")
     return reads
 
 

@@ -29,17 +29,27 @@ class MatthewsCorrCoef(MulticlassMatthewsCorrCoef):
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Accuracy, F1 (of class 1 for two classes, as the seed; macro otherwise), MCC and balanced accuracy."""
-    f1 = BinaryF1Score() if num_classes == 2 else MulticlassF1Score(num_classes, average="macro")
+    """Accuracy, F1 (of class 1 for two classes, as the seed; macro otherwise), MCC and balanced accuracy.
+
+    Without torchmetrics' checks of the class ids: the data module validates labels, and each check
+    would make the CPU wait for the GPU in every evaluation batch.
+    """
+    args = {"validate_args": False}
+    f1 = BinaryF1Score(**args) if num_classes == 2 else MulticlassF1Score(num_classes, average="macro", **args)
     return MetricCollection(
         {
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "acc": MulticlassAccuracy(num_classes, average="micro", **args),
             "f1": f1,
-            "mcc": MatthewsCorrCoef(num_classes),
-            "bal_acc": MulticlassRecall(num_classes, average="macro"),
+            "mcc": MatthewsCorrCoef(num_classes, **args),
+            "bal_acc": MulticlassRecall(num_classes, average="macro", **args),
         },
         prefix=prefix,
     )
+
+
+def _mean() -> MeanMetric:
+    """A weighted mean that keeps NaN (a NaN loss shows as NaN) and so never reads values back to the CPU."""
+    return MeanMetric(nan_strategy="disable")
 
 
 class AuthorMetrics(Metric):
@@ -99,10 +109,10 @@ class EvalMetrics(torch.nn.Module):
     def __init__(self, heads: dict[str, tuple[str, ...]]) -> None:
         super().__init__()
         self.heads = heads
-        self.loss = MeanMetric()
+        self.loss = _mean()
         self.posts = torch.nn.ModuleDict({head: classification_metrics(len(c), "") for head, c in heads.items()})
         self.authors = torch.nn.ModuleDict({head: AuthorMetrics(len(c)) for head, c in heads.items()})
-        self.type_acc = MeanMetric() if "mbti" in heads or len(heads) == 4 else None
+        self.type_acc = _mean() if "mbti" in heads or len(heads) == 4 else None
 
     def update(self, logits: list[torch.Tensor], labels: torch.Tensor, loss: torch.Tensor, loss_weight: torch.Tensor,
                authors: torch.Tensor) -> None:  # fmt: skip
