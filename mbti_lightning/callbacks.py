@@ -35,9 +35,8 @@ class ProgressBar(RichProgressBar):
         self._loss: float | None = None
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        loss = trainer.callback_metrics.get("train/loss")
-        if trainer.training and loss is not None and _logging_now(trainer):
-            self._loss = float(loss)
+        if trainer.training and _logging_now(trainer) and "train/loss" in trainer.callback_metrics:
+            self._loss = float(trainer.callback_metrics["train/loss"])
         shown = super().get_metrics(trainer, pl_module)
         return shown if self._loss is None else {**shown, "train/loss": self._loss}
 

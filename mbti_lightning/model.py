@@ -155,6 +155,9 @@ class MBTIClassifier(L.LightningModule):
         self._skipped = 0  # batches skipped for a non-finite loss
         if quantize and peft is None:
             raise ValueError("model.quantize needs model.peft: a 4-bit base can only be trained through adapters")
+        if quantize and from_scratch:
+            raise ValueError("model.quantize needs model.from_scratch false: bitsandbytes quantizes the base's "
+                             "weights as they load")  # fmt: skip
         # With adapters on a loadable base, checkpoints hold only the trained weights (see on_save_checkpoint).
         self._adapter_only = peft is not None and not from_scratch
         self.strict_loading = not self._adapter_only

@@ -84,9 +84,11 @@ def test_an_adapter_only_checkpoint_resumes(lora_run, monkeypatch):
     assert cli.trainer.global_step == 210  # 10 steps on top of the 200 saved, optimizer state and all
 
 
-def test_qlora_needs_a_gpu_and_an_adapter():
+def test_qlora_needs_a_gpu_an_adapter_and_weights_to_load():
     with pytest.raises(ValueError, match="model.quantize needs model.peft"):
         MBTIClassifier(model_name_or_path="demo", quantize="nf4")
+    with pytest.raises(ValueError, match="model.quantize needs model.from_scratch false"):
+        MBTIClassifier(model_name_or_path="demo", quantize="nf4", peft={}, from_scratch=True)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="nf4 needs a CUDA GPU"):
             MBTIClassifier(model_name_or_path="demo", quantize="nf4", peft={}).configure_model()
