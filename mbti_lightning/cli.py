@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -30,6 +33,13 @@ class MBTILightningCLI(LightningCLI):
         )
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.link_arguments("data.target", "model.target")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Lightning refuses a progress bar callback with `trainer.enable_progress_bar: false`.
+        if self._get(self.config_init, "trainer", default={}).get("enable_progress_bar") is False:
+            callbacks = self.trainer_defaults["callbacks"]
+            self.trainer_defaults["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        return super().instantiate_trainer(**kwargs)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> MBTILightningCLI:

@@ -33,6 +33,16 @@ def test_every_config_says_how_to_run_it():
         assert header.startswith("#") and f"--config configs/{config.name}" in header, config.name
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_progress_bar_can_be_turned_off(enabled, tmp_path, monkeypatch):
+    from mbti_lightning.callbacks import ProgressBar
+
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["--config", str(REPO / "configs/demo.yaml"), "--trainer.enable_progress_bar", str(enabled).lower()],
+                   run=False)  # fmt: skip
+    assert any(isinstance(c, ProgressBar) for c in cli.trainer.callbacks) == enabled
+
+
 def test_module_entry_point_shows_help():
     result = subprocess.run([sys.executable, "-m", "mbti_lightning", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "fit" in result.stdout and "validate" in result.stdout
