@@ -33,19 +33,25 @@ class Counter(L.Callback):
         self.phase: str | None = None
         self.batches: collections.Counter = collections.Counter()
         self.calls = {"training": collections.Counter(), "validation": collections.Counter()}
-        for name in READS:
-            self._wrap(name)
+        self._originals = {name: getattr(torch.Tensor, name) for name in READS}
 
-    def _wrap(self, name: str) -> None:
-        original = getattr(torch.Tensor, name)
+    def __enter__(self) -> Counter:
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, self._counting(name, original))
+        return self
 
+    def __exit__(self, *exc_info) -> None:
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, original)
+
+    def _counting(self, name: str, original):
         def read(tensor, *args, **kwargs):
             if self.phase and tensor.numel():
                 caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename)
                 self.calls[self.phase][f"{name} in {caller.filename.split('site-packages/')[-1]}:{caller.lineno}"] += 1
             return original(tensor, *args, **kwargs)
 
-        setattr(torch.Tensor, name, read)
+        return read
 
     def _start(self, phase: str | None) -> None:
         self.phase = phase
@@ -77,12 +83,12 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
          "--checkpoint.save_top_k", "0", "--checkpoint.save_last", "false", *args],
         run=False,
     )  # fmt: skip
-    counter = Counter()
-    cli.trainer.callbacks.append(counter)
-    cli.trainer.fit(cli.model, cli.datamodule)
-    validation = L.Trainer(accelerator=cli.trainer.accelerator, devices=1, precision=cli.trainer.precision,
-                           limit_val_batches=10, logger=False, callbacks=[counter])  # fmt: skip
-    validation.validate(cli.model, cli.datamodule, verbose=False)
+    with Counter() as counter:
+        cli.trainer.callbacks.append(counter)
+        cli.trainer.fit(cli.model, cli.datamodule)
+        validation = L.Trainer(accelerator=cli.trainer.accelerator, devices=1, precision=cli.trainer.precision,
+                               limit_val_batches=10, logger=False, callbacks=[counter])  # fmt: skip
+        validation.validate(cli.model, cli.datamodule, verbose=False)
     print(f"\ntrainer.log_every_n_steps: {cli.trainer.log_every_n_steps}")
     reads = {}
     for phase, calls in counter.calls.items():
