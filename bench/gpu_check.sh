@@ -2,8 +2,8 @@
 # The GPU check of bench/throughput.py, as run on a lent H100/H200 (device tool): the machine has torch,
 # transformers and lightning, and gets bitsandbytes, datasets and jsonargparse as wheels in .whl
 # (../shared/gpu/wheels.sh). Writes $OUT/throughput.json and $OUT/log.txt.
-#   bash bench/gpu_check.sh                      # the variants below, about 8 minutes on an H100
-#   bash bench/gpu_check.sh seed configs/phi3_jp_lora.yaml ...
+#   bash bench/gpu_check.sh            # the five variants below (five took about 7 minutes on an H100)
+#   bash bench/gpu_check.sh seed configs/phi3_jp_lora.yaml ...   # or any variants
 set -uo pipefail
 if [ $# -eq 0 ]; then  # seed; the 80 GB preset, and without its choice of attention kernels; 40 GB; accumulation 4
   set -- seed configs/phi3_jp.yaml "configs/phi3_jp.yaml --model.sdpa_kernels null" configs/phi3_jp_40gb.yaml \

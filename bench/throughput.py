@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{r['variant']:<90} ERROR: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
         else:
             print(f"{r['variant'][:90]:<90} {r['samples_per_s']:>9} {r['real_tokens_per_s']:>10} {r['pad_share']:>6} "
-                  f"{r['peak_gib'] or '-':>8} {r['mfu_pct'] or '-':>6} {r['syncs_per_batch'] or '-':>5} "
+                  f"{r['peak_gib'] or '-':>8} {r['mfu_pct'] or '-':>6} {'-' if r['syncs_per_batch'] is None else r['syncs_per_batch']:>5} "
                   f"{r.get('ratio_vs_seed', '-'):>6}")  # fmt: skip
     print(f"written to {args.out}")
     return results
