@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check of bench/throughput.py, as run on a lent H100/H200 (device tool): the machine has torch,
 # transformers and lightning, and gets bitsandbytes, datasets and jsonargparse as wheels in .whl
-# (../shared/gpu/wheels.sh). Writes $OUT/throughput.json and $OUT/log.txt.
+# (../shared/gpu/wheels.sh). First times the optimizer step alone (bench/optimizer_step.py: bitsandbytes,
+# the plain compensated path, the fused kernel), then the variants. Writes $OUT/optimizer_step.txt,
+# $OUT/throughput.json and $OUT/log.txt.
 #   bash bench/gpu_check.sh            # the five variants below (five took about 7 minutes on an H100)
 #   bash bench/gpu_check.sh seed configs/phi3_jp_lora.yaml ...   # or any variants
 set -uo pipefail
@@ -21,4 +23,5 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 bench/optimizer_step.py 2>&1 | tee "${OUT:-bench/out}/optimizer_step.txt"
 python3 bench/throughput.py --timeout 240 --out "${OUT:-bench/out}/throughput.json" --variants "$@" 2>&1 | tee "${OUT:-bench/out}/log.txt"

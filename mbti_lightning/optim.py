@@ -5,18 +5,44 @@ rounded away. Instead of a 4-byte fp32 master copy per weight, each bf16 weight 
 compensation term holding what rounding dropped (Kahan summation). Per tensor, the step rebuilds an
 fp32 weight (weight + compensation), applies bitsandbytes' update to it, and splits it back.
 
+On CUDA with Triton installed, the 8-bit states of a bf16 tensor are updated by one fused kernel
+(`triton_adamw.py`) instead, which moves a seventh of the bytes.
+
 bitsandbytes also synchronises the device after every tensor's update, which only paged states
 need; here the updates of non-paged states stay queued on the stream like any other kernels.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import bitsandbytes as bnb
 import torch
 
 
+@functools.cache
+def _fused_step() -> Callable | None:
+    try:
+        from mbti_lightning.triton_adamw import compensated_adamw8bit_step
+    except ImportError:  # no Triton (CPU-only installs), or a bitsandbytes without its Triton kernels
+        return None
+    return compensated_adamw8bit_step
+
+
 class AdamW8bit(bnb.optim.AdamW8bit):
-    """`bnb.optim.AdamW8bit`, with compensated updates for bf16 parameters (fp32 ones are unchanged)."""
+    """`bnb.optim.AdamW8bit`, with compensated updates for bf16 parameters (fp32 ones are unchanged).
+
+    Args:
+        fused: update bf16 tensors with 8-bit states by one Triton kernel; None: on CUDA, when
+            Triton is installed. Other arguments are bitsandbytes'.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, *, fused: bool | None = None, **kwargs) -> None:
+        super().__init__(params, lr=lr, **kwargs)
+        if fused and _fused_step() is None:
+            raise ImportError("AdamW8bit(fused=True) needs Triton and a bitsandbytes with Triton kernels (0.50 has them)")
+        self.fused = fused
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -43,8 +69,16 @@ class AdamW8bit(bnb.optim.AdamW8bit):
         if p.dtype != torch.bfloat16:
             return super().update_step(group, p, gindex, pindex)
         state = self.state[p]
+        p.data, p.grad = p.data.contiguous(), p.grad.contiguous()  # as bitsandbytes does; the kernel reads flat memory
         if "compensation" not in state:
-            state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["compensation"] = torch.zeros_like(p)
+        fused = self.fused if self.fused is not None else p.is_cuda and _fused_step() is not None
+        if fused and state["state1"].dtype == torch.uint8:  # (small tensors keep 32-bit moments)
+            config = self.get_config(gindex, pindex, group)
+            state["step"] += 1
+            _fused_step()(p.data, p.grad, state, lr=config["lr"], betas=config["betas"], eps=config["eps"],
+                          weight_decay=config["weight_decay"])  # fmt: skip
+            return
         weight, grad = p.data, p.grad
         # Swap in fp32 tensors so bitsandbytes updates the full-precision weight in place.
         p.data = weight.float().add_(state["compensation"])

@@ -37,3 +37,14 @@ def test_training_and_validation_read_values_back_from_the_device_only_where_nee
     assert every_batch("training") == {mask_check, f"__bool__ in {REPO}/mbti_lightning/model.py",
                                        f"__int__ in {REPO}/mbti_lightning/data.py"}  # fmt: skip
     assert every_batch("validation") == {mask_check}
+
+
+def test_optimizer_step_bench_times_each_variant(monkeypatch):
+    """`python bench/optimizer_step.py --tiny` on CPU: the bitsandbytes floor and the plain compensated
+    step are timed (the fused kernel needs CUDA, or Triton's interpreter)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import optimizer_step
+
+    results = optimizer_step.main(["--tiny", "--steps", "1"])
+    assert set(results) == {"(a) bitsandbytes AdamW8bit, bf16 weights", "(b) compensated, plain path"}
+    assert all(ms > 0 for ms in results.values())

@@ -1,4 +1,10 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import bitsandbytes as bnb
+import pytest
 import torch
 
 from mbti_lightning.optim import AdamW8bit
@@ -50,3 +56,43 @@ def test_fp32_parameters_update_exactly_as_bitsandbytes_does():
     train(ours, AdamW8bit([ours], lr=1e-3), grads)
     train(theirs, bnb.optim.AdamW8bit([theirs], lr=1e-3), grads)
     torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=0)
+
+
+def check_fused_kernel_matches_the_plain_step(device: str) -> None:
+    """The one-kernel Triton step and the plain compensated step train bf16 weights alike."""
+    torch.manual_seed(0)
+    start = (torch.randn(20 * 256 + 77, device=device) * 0.02).bfloat16()  # 20 state blocks and part of one
+    grads = [(torch.randn_like(start, dtype=torch.float32) * 1e-3 + 5e-4).bfloat16() for _ in range(5)]
+    weights, states = {}, {}
+    for fused in (False, True):
+        param = torch.nn.Parameter(start.clone())
+        optimizer = AdamW8bit([param], lr=1e-3, weight_decay=1.0, fused=fused)
+        train(param, optimizer, grads)
+        states[fused] = optimizer.state[param]
+        weights[fused] = param.detach().float() + states[fused]["compensation"].float()
+
+    moved = (weights[False] - start.float()).abs().mean()
+    assert (weights[True] - weights[False]).abs().mean() < 0.005 * moved
+    assert states[True]["step"] == states[False]["step"] == 5
+    for key in ("state1", "state2"):  # the 8-bit moments: bitsandbytes' CPU and Triton rounding may differ by a level
+        assert (states[True][key] != states[False][key]).float().mean() < 0.02
+
+
+def test_fused_kernel_matches_the_plain_step_in_tritons_interpreter():
+    pytest.importorskip("triton")
+    # The interpreter must be on before any Triton kernel is defined: a process of its own.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    code = "import test_optim; test_optim.check_fused_kernel_matches_the_plain_step('cpu')"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_fused_kernel_matches_the_plain_step_on_cuda():
+    check_fused_kernel_matches_the_plain_step("cuda")
+
+
+def test_fused_step_without_triton_says_what_is_missing(monkeypatch):
+    monkeypatch.setattr("mbti_lightning.optim._fused_step", lambda: None)
+    with pytest.raises(ImportError, match="needs Triton"):
+        AdamW8bit([torch.nn.Parameter(torch.zeros(8))], fused=True)
