@@ -53,8 +53,8 @@ def _compensated_adamw8bit_kernel(
 
     # As bitsandbytes' AdamW: decoupled weight decay, bias corrections, the update from the
     # unquantised moments.
-    m = m * beta1 + (1.0 - beta1) * grad
-    v = v * beta2 + (1.0 - beta2) * grad * grad
+    m = tl.where(mask, m * beta1 + (1.0 - beta1) * grad, 0.0)  # past the end: 0, not whatever a masked load gave
+    v = tl.where(mask, v * beta2 + (1.0 - beta2) * grad * grad, 0.0)
     fp32_weight = fp32_weight * (1.0 - lr * weight_decay)
     fp32_weight -= (lr / correction1) * (m / (tl.sqrt(v) / correction2 + eps))
 
@@ -62,7 +62,7 @@ def _compensated_adamw8bit_kernel(
     tl.store(weight_ptr + offsets, rounded, mask=mask)
     remainder = (fp32_weight - rounded.to(tl.float32)).to(weight.dtype)
     tl.store(compensation_ptr + offsets, remainder, mask=mask)
-    codes, absmax = quantize_8bit_blockwise_kernel_util(m, qmap1_ptr, 256, BLOCK, 1)
+    codes, absmax = quantize_8bit_blockwise_kernel_util(m, qmap1_ptr, 256, BLOCK, 1)  # 256 codes, 1 block
     tl.store(state1_ptr + offsets, codes, mask=mask)
     tl.store(absmax1_ptr + block + tl.arange(0, 1), absmax)
     codes, absmax = quantize_8bit_blockwise_kernel_util(v, qmap2_ptr, 256, BLOCK, 1)
@@ -71,15 +71,21 @@ def _compensated_adamw8bit_kernel(
 
 
 def compensated_adamw8bit_step(
-    weight: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float, betas: tuple[float, float], eps: float,
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
     weight_decay: float,
-) -> None:  # fmt: skip
-    """One AdamW step of a contiguous bf16 `weight` with bitsandbytes' 8-bit block-wise `state`
-    (`state["step"]` already counts this step) and its bf16 `state["compensation"]`, in place."""
+) -> None:
+    """One AdamW step, in place, of a contiguous bf16 `weight` with its bf16 `state["compensation"]` and
+    bitsandbytes' 8-bit block-wise moments in `state` (whose `"step"` already counts this step)."""
     beta1, beta2 = betas
-    step = state["step"]
+    correction1, correction2 = 1.0 - beta1 ** state["step"], (1.0 - beta2 ** state["step"]) ** 0.5
     _compensated_adamw8bit_kernel[(triton.cdiv(weight.numel(), BLOCK_SIZE),)](
         weight, state["compensation"], grad, state["state1"], state["state2"], state["qmap1"], state["qmap2"],
-        state["absmax1"], state["absmax2"], beta1, beta2, eps, lr, weight_decay, 1.0 - beta1**step,
-        (1.0 - beta2**step) ** 0.5, weight.numel(), BLOCK=BLOCK_SIZE, num_warps=2,
+        state["absmax1"], state["absmax2"], beta1, beta2, eps, lr, weight_decay, correction1, correction2,
+        weight.numel(), BLOCK=BLOCK_SIZE, num_warps=2,
     )  # fmt: skip
