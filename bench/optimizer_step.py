@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4) if args.tiny else {}
+    config = Phi3Config(pad_token_id=32000, **shape)  # Phi-3-mini-4k's shapes by default
     with torch.device(device):
-        model = AutoModelForSequenceClassification.from_config(Phi3Config(pad_token_id=32000, **shape), dtype=torch.bfloat16)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
     params = list(model.parameters())
     start = [p.detach().clone() for p in params]
     grads = [torch.randn_like(p) * 1e-3 for p in params]

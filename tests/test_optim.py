@@ -93,6 +93,7 @@ def test_fused_kernel_matches_the_plain_step_on_cuda():
 
 
 def test_fused_step_without_triton_says_what_is_missing(monkeypatch):
-    monkeypatch.setattr("mbti_lightning.optim._fused_step", lambda: None)
-    with pytest.raises(ImportError, match="needs Triton"):
+    monkeypatch.delitem(sys.modules, "mbti_lightning.triton_adamw", raising=False)
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed
+    with pytest.raises(ImportError, match="needs Triton and bitsandbytes' Triton kernels: .*triton"):
         AdamW8bit([torch.nn.Parameter(torch.zeros(8))], fused=True)
