@@ -4,9 +4,9 @@ Uses the workload of bench/throughput.py (random-init Phi-3-mini shapes; `--tiny
 
     python bench/profile_step.py [--config configs/phi3_jp.yaml] [--tiny]
 
-Prints milliseconds per forward+backward (with and without the padding mask), per optimizer step
-(compensated and plain bitsandbytes), per Lightning micro-batch, and the top operators of a few
-profiled Lightning steps.
+Prints milliseconds per forward+backward (with and without the padding mask), per Lightning
+micro-batch, and the top operators of a few profiled Lightning steps. (The optimizer step alone:
+bench/optimizer_step.py.)
 """
 
 from __future__ import annotations
@@ -78,16 +78,6 @@ def main() -> None:
             ms = timed(lambda: fwd_bwd(mask, cache), 2) / len(batches)
             print(f"forward+backward per micro-batch: mask={mask} use_cache={cache}: {ms:.1f} ms", flush=True)
 
-    import bitsandbytes as bnb
-
-    from mbti_lightning.optim import AdamW8bit
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    for name, cls in (("compensated AdamW8bit", AdamW8bit), ("plain bnb AdamW8bit", bnb.optim.AdamW8bit)):
-        optimizer = cls(params, lr=1e-5)
-        print(f"optimizer step, {name}: {timed(optimizer.step, 3):.1f} ms", flush=True)
-        optimizer.state.clear()
-        del optimizer
     model.zero_grad(set_to_none=True)
     torch.cuda.empty_cache() if device == "cuda" else None
 
