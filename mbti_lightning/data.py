@@ -570,8 +570,11 @@ class MBTIDataModule(L.LightningDataModule):
             num_replicas=self.trainer.world_size if self.trainer else 1,
             rank=self.trainer.global_rank if self.trainer else 0,
         )
+        # Page-locked batches go to the GPU asynchronously (Lightning copies with non_blocking); from
+        # pageable memory the driver may first wait for the work already queued.
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         kwargs = {"batch_size": None,  # the sampler yields whole batches
-                  "collate_fn": Collator(self.tokenizer, hp.pad_to_multiple_of),
+                  "collate_fn": Collator(self.tokenizer, hp.pad_to_multiple_of), "pin_memory": pin,
                   "num_workers": hp.num_workers, "persistent_workers": hp.num_workers > 0}  # fmt: skip
         if train and self.trainer:
             loop = self.trainer.fit_loop.epoch_loop

@@ -1,6 +1,8 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from datasets import load_dataset
 
 from mbti_lightning.data import MBTIDataModule
@@ -65,6 +67,16 @@ def test_batches_are_right_padded_with_a_pad_token(corpus_file):
     lengths = batch["attention_mask"].sum(1)
     for row, n in zip(batch["input_ids"], lengths):
         assert (row[n:] == dm.tokenizer.pad_token_id).all() and batch["attention_mask"][0, 0] == 1
+
+
+def test_batches_are_page_locked_only_for_a_cuda_trainer(corpus_file):
+    """Page-locked batches are copied to the GPU without waiting for the work queued before them."""
+    dm = make_dm(corpus_file)
+    dm.setup("fit")
+    assert not dm.val_dataloader().pin_memory  # no trainer (or a CPU one)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), world_size=1,
+                                 global_rank=0)  # fmt: skip
+    assert dm.val_dataloader().pin_memory
 
 
 def test_several_tokenizing_processes_give_the_same_splits(corpus_file):
