@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from mbti_lightning.callbacks import ProgressBar, Throughput
 from mbti_lightning.data import MBTIDataModule
@@ -33,6 +34,25 @@ class MBTILightningCLI(LightningCLI):
         )
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.link_arguments("data.target", "model.target")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        self._args = sys.argv[1:] if args is None else args
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        # With --ckpt_path, Lightning 2.6 lays the checkpoint's model hyperparameters over the whole
+        # parsed config, so `--model.compile false` next to it was silently ignored. The checkpoint
+        # still wins over config files and defaults; options given on the command line win over it.
+        parsed = self.config.clone()
+        super()._parse_ckpt_path()
+        if not isinstance(self._args, list) or not self.config.get("subcommand"):
+            return
+        given = {arg.removeprefix("--model.").split("=")[0].split(".")[0]
+                 for arg in map(str, self._args) if arg.startswith("--model.")}  # fmt: skip
+        for key in given:
+            name = f"{self.config.subcommand}.model.{key}"
+            if name in parsed:
+                self.config[name] = parsed[name]
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Lightning refuses a progress bar callback with `trainer.enable_progress_bar: false`.

@@ -75,3 +75,26 @@ def test_demo_fit_learns_and_validate_reproduces_the_best_checkpoint(tmp_path, m
     cli = cli_main(["validate", "--config", str(REPO / "configs/demo.yaml"), "--ckpt_path", str(ckpt)])
     for key in ("val/mcc", "val/acc", "val/f1", "val/bal_acc", "val/loss"):
         assert cli.trainer.callback_metrics[key].item() == pytest.approx(float(best[key]), abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_compiled_decoder_blocks_train_and_their_checkpoint_validates_the_same_without(tmp_path, monkeypatch):
+    """`model.compile` compiles each decoder block once for all batch lengths (dynamic shapes); the
+    checkpoint keeps the plain weight names, so it validates the same with compiling off. That takes
+    `--model.compile false` on the command line: Lightning alone would put the checkpoint's `true` back."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    demo, short = str(REPO / "configs/demo.yaml"), ["--trainer.limit_val_batches", "2"]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cli_main(["fit", "--config", demo, "--model.compile", "true", "--trainer.max_steps", "6",
+              "--trainer.val_check_interval", "6", *short])  # fmt: skip
+    assert 0 < torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4  # training and evaluation, not per length
+    (logged,) = [row for row in read_metrics(tmp_path / "logs") if row["val/loss"]]
+
+    torch._dynamo.utils.counters.clear()
+    cli = cli_main(["validate", "--config", demo, "--ckpt_path", "checkpoints/demo/last.ckpt", "--model.compile", "false",
+                    *short])  # fmt: skip
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    assert cli.trainer.callback_metrics["val/loss"].item() == pytest.approx(float(logged["val/loss"]), rel=1e-4)
