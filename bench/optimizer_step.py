@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
+from throughput import sync  # bench/ is on the path when this script runs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mbti_lightning.optim import AdamW8bit  # noqa: E402
+from mbti_lightning.optim import AdamW8bit
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,11 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
             p.grad = g
         optimizer = make()
         optimizer.step()  # states are created here
-        sync(device)
+        sync()
         began = time.perf_counter()
         for _ in range(args.steps):
             optimizer.step()
-        sync(device)
+        sync()
         results[name] = 1000 * (time.perf_counter() - began) / args.steps
         print(f"{name}: {results[name]:.1f} ms per step", flush=True)
         if name.startswith("(b)"):
@@ -78,11 +76,6 @@ def main(argv: list[str] | None = None) -> dict:
 def fp32_weight(param: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
     compensation = optimizer.state[param].get("compensation")
     return param.detach().float() + (0 if compensation is None else compensation.float())
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
