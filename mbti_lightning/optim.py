@@ -22,6 +22,9 @@ import bitsandbytes as bnb
 import torch
 
 
+FUSED_DEVICES = ("cuda",)  # where `fused=None` takes the kernel
+
+
 @functools.cache
 def _fused_step() -> Callable | None:
     try:
@@ -37,7 +40,8 @@ class AdamW8bit(bnb.optim.AdamW8bit):
 
     Args:
         fused: update bf16 tensors with 8-bit states by one Triton kernel; None: on CUDA, when
-            Triton is installed. Other arguments are bitsandbytes'.
+            Triton is installed and the kernel compiles (else with a warning, the fp32-copy path).
+            Other arguments are bitsandbytes'.
     """
 
     def __init__(self, params, lr: float = 1e-3, *, fused: bool | None = None, **kwargs) -> None:
@@ -78,13 +82,21 @@ class AdamW8bit(bnb.optim.AdamW8bit):
         p.data, p.grad = p.data.contiguous(), p.grad.contiguous()  # as bitsandbytes does; the kernel reads flat memory
         if "compensation" not in state:
             state["compensation"] = torch.zeros_like(p)
-        fused = self.fused if self.fused is not None else p.is_cuda and _fused_step() is not None
+        fused = self.fused if self.fused is not None else p.device.type in FUSED_DEVICES and _fused_step() is not None
         if fused and state["state1"].dtype == torch.uint8:  # (small tensors keep 32-bit moments)
             config = self.get_config(gindex, pindex, group)
-            state["step"] += 1
-            _fused_step()(p.data, p.grad, state, lr=config["lr"], betas=config["betas"], eps=config["eps"],
-                          weight_decay=config["weight_decay"])  # fmt: skip
-            return
+            try:  # Triton compiles the kernel at its first launch, before it touches any tensor
+                _fused_step()(p.data, p.grad, state, step=state["step"] + 1, lr=config["lr"], betas=config["betas"],
+                              eps=config["eps"], weight_decay=config["weight_decay"])  # fmt: skip
+            except Exception as error:
+                if self.fused:
+                    raise
+                warnings.warn(f"AdamW8bit: the fused kernel failed ({type(error).__name__}: {error}); "
+                              "bf16 weights take the slower fp32-copy path from now on")  # fmt: skip
+                self.fused = False
+            else:
+                state["step"] += 1
+                return
         weight, grad = p.data, p.grad
         # Swap in fp32 tensors so bitsandbytes updates the full-precision weight in place.
         p.data = weight.float().add_(state["compensation"])

@@ -75,15 +75,16 @@ def compensated_adamw8bit_step(
     grad: torch.Tensor,
     state: dict,
     *,
+    step: int,
     lr: float,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
 ) -> None:
     """One AdamW step, in place, of a contiguous bf16 `weight` with its bf16 `state["compensation"]` and
-    bitsandbytes' 8-bit block-wise moments in `state` (whose `"step"` already counts this step)."""
+    bitsandbytes' 8-bit block-wise moments in `state`; `step` counts from 1, this step included."""
     beta1, beta2 = betas
-    correction1, correction2 = 1.0 - beta1 ** state["step"], (1.0 - beta2 ** state["step"]) ** 0.5
+    correction1, correction2 = 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5
     _compensated_adamw8bit_kernel[(triton.cdiv(weight.numel(), BLOCK_SIZE),)](
         weight, state["compensation"], grad, state["state1"], state["state2"], state["qmap1"], state["qmap2"],
         state["absmax1"], state["absmax2"], beta1, beta2, eps, lr, weight_decay, correction1, correction2,

@@ -97,3 +97,22 @@ def test_fused_step_without_triton_says_what_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed
     with pytest.raises(ImportError, match="needs Triton and bitsandbytes' Triton kernels: .*triton"):
         AdamW8bit([torch.nn.Parameter(torch.zeros(8))], fused=True)
+
+
+def test_a_kernel_that_cannot_run_falls_back_to_the_plain_step_with_one_warning(monkeypatch):
+    """With `fused=None`, a kernel that fails to compile or launch (here: Triton without a GPU or its
+    interpreter) costs speed, not the run: a warning names the error and the plain path takes over."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("mbti_lightning.optim.FUSED_DEVICES", ("cpu",))  # as if this CPU were a GPU
+    torch.manual_seed(0)
+    start = (torch.randn(8192) * 0.02).bfloat16()
+    grads = [(torch.randn(8192) * 1e-3).bfloat16() for _ in range(3)]
+    automatic, plain = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    optimizer = AdamW8bit([automatic], lr=1e-3)
+    with pytest.warns(UserWarning, match="the fused kernel failed .*fp32-copy path") as caught:
+        train(automatic, optimizer, grads)
+    assert sum("fused kernel failed" in str(w.message) for w in caught) == 1
+    train(plain, AdamW8bit([plain], lr=1e-3, fused=False), grads)
+    torch.testing.assert_close(automatic.detach(), plain.detach(), rtol=0, atol=0)
+    assert optimizer.state[automatic]["step"] == 3
