@@ -9,7 +9,8 @@ and an out-of-memory ends only that variant.
     python bench/throughput.py                 # GPU: seed vs configs/phi3_jp.yaml and phi3_jp_40gb.yaml
     python bench/throughput.py --tiny          # CPU smoke run, under two minutes
 
-Prints, per variant: samples/s, real (non-pad) tokens/s, pad share, peak GPU memory, MFU as defined
+Prints, per variant: samples/s, real (non-pad) tokens/s, pad share, peak GPU memory (allocated, as
+anchors.md measures it; and reserved by PyTorch's caching allocator, what a card must hold), MFU as defined
 in anchors.md ((6 x non-embedding params + 12 x layers x hidden x 220) x real tokens/s / peak), the
 device synchronisations per timed micro-batch (PyTorch's sync debug mode; each one stops the CPU
 from queueing work ahead of the GPU), and each preset's ratio of real tokens/s to the seed's.
@@ -254,7 +255,7 @@ class Clock(L.Callback):
 
 def measurement(name: str, args, config, seconds: float, samples: int, real: int, padded: int,
                 syncs: int | None, batches: int) -> dict:  # fmt: skip
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    cuda = torch.cuda.is_available()
     return {
         "variant": name,
         "timed_samples": samples,
@@ -262,9 +263,10 @@ def measurement(name: str, args, config, seconds: float, samples: int, real: int
         "samples_per_s": round(samples / seconds, 2),
         "real_tokens_per_s": round(real / seconds, 1),
         "pad_share": round(1 - real / padded, 4),
-        "peak_gib": None if peak is None else round(peak, 2),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "mfu_pct": round(100 * flops_per_token(config) * real / seconds / (args.peak_tflops * 1e12), 2)
-        if torch.cuda.is_available()
+        if cuda
         else None,
         "syncs_per_batch": None if syncs is None else round(syncs / batches, 2),
     }
@@ -311,13 +313,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
-    print(f"\n{'variant':<90} {'samples/s':>9} {'real tok/s':>10} {'pad':>6} {'peak GiB':>8} {'MFU %':>6} {'syncs':>5} {'ratio':>6}")
+    print(f"\n{'variant':<90} {'samples/s':>9} {'real tok/s':>10} {'pad':>6} {'peak GiB':>8} {'reserved':>8} {'MFU %':>6} {'syncs':>5} {'ratio':>6}")
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<90} ERROR: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
         else:
             print(f"{r['variant'][:90]:<90} {r['samples_per_s']:>9} {r['real_tokens_per_s']:>10} {r['pad_share']:>6} "
-                  f"{r['peak_gib'] or '-':>8} {r['mfu_pct'] or '-':>6} {'-' if r['syncs_per_batch'] is None else r['syncs_per_batch']:>5} "
+                  f"{r['peak_gib'] or '-':>8} {r['peak_reserved_gib'] or '-':>8} {r['mfu_pct'] or '-':>6} {'-' if r['syncs_per_batch'] is None else r['syncs_per_batch']:>5} "
                   f"{r.get('ratio_vs_seed', '-'):>6}")  # fmt: skip
     print(f"written to {args.out}")
     return results
