@@ -343,21 +343,18 @@ class MBTIClassifier(L.LightningModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
+        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
         groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.ndim >= 2 and id(p) not in embeddings], "weight_decay": hp.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # biases and norms
+            # As transformers' Trainer does for adamw_bnb_8bit, embeddings keep 32-bit optimizer states
+            # (`optim_bits` is read by AdamW8bit; torch's AdamW keeps its states in fp32 anyway).
+            {"params": [p for p in params if id(p) in embeddings], "weight_decay": hp.weight_decay, "optim_bits": 32},
         ]
         if hp.optimizer == "adamw8bit":
-            import bitsandbytes as bnb
-
             from mbti_lightning.optim import AdamW8bit
 
             optimizer = AdamW8bit(groups, lr=hp.learning_rate)  # compensated updates for bf16 weights
-            # As transformers' Trainer does for adamw_bnb_8bit: embeddings keep 32-bit optimizer state.
-            manager = bnb.optim.GlobalOptimManager.get_instance()
-            for module in self.model.modules():
-                if isinstance(module, torch.nn.Embedding):
-                    manager.register_module_override(module, "weight", {"optim_bits": 32})
         elif any(p.dtype == torch.bfloat16 for p in params):
             raise ValueError(
                 "model.optimizer 'adamw' would round away most lr-2e-5 updates of bf16 weights; use "

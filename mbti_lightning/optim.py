@@ -10,6 +10,10 @@ On CUDA with Triton installed, a bf16 tensor with 8-bit moments is updated by on
 
 bitsandbytes also synchronises the device after every tensor's update, which only paged states
 need; here the updates of non-paged states stay queued on the stream like any other kernels.
+
+A param group's `optim_bits` (32 or 8) sets the precision of its states. bitsandbytes' own way, its
+process-wide `GlobalOptimManager`, keys overrides by (group, index) and keeps them after the
+optimizer is gone, so they apply to whatever the next optimizer in the process holds there.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ def _fused_step() -> Callable | None:
 
 
 class AdamW8bit(bnb.optim.AdamW8bit):
-    """`bnb.optim.AdamW8bit`, with compensated updates for bf16 parameters (fp32 ones are unchanged).
+    """`bnb.optim.AdamW8bit`, with compensated updates for bf16 parameters (fp32 ones are unchanged)
+    and an `optim_bits` per param group.
 
     Args:
         fused: update bf16 tensors with 8-bit states by one Triton kernel; None: on CUDA, when
@@ -53,6 +58,11 @@ class AdamW8bit(bnb.optim.AdamW8bit):
                 message = f"AdamW8bit(fused=True) needs Triton and bitsandbytes' Triton kernels: {error}"
                 raise ImportError(message) from error
         self.fused = fused
+
+    def get_config(self, gindex: int, pindex: int, group: dict) -> dict:
+        config = super().get_config(gindex, pindex, group)
+        config["optim_bits"] = group.get("optim_bits", self.args.optim_bits)  # not the global manager's
+        return config
 
     @torch.no_grad()
     def step(self, closure=None):

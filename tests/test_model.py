@@ -168,3 +168,24 @@ def test_sdpa_kernels_apply_to_the_forward_pass_and_its_recomputation():
     model.backward(model(**batch).sum())
     assert flash_allowed == [False, False]  # the forward pass, then its recomputation
     assert torch.backends.cuda.flash_sdp_enabled()  # and the global choice is left as it was
+
+
+def test_embeddings_keep_32_bit_optimizer_states_whatever_an_earlier_optimizer_left_behind(monkeypatch):
+    """bitsandbytes' process-wide GlobalOptimManager keeps overrides by (group, index) after their
+    optimizer is gone; here one says 32 bits for the first tensor of group 0. The classifier's optimizer
+    gives its embeddings 32-bit states and its other weights 8-bit ones (bitsandbytes keeps tensors
+    under 4,096 values in 32 bits)."""
+    import bitsandbytes as bnb
+
+    monkeypatch.setattr(bnb.optim.GlobalOptimManager.get_instance(), "index2config", {(0, 0): {"optim_bits": 32}})
+    L.seed_everything(0)
+    model = MBTIClassifier(model_name_or_path="demo", from_scratch=True, class_weights=[0.6, 0.4])
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, MBTIDataModule(dataset="demo", tokenizer="demo", keep_fraction=0.1))
+
+    states = trainer.optimizers[0].state
+    bits = {name: 32 if states[p]["state1"].dtype == torch.float32 else 8 for name, p in model.model.named_parameters()}
+    assert bits["model.embed_tokens.weight"] == 32
+    large = [name for name, p in model.model.named_parameters() if p.numel() >= 4096 and "embed" not in name]
+    assert len(large) >= 8 and {bits[name] for name in large} == {8}
