@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of bench/throughput.py, as run on a lent H100/H200 (device tool): the machine has torch,
 # transformers and lightning, and gets bitsandbytes, datasets and jsonargparse as wheels in .whl
-# (../shared/gpu/wheels.sh). First times the optimizer step alone (bench/optimizer_step.py: bitsandbytes,
-# the plain compensated path, the fused kernel), then the variants. Writes $OUT/optimizer_step.txt,
-# $OUT/throughput.json and $OUT/log.txt.
+# (`bash ../shared/gpu/wheels.sh pytest pluggy iniconfig`). Runs the `gpu` tests (tests/test_optim.py,
+# when pytest is there), times the optimizer step alone (bench/optimizer_step.py: bitsandbytes, the
+# plain compensated path, the fused kernel), then the variants. Writes $OUT/gpu_tests.txt,
+# $OUT/optimizer_step.txt, $OUT/throughput.json and $OUT/log.txt.
 #   bash bench/gpu_check.sh            # the five variants below (five took about 7 minutes on an H100)
 #   bash bench/gpu_check.sh seed configs/phi3_jp_lora.yaml ...   # or any variants
 set -uo pipefail
@@ -23,5 +24,8 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+if python3 -c 'import pytest' 2>/dev/null; then
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_optim.py 2>&1 | tail -15 | tee "${OUT:-bench/out}/gpu_tests.txt"
+fi
 python3 bench/optimizer_step.py 2>&1 | tee "${OUT:-bench/out}/optimizer_step.txt"
 python3 bench/throughput.py --timeout 240 --out "${OUT:-bench/out}/throughput.json" --variants "$@" 2>&1 | tee "${OUT:-bench/out}/log.txt"
