@@ -24,7 +24,8 @@ def _logging_now(trainer: L.Trainer) -> bool:
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's Rich progress bar, showing ``train/loss`` as of the last logging step.
+    """Lightning's Rich progress bar, showing ``train/loss`` as of the last logging step (and not the
+    logger's version number).
 
     (A metric logged with ``prog_bar=True`` is read from the GPU after every batch, so the model logs
     ``train/loss`` without it and this bar reads it only when the trainer logs it.)
@@ -38,6 +39,7 @@ class ProgressBar(RichProgressBar):
         if trainer.training and _logging_now(trainer) and "train/loss" in trainer.callback_metrics:
             self._loss = float(trainer.callback_metrics["train/loss"])
         shown = super().get_metrics(trainer, pl_module)
+        shown.pop("v_num", None)  # the logger's version, which Rich's bar would print as "0.000"
         return shown if self._loss is None else {**shown, "train/loss": self._loss}
 
 

@@ -43,6 +43,21 @@ def test_the_progress_bar_can_be_turned_off(enabled, tmp_path, monkeypatch):
     assert any(isinstance(c, ProgressBar) for c in cli.trainer.callbacks) == enabled
 
 
+def test_the_progress_bar_shows_the_loss_of_the_last_logging_step_and_no_version_number(tmp_path, monkeypatch):
+    from mbti_lightning.callbacks import ProgressBar
+
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["--config", str(REPO / "configs/demo.yaml"), "--trainer.max_steps", "12", "--trainer.log_every_n_steps",
+                    "5", "--trainer.limit_val_batches", "0", "--checkpoint.save_last", "false"], run=False)  # fmt: skip
+    cli.trainer.fit(cli.model, cli.datamodule)
+    (bar,) = [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+    shown = bar.get_metrics(cli.trainer, cli.model)
+    with open(tmp_path / "logs/demo/version_0/metrics.csv") as f:
+        logged = [row for row in csv.DictReader(f) if row["train/loss"]]
+    assert [row["step"] for row in logged] == ["4", "9"]  # optimizer steps 5 and 10; 12 is not logged
+    assert "v_num" not in shown and shown["train/loss"] == pytest.approx(float(logged[-1]["train/loss"]))
+
+
 def test_module_entry_point_shows_help():
     result = subprocess.run([sys.executable, "-m", "mbti_lightning", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "fit" in result.stdout and "validate" in result.stdout
