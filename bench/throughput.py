@@ -219,7 +219,7 @@ def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: 
     dm, trainer = cli.datamodule, cli.trainer
     per_step = dm.hparams.batch_size * trainer.accumulate_grad_batches
     trainer.fit_loop.epoch_loop.max_steps = args.samples // per_step
-    clock = Clock(warmup_batches=args.warmup // per_step * trainer.accumulate_grad_batches)
+    clock = Clock(warmup_batches=-(-args.warmup // per_step) * trainer.accumulate_grad_batches)  # whole steps, at least one
     trainer.callbacks.append(clock)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -21,6 +21,8 @@ AXES: Final[dict[str, tuple[str, str]]] = {
 AXIS_POSITION: Final[dict[str, int]] = {axis: i for i, axis in enumerate(AXES)}
 #: The 16 types, alphabetical.
 TYPES: Final[tuple[str, ...]] = tuple(sorted("".join(t) for t in itertools.product(*AXES.values())))
+#: Every label a model of this project can output: the eight letters and the 16 types.
+LABELS: Final[frozenset[str]] = frozenset([*itertools.chain(*AXES.values()), *TYPES])
 
 
 def check_axis(axis: str) -> str:

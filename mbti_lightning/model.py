@@ -21,7 +21,7 @@ from transformers import (
 
 from mbti_lightning import demo
 from mbti_lightning.checkpoint import rng_states, set_rng_states
-from mbti_lightning.labels import heads
+from mbti_lightning.labels import LABELS, heads
 from mbti_lightning.metrics import EvalMetrics
 from mbti_lightning.tokenizer import load_tokenizer
 
@@ -178,8 +178,11 @@ class MBTIClassifier(L.LightningModule):
             return
         hp = self.hparams
         tokenizer = load_tokenizer(hp.model_name_or_path)
+        source = demo.resolve(hp.model_name_or_path)
+        if not hp.from_scratch:
+            self._check_labels(AutoConfig.from_pretrained(source).id2label)
         config = AutoConfig.from_pretrained(
-            demo.resolve(hp.model_name_or_path),
+            source,
             num_labels=len(self.id2label),
             id2label=self.id2label,
             label2id={label: i for i, label in self.id2label.items()},
@@ -194,9 +197,7 @@ class MBTIClassifier(L.LightningModule):
         if hp.from_scratch:
             model = AutoModelForSequenceClassification.from_config(config, **kwargs)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                demo.resolve(hp.model_name_or_path), config=config, **kwargs
-            )
+            model = AutoModelForSequenceClassification.from_pretrained(source, config=config, **kwargs)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # load_tokenizer added a <pad> token
             model.resize_token_embeddings(len(tokenizer))
         # Pooling takes the last token that is not pad_token_id, so it must be the tokenizer's.
@@ -213,6 +214,16 @@ class MBTIClassifier(L.LightningModule):
         embedding = model.get_input_embeddings().weight.numel()
         # Training FLOPs per token without attention scores (anchors.md): 6 x non-embedding params.
         self._flops_per_token = 6 * (sum(p.numel() for p in model.parameters()) - embedding)
+
+    def _check_labels(self, saved: dict[int, str]) -> None:
+        """A model this project exported (a folder or the hub) has letters or types as its labels: its
+        outputs mean those, so they must be this run's, in the same order."""
+        if set(saved.values()) <= LABELS and saved != self.id2label:
+            raise ValueError(
+                f"{self.hparams.model_name_or_path} is an MBTI classifier whose outputs are "
+                f"{', '.join(saved.values())}, but this run's target ({', '.join(self.heads)}) has "
+                f"{', '.join(self.id2label.values())}; set data.target to the model's"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._adapter_only:  # the frozen base is model_name_or_path's; keep adapters, head and buffers

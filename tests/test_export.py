@@ -1,3 +1,4 @@
+import csv
 import sys
 from pathlib import Path
 
@@ -163,3 +164,23 @@ def test_out_is_never_clobbered_by_accident(trained, tmp_path, capsys):
     export("--ckpt", trained, "--out", out, "--overwrite")
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
+
+
+def test_an_exported_model_predicts_through_the_cli_as_its_checkpoint_does(trained, tmp_path, monkeypatch):
+    """A published model (here its export folder) works as `model.model_name_or_path`: `predict` writes
+    the checkpoint's predictions; a run whose target is not the model's stops and names both."""
+    out = tmp_path / "model"
+    export("--ckpt", trained, "--out", out)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
+    Path("texts.txt").write_text("\n".join(TEXTS) + "\n")
+    predict = ["predict", "--config", str(REPO / "configs/demo.yaml"), "--data.predict_file", "texts.txt"]
+    published = ["--model.model_name_or_path", str(out), "--model.from_scratch", "false"]
+    cli_main([*predict, "--ckpt_path", str(trained), "--predictions.output", "checkpoint.csv"])
+    cli_main([*predict, *published, "--predictions.output", "published.csv"])
+    rows = list(csv.DictReader(Path("published.csv").open()))
+    assert [row["text"] for row in rows] == TEXTS and {row["J-P"] for row in rows} <= {"J", "P"}
+    assert Path("published.csv").read_text() == Path("checkpoint.csv").read_text()
+
+    with pytest.raises(ValueError, match=r"outputs are J, P, but this run's target \(E-I\) has E, I; set data.target"):
+        cli_main([*predict, *published, "--data.target", "E-I"])
