@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 
 from mbti_lightning.cache import atomic_open
 from mbti_lightning.labels import AXES, AXIS_POSITION, TYPES
@@ -47,7 +46,7 @@ def _round(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 
 
-class PredictionWriter(BasePredictionWriter):
+class PredictionWriter(L.Callback):
     """Writes the predictions of `mbti-lightning predict` to a CSV or JSONL file (by its extension).
 
     Rows come back in the input's order (batches are length-sorted for speed). Each row holds ``id``
@@ -55,22 +54,32 @@ class PredictionWriter(BasePredictionWriter):
     otherwise), the text (``text``), its SHA-256 (``text_sha256``) or neither, then the columns of
     `prediction_records`: letters, never class ids. The file is written whole or not at all.
 
+    (A plain callback, not Lightning's `BasePredictionWriter`: that one wants the batches' row indices
+    from a standard batch sampler, and warns on every run that it could not find them; each batch
+    here carries its rows' numbers.)
+
     Args:
         output: The file to write, ``.csv`` or ``.jsonl``.
         text: Write each input ``text``, its ``hash``, or ``none``.
     """
 
     def __init__(self, output: str = "predictions.csv", text: Literal["text", "hash", "none"] = "text") -> None:
-        super().__init__(write_interval="epoch")
         if Path(output).suffix not in (".csv", ".jsonl"):
             raise ValueError(f"predictions.output must end in .csv or .jsonl, got {output!r}")
         self.output = Path(output)
         self.text = text
 
-    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: list,
-                           batch_indices: list) -> None:  # fmt: skip
-        rows = torch.cat([p["row"].cpu() for p in predictions])
-        probs = {head: torch.cat([p["probs"][head].float().cpu() for p in predictions]) for head in pl_module.heads}
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rows, self._probs = [], []
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
+        self._rows.append(outputs["row"].cpu())
+        self._probs.append({head: p.float().cpu() for head, p in outputs["probs"].items()})
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = torch.cat(self._rows)
+        probs = {head: torch.cat([p[head] for p in self._probs]) for head in pl_module.heads}
         if trainer.world_size > 1:  # each rank predicted its share of the batches
             gathered = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, (rows, probs))

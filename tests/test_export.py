@@ -166,7 +166,7 @@ def test_out_is_never_clobbered_by_accident(trained, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
 
 
-def test_an_exported_model_predicts_through_the_cli_as_its_checkpoint_does(trained, tmp_path, monkeypatch):
+def test_an_exported_model_predicts_through_the_cli_as_its_checkpoint_does(trained, tmp_path, monkeypatch, recwarn):
     """A published model (here its export folder) works as `model.model_name_or_path`: `predict` writes
     the checkpoint's predictions; a run whose target is not the model's stops and names both."""
     out = tmp_path / "model"
@@ -181,6 +181,7 @@ def test_an_exported_model_predicts_through_the_cli_as_its_checkpoint_does(train
     rows = list(csv.DictReader(Path("published.csv").open()))
     assert [row["text"] for row in rows] == TEXTS and {row["J-P"] for row in rows} <= {"J", "P"}
     assert Path("published.csv").read_text() == Path("checkpoint.csv").read_text()
+    assert not [w for w in recwarn if "batch indices" in str(w.message)]  # Lightning's, about its own writer
 
     with pytest.raises(ValueError, match=r"outputs are J, P, but this run's target \(E-I\) has E, I; set data.target"):
         cli_main([*predict, *published, "--data.target", "E-I"])

@@ -128,3 +128,16 @@ def test_ddp_with_two_processes_syncs_metrics_and_writes_one_checkpoint(tmp_path
     assert float(one["val/author/count"]) > 100
     for key in ("val/loss", "val/mcc", "val/acc", "val/f1", "val/author/mcc", "val/author/count", "val/majority_acc"):
         assert float(two[key]) == pytest.approx(float(one[key]), abs=1e-5), key
+
+    # Predictions: each rank predicts its share of the batches; the file holds every test row once, in order.
+    for name, devices in (("two.csv", ddp), ("one.csv", [])):
+        ran = run_cli(tmp_path, "predict", *SHORT_DEMO, *devices, "--ckpt_path", "checkpoints/demo/last.ckpt",
+                      "--predictions.output", name)  # fmt: skip
+        assert ran.returncode == 0, ran.stderr[-3000:]
+    two, one = (list(csv.DictReader((tmp_path / name).open())) for name in ("two.csv", "one.csv"))
+    assert len(one) > 100 and [row["id"] for row in two] == [row["id"] for row in one]
+
+    def prob_j(row: dict[str, str]) -> float:
+        return float(row["J-P_prob"]) if row["J-P"] == "J" else 1 - float(row["J-P_prob"])
+
+    assert [prob_j(row) for row in two] == pytest.approx([prob_j(row) for row in one], abs=2e-4)
