@@ -202,15 +202,19 @@ class MBTIClassifier(L.LightningModule):
             model.resize_token_embeddings(len(tokenizer))
         # Pooling takes the last token that is not pad_token_id, so it must be the tokenizer's.
         model.config.pad_token_id = tokenizer.pad_token_id
-        if hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hp.gradient_checkpointing:  # (transformers 5.23 renamed it; the old name goes in v6)
+            enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+            enable({"use_reentrant": False})
         if hp.peft is not None:
             model = _with_lora(model, hp.peft, quantized=bool(hp.quantize))
         if hp.compile:
             for module in model.modules():
                 if type(module).__name__ in model._no_split_modules:  # the decoder blocks
                     module.compile(dynamic=True)
-        self.model = model
+        # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode: in eval
+        # mode, gradient checkpointing and dropout (LoRA's too) would silently be off during training.
+        # Evaluation loops still switch to eval mode and back.
+        self.model = model.train()
         embedding = model.get_input_embeddings().weight.numel()
         # Training FLOPs per token without attention scores (anchors.md): 6 x non-embedding params.
         self._flops_per_token = 6 * (sum(p.numel() for p in model.parameters()) - embedding)

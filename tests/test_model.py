@@ -189,3 +189,32 @@ def test_embeddings_keep_32_bit_optimizer_states_whatever_an_earlier_optimizer_l
     assert bits["model.embed_tokens.weight"] == 32
     large = [name for name, p in model.model.named_parameters() if p.numel() >= 4096 and "embed" not in name]
     assert len(large) >= 8 and {bits[name] for name in large} == {8}
+
+
+def test_a_loaded_model_trains_in_training_mode_and_recomputes_activations():
+    """`from_pretrained` returns a model in eval mode and Lightning keeps it so: gradient checkpointing
+    (and dropout) would then be off, and a 40 GB preset would run out of memory on real weights."""
+    calls = []
+
+    class Checked(MBTIClassifier):
+        def configure_model(self) -> None:
+            super().configure_model()
+            mlp = self.model.model.layers[0].mlp
+            forward = mlp.forward
+
+            def counted(hidden_states: torch.Tensor) -> torch.Tensor:  # (forward hooks miss the recomputation)
+                calls.append(1)
+                return forward(hidden_states)
+
+            mlp.forward = counted
+
+        def training_step(self, batch, batch_idx):
+            assert all(module.training for module in self.modules())
+            return super().training_step(batch, batch_idx)
+
+    dm = MBTIDataModule(dataset="demo", tokenizer="demo", keep_fraction=0.1, num_workers=0)
+    model = Checked(model_name_or_path="demo", gradient_checkpointing=True)  # the demo's saved weights
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, dm)
+    assert len(calls) == 2  # the first decoder layer's MLP ran forward, then again in the backward pass
