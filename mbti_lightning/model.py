@@ -215,6 +215,12 @@ class MBTIClassifier(L.LightningModule):
         # mode, gradient checkpointing and dropout (LoRA's too) would silently be off during training.
         # Evaluation loops still switch to eval mode and back.
         self.model = model.train()
+        # Optimizer groups by the shapes as built: under FSDP, configure_optimizers sees 1-D shards.
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        self._param_group = {
+            id(p): "embeddings" if id(p) in embeddings else "decay" if p.ndim >= 2 else "no_decay"
+            for p in model.parameters()
+        }
         embedding = model.get_input_embeddings().weight.numel()
         # Training FLOPs per token without attention scores (anchors.md): 6 x non-embedding params.
         self._flops_per_token = 6 * (sum(p.numel() for p in model.parameters()) - embedding)
@@ -358,13 +364,16 @@ class MBTIClassifier(L.LightningModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
+
+        def group(name: str) -> list[torch.nn.Parameter]:
+            return [p for p in params if self._param_group[id(p)] == name]
+
         groups = [
-            {"params": [p for p in params if p.ndim >= 2 and id(p) not in embeddings], "weight_decay": hp.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # biases and norms
+            {"params": group("decay"), "weight_decay": hp.weight_decay},
+            {"params": group("no_decay"), "weight_decay": 0.0},  # biases and norms
             # As transformers' Trainer does for adamw_bnb_8bit, embeddings keep 32-bit optimizer states
             # (`optim_bits` is read by AdamW8bit; torch's AdamW keeps its states in fp32 anyway).
-            {"params": [p for p in params if id(p) in embeddings], "weight_decay": hp.weight_decay, "optim_bits": 32},
+            {"params": group("embeddings"), "weight_decay": hp.weight_decay, "optim_bits": 32},
         ]
         if hp.optimizer == "adamw8bit":
             from mbti_lightning.optim import AdamW8bit

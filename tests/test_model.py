@@ -218,3 +218,29 @@ def test_a_loaded_model_trains_in_training_mode_and_recomputes_activations():
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(model, dm)
     assert len(calls) == 2  # the first decoder layer's MLP ran forward, then again in the backward pass
+
+
+def test_weight_decay_skips_norms_and_biases_even_when_parameters_are_flat_shards():
+    """Under FSDP (`strategy: fsdp`), `configure_optimizers` sees each parameter as a 1-D view of its
+    shard; the groups still follow the shapes the model was built with."""
+
+    class Sharded(MBTIClassifier):
+        def configure_optimizers(self):
+            shapes = [(p, p.shape) for p in self.parameters()]
+            for p, _ in shapes:
+                p.data = p.data.reshape(-1)
+            config = super().configure_optimizers()
+            for p, shape in shapes:
+                p.data = p.data.view(shape)
+            return config
+
+    model = Sharded(model_name_or_path="demo", from_scratch=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, MBTIDataModule(dataset="demo", tokenizer="demo", keep_fraction=0.1))
+
+    decay = {id(p): group["weight_decay"] for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    named = dict(model.model.named_parameters())
+    assert decay[id(named["model.norm.weight"])] == decay[id(named["model.layers.0.input_layernorm.weight"])] == 0
+    assert decay[id(named["model.layers.0.mlp.down_proj.weight"])] == decay[id(named["score.weight"])] == 0.01
+    assert decay[id(named["model.embed_tokens.weight"])] == 0.01 and len(decay) == len(named)
