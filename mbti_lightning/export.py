@@ -62,7 +62,7 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def hyperparameters(checkpoint: dict, key: str = "hyper_parameters") -> dict:
-    """The model's (or with `key` "datamodule_hyper_parameters", the data module's) arguments, without the CLI's own keys."""
+    """The model's arguments (the data module's with `key` "datamodule_hyper_parameters"), less the CLI's keys."""
     return {k: v for k, v in checkpoint.get(key, {}).items() if not k.startswith("_")}
 
 
