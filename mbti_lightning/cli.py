@@ -8,11 +8,38 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
+from mbti_lightning import baseline
 from mbti_lightning.callbacks import ProgressBar, Throughput
 from mbti_lightning.data import MBTIDataModule
+from mbti_lightning.metrics import score_predictions
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.predict import PredictionWriter
+
+
+class MBTITrainer(Trainer):
+    """Lightning's Trainer with one more subcommand, `baseline`."""
+
+    def baseline(self, model: MBTIClassifier, datamodule: MBTIDataModule) -> dict[str, float]:
+        """Fit TF-IDF + logistic regression on the training split and score it on validation and test.
+
+        The same rows and metrics as the model's (see `mbti_lightning.baseline`), logged as
+        ``val/baseline/*`` and ``test/baseline/*`` by the trainer's loggers, and printed.
+        """
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        preds = baseline.fit_predict(datamodule, ("validation", "test"))
+        metrics = {}
+        for split, stage in (("validation", "val"), ("test", "test")):
+            if split in preds:
+                scores = score_predictions(datamodule.heads, preds[split], baseline.split_labels(datamodule, split))
+                metrics |= baseline.log_keys(stage, scores)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=0)
+            logger.save()
+        rank_zero_info("\n".join(f"{name}: {value:.4f}" for name, value in metrics.items()))
+        return metrics
 
 
 class MBTILightningCLI(LightningCLI):
@@ -34,6 +61,10 @@ class MBTILightningCLI(LightningCLI):
         )
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.link_arguments("data.target", "model.target")
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return LightningCLI.subcommands() | {"baseline": {"model", "datamodule"}}
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         self._args = sys.argv[1:] if args is None else args
@@ -67,6 +98,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MBTILightningCL
     return MBTILightningCLI(
         MBTIClassifier,
         MBTIDataModule,
+        trainer_class=MBTITrainer,
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
             "callbacks": [ProgressBar(), Throughput()],  # always added, never saved in config.yaml

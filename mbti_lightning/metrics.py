@@ -1,4 +1,8 @@
-"""Evaluation metrics: post-level classification metrics, and author-level ones with a majority baseline."""
+"""Evaluation metrics: post-level classification and calibration metrics, author-level ones, and the majority baseline.
+
+The majority baseline is one thing everywhere (logs, model card, README): the training split's most
+common class, scored on the evaluated split, which is what a deployed constant model would do.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryF1Score,
+    MulticlassCalibrationError,
     MulticlassAccuracy,
     MulticlassF1Score,
     MulticlassMatthewsCorrCoef,
@@ -47,9 +52,26 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
+def score_predictions(
+    heads: dict[str, tuple[str, ...]], preds: torch.Tensor, labels: torch.Tensor
+) -> dict[str, dict[str, float]]:
+    """Per head: `classification_metrics` of (rows, heads) predicted class ids against (rows, heads) labels."""
+    out = {}
+    for h, (head, classes) in enumerate(heads.items()):
+        metrics = classification_metrics(len(classes), "")
+        metrics.update(torch.as_tensor(preds)[:, h], torch.as_tensor(labels)[:, h])
+        out[head] = {name: float(value) for name, value in metrics.compute().items()}
+    return out
+
+
 def _mean() -> MeanMetric:
     """A weighted mean that keeps NaN (a NaN loss shows as NaN) and so never reads values back to the CPU."""
     return MeanMetric(nan_strategy="disable")
+
+
+def calibration_error(num_classes: int) -> MulticlassCalibrationError:
+    """Expected calibration error (15 bins, L1) of the predicted class's probability."""
+    return MulticlassCalibrationError(num_classes, n_bins=15, validate_args=False)
 
 
 class AuthorMetrics(Metric):
@@ -57,9 +79,10 @@ class AuthorMetrics(Metric):
 
     Each author's posts vote with their mean log-probabilities (for two classes: their mean log-odds)
     and the author's label is the most common label of their posts. `compute` returns
-    ``author/{acc,f1,mcc,bal_acc}``, ``author/count`` (how many authors), ``majority_acc`` (share of
-    the most common class among the posts) and ``author/majority_acc`` (the same among authors).
-    States are concatenated across processes, so under DDP every rank computes on all posts.
+    ``author/{acc,f1,mcc,bal_acc}``, ``author/count`` (how many authors) and, once `majority_class`
+    (the training split's most common class) is set, ``majority_acc`` and ``author/majority_acc``:
+    the accuracy of always answering it, over the posts and over the authors. States are
+    concatenated across processes, so under DDP every rank computes on all posts.
     """
 
     full_state_update = False
@@ -67,6 +90,7 @@ class AuthorMetrics(Metric):
     def __init__(self, num_classes: int) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.majority_class: int | None = None
         self.add_state("log_probs", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
         self.add_state("authors", default=[], dist_reduce_fx="cat")
@@ -89,18 +113,18 @@ class AuthorMetrics(Metric):
         # The mean of the posts' log-probabilities has the argmax of their sum.
         scores = classification_metrics(self.num_classes, "author/").to(votes.device)
         scores.update(votes.argmax(-1), author_labels)
-        return {
-            **scores.compute(),
-            "author/count": torch.tensor(float(n_authors), device=votes.device),
-            "majority_acc": torch.bincount(labels, minlength=self.num_classes).max() / len(labels),
-            "author/majority_acc": torch.bincount(author_labels, minlength=self.num_classes).max() / n_authors,
-        }
+        values = {**scores.compute(), "author/count": torch.tensor(float(n_authors), device=votes.device)}
+        if self.majority_class is not None:
+            values["majority_acc"] = (labels == self.majority_class).float().mean()
+            values["author/majority_acc"] = (author_labels == self.majority_class).float().mean()
+        return values
 
 
 class EvalMetrics(torch.nn.Module):
     """All that one evaluation stage logs, for one or several heads.
 
-    Per head: loss, post-level metrics, author-level metrics and majority baselines. With one head
+    Per head: loss, post-level metrics, calibration error (``ece``), author-level metrics and majority
+    baselines (see `set_majority`). With one head
     the names are plain (``mcc``, ``author/mcc``); with several they are per head (``J-P/mcc``) plus
     their mean under the plain name, so ``val/mcc`` is always the number that picks checkpoints.
     ``type_acc`` (all four letters right) is there when the heads make up whole types.
@@ -111,6 +135,7 @@ class EvalMetrics(torch.nn.Module):
         self.heads = heads
         self.loss = _mean()
         self.posts = torch.nn.ModuleDict({head: classification_metrics(len(c), "") for head, c in heads.items()})
+        self.calibration = torch.nn.ModuleDict({head: calibration_error(len(c)) for head, c in heads.items()})
         self.authors = torch.nn.ModuleDict({head: AuthorMetrics(len(c)) for head, c in heads.items()})
         self.type_acc = _mean() if "mbti" in heads or len(heads) == 4 else None
 
@@ -121,13 +146,17 @@ class EvalMetrics(torch.nn.Module):
         right = torch.ones_like(labels[:, 0], dtype=torch.bool)
         for (head, posts), head_logits, head_labels in zip(self.posts.items(), logits, labels.T):
             posts.update(head_logits.argmax(-1), head_labels)
+            self.calibration[head].update(head_logits.float().softmax(-1), head_labels)
             self.authors[head].update(head_logits, head_labels, authors)
             right &= head_logits.argmax(-1) == head_labels
         if self.type_acc is not None:
             self.type_acc.update(right.float())
 
     def compute(self) -> dict[str, torch.Tensor]:
-        per_head = {head: {**self.posts[head].compute(), **self.authors[head].compute()} for head in self.heads}
+        per_head = {
+            head: {**self.posts[head].compute(), "ece": self.calibration[head].compute(), **self.authors[head].compute()}
+            for head in self.heads
+        }
         if len(per_head) == 1:
             (values,) = per_head.values()
         else:
@@ -138,6 +167,11 @@ class EvalMetrics(torch.nn.Module):
         if self.type_acc is not None:
             values["type_acc"] = self.type_acc.compute()
         return values
+
+    def set_majority(self, classes: list[int]) -> None:
+        """The training split's most common class of each head, which the majority baseline answers."""
+        for metric, majority in zip(self.authors.values(), classes):
+            metric.majority_class = majority
 
     def reset(self) -> None:
         for metric in self.modules():

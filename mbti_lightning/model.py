@@ -166,9 +166,14 @@ class MBTIClassifier(L.LightningModule):
         if self.hparams.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        counts_of = getattr(self.trainer.datamodule, "train_label_counts", None)
+        if stage == "predict" or counts_of is None:  # plain dataloaders: no majority baseline or balanced weights
+            return
+        train_counts = [counts.float() for counts in counts_of()]
+        for metrics in (self.val_metrics, self.test_metrics):
+            metrics.set_majority([int(counts.argmax()) for counts in train_counts])
         if self.hparams.class_weights == "balanced" and stage == "fit":
-            for h, counts in enumerate(self.trainer.datamodule.train_label_counts()):
-                counts = counts.float()
+            for h, counts in enumerate(train_counts):
                 if (counts == 0).any():  # the data module stops earlier; this guards custom ones
                     raise ValueError("a class has no training rows, so 'balanced' class weights are undefined")
                 self.class_weight[h].copy_(counts.sum() / (len(counts) * counts))
@@ -357,9 +362,9 @@ class MBTIClassifier(L.LightningModule):
         self._log_eval_metrics("test", self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Row numbers, and per head the (batch, classes) probabilities in class-id order."""
-        logits = self.head_logits(self(batch["input_ids"], batch["attention_mask"]))
-        return {"row": batch["row"], "probs": {head: x.softmax(-1) for head, x in zip(self.heads, logits)}}
+        """Row numbers, and per head the (batch, classes) logits and probabilities in class-id order."""
+        logits = dict(zip(self.heads, self.head_logits(self(batch["input_ids"], batch["attention_mask"]))))
+        return {"row": batch["row"], "logits": logits, "probs": {head: x.softmax(-1) for head, x in logits.items()}}
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams

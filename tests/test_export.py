@@ -1,11 +1,17 @@
 import csv
+import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, pipeline
+from huggingface_hub import ModelCard, metadata_load
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
+from mbti_lightning import calibration
+from mbti_lightning.card import card_data
 from mbti_lightning.cli import cli_main
 from mbti_lightning.export import main as export_main
 from mbti_lightning.model import MBTIClassifier
@@ -45,21 +51,55 @@ def export(*args: str) -> None:
     export_main([str(a) for a in args])
 
 
-def test_pipeline_gives_the_lightning_models_scores(trained, tmp_path):
-    out = tmp_path / "model"
-    export("--ckpt", trained, "--out", out)
-
-    model = MBTIClassifier.load_from_checkpoint(trained, map_location="cpu").eval()
-    tokenizer = load_tokenizer("demo")
+def lightning_logits(ckpt: Path) -> torch.Tensor:
+    model = MBTIClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
     with torch.no_grad():
-        expected = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).softmax(-1)
-    results = pipeline("text-classification", model=str(out), top_k=None)(TEXTS)
+        return model(**load_tokenizer("demo")(TEXTS, padding=True, return_tensors="pt"))
+
+
+def assert_pipeline_scores(folder: Path, expected: torch.Tensor) -> None:
+    results = pipeline("text-classification", model=str(folder), top_k=None)(TEXTS)
     for probs, result in zip(expected, results):
         scores = {r["label"]: r["score"] for r in result}
         assert set(scores) == {"J", "P"}
         assert scores["J"] == pytest.approx(probs[0].item(), abs=1e-5)
         assert scores["P"] == pytest.approx(probs[1].item(), abs=1e-5)
+
+
+def test_pipeline_gives_the_lightning_models_scores(trained, tmp_path):
+    out = tmp_path / "model"
+    export("--ckpt", trained, "--out", out, "--no-calibrate")
+    assert_pipeline_scores(out, lightning_logits(trained).softmax(-1))
     assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label == {0: "J", 1: "P"}
+    assert "exported with `--no-calibrate`" in (out / "README.md").read_text()
+
+
+def test_calibrated_export_scales_the_logits_by_a_temperature_that_lowers_the_nll(trained, tmp_path):
+    out = tmp_path / "model"
+    export("--ckpt", trained, "--out", out)
+    (temperature,) = AutoConfig.from_pretrained(out).calibration_temperatures.values()
+    assert temperature != 1.0
+    assert_pipeline_scores(out, (lightning_logits(trained) / temperature).softmax(-1))
+    card = (out / "README.md").read_text()
+    row = re.search(r"\| J-P \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", card)
+    assert float(row[1]) == pytest.approx(temperature, abs=1e-4)
+    assert float(row[5]) <= float(row[4])  # validation NLL after <= before
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG" and "](reliability.png)" in card
+
+
+def test_temperature_scaling_fixes_an_overconfident_model():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (2000,))
+    x = torch.randn(2000) + (2 * labels - 1)  # N(-1, 1) or N(1, 1): the calibrated log-odds are 2x
+    logits = torch.stack([torch.zeros(2000), 4 * 2 * x], 1)  # four times too sure
+    t = calibration.fit_temperature(logits, labels)
+    assert t == pytest.approx(4.0, rel=0.1)
+    assert calibration.nll(logits, labels, t) < calibration.nll(logits, labels)
+    assert calibration.ece(logits, labels, t) < calibration.ece(logits, labels) / 3
+    # A calibrated model keeps T = 1 unless another value lowers the NLL.
+    assert calibration.nll(logits / 4, labels, calibration.fit_temperature(logits / 4, labels)) <= calibration.nll(
+        logits / 4, labels
+    )
 
 
 def test_card_has_metrics_baseline_split_and_plots(trained, tmp_path):
@@ -72,6 +112,49 @@ def test_card_has_metrics_baseline_split_and_plots(trained, tmp_path):
     for png in ("val_metrics.png", "confusion_matrix.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in card
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_card_metadata_carries_every_metric_the_table_shows(trained, tmp_path):
+    out = tmp_path / "model"
+    export("--ckpt", trained, "--out", out, "--license", "mit")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "mit" and card.data.language == "en" and card.data.library_name == "transformers"
+    assert card.data.widget and all(example["text"] for example in card.data.widget)
+    _, results = model_index_to_eval_results(metadata_load(out / "README.md")["model-index"])
+    from_metadata = {(r.metric_config, r.metric_name.removeprefix("J-P ")): r.metric_value for r in results}
+    assert {r.dataset_split for r in results} == {"validation"}
+    table = dict(re.findall(r"^\| (accuracy|F1|MCC|balanced accuracy) \| ([\d.]+) \|", card.text, re.M))
+    assert len(table) == 4
+    assert from_metadata == {("J-P", name): float(value) for name, value in table.items()}
+    assert "| metric | this model | TF-IDF + logistic regression | majority class |" in card.text
+
+
+def test_the_baseline_command_logs_the_mcc_the_card_shows(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
+    cli_main(["baseline", "--config", str(REPO / "configs/demo.yaml")])
+    (logged,) = csv.DictReader(next(Path("logs").rglob("metrics.csv")).open())
+    assert float(logged["val/baseline/mcc"]) > 0.3 and float(logged["test/baseline/mcc"]) > 0.3
+    export("--ckpt", trained, "--out", tmp_path / "model")
+    (row,) = re.findall(r"^\| MCC \| [\d.]+ \| ([\d.]+) \| 0.0000 \|$", (tmp_path / "model/README.md").read_text(), re.M)
+    assert row == f"{float(logged['val/baseline/mcc']):.4f}"
+
+
+def test_base_model_and_datasets_are_set_for_hub_ids_only(tmp_path):
+    hub_model = {"model_name_or_path": "microsoft/Phi-3-mini-4k-instruct", "from_scratch": False}
+    hub_data = {"dataset": "minhaozhang/mbti", "data_files": None}
+    results = {"J-P": {"model": dict.fromkeys(("acc", "f1", "mcc", "bal_acc"), 0.5)}}
+    data = card_data(hub_model, hub_data, {"J-P": ("J", "P")}, results, adapter=True, license=None)
+    assert data.base_model == "microsoft/Phi-3-mini-4k-instruct" and data.datasets == ["minhaozhang/mbti"]
+    assert data.library_name == "peft" and data.license is None
+    (tmp_path / "phi3").mkdir()
+    for model_hp, data_hp in [
+        ({"model_name_or_path": str(tmp_path / "phi3")}, {"dataset": "csv", "data_files": "posts.csv"}),
+        (hub_model | {"from_scratch": True}, {"dataset": "minhaozhang/mbti", "data_files": "local.parquet"}),
+        ({"model_name_or_path": "demo", "from_scratch": True}, {"dataset": "demo"}),
+    ]:
+        data = card_data(model_hp, data_hp, {"J-P": ("J", "P")}, results, adapter=False, license=None)
+        assert data.base_model is None and data.datasets is None, (model_hp, data_hp)
 
 
 def test_dtype_choice_is_saved(trained, tmp_path):
@@ -91,22 +174,37 @@ class FakeHfApi:
     def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
         self.calls.append(("create_repo", repo_id, private))
 
-    def upload_folder(self, repo_id, folder_path, repo_type=None, commit_message=None):
+    def create_branch(self, repo_id, branch, exist_ok=False, repo_type=None):
+        self.calls.append(("create_branch", repo_id, branch))
+
+    def upload_folder(self, repo_id, folder_path, repo_type=None, revision=None, create_pr=None, commit_message=None):
         files = sorted(p.name for p in Path(folder_path).iterdir())
-        self.calls.append(("upload_folder", repo_id, files))
+        self.calls.append(("upload_folder", repo_id, files, revision, create_pr, commit_message))
 
 
-def test_push_sends_the_folder_with_the_env_token_and_never_writes_it(trained, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """The HfApi mock, no token in the environment, and an empty temporary HF_HOME (no saved login)."""
     monkeypatch.setattr("mbti_lightning.export.HfApi", FakeHfApi)
     FakeHfApi.calls = []
+    for name in ("HF_TOKEN", "HF_HUB_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(home / "token"))  # read at import
+    return home
+
+
+def test_push_sends_the_folder_with_the_env_token_and_never_writes_it(trained, tmp_path, hub, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     out = tmp_path / "model"
     export("--ckpt", trained, "--out", out, "--push-to-hub", "me/mbti-jp", "--private")
 
     assert FakeHfApi.calls[0] == ("token", TOKEN)
     assert FakeHfApi.calls[1] == ("create_repo", "me/mbti-jp", True)
-    _, repo, files = FakeHfApi.calls[2]
-    assert repo == "me/mbti-jp"
+    _, repo, files, revision, create_pr, message = FakeHfApi.calls[2]
+    assert repo == "me/mbti-jp" and revision is None and not create_pr
+    assert re.fullmatch(r"mbti-lightning: J-P classifier from demo, validation MCC 0\.\d{4}", message)
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "confusion_matrix.png"} <= set(files)
     printed = capsys.readouterr()
     assert TOKEN not in printed.out + printed.err
@@ -114,11 +212,22 @@ def test_push_sends_the_folder_with_the_env_token_and_never_writes_it(trained, t
         assert TOKEN.encode() not in path.read_bytes(), path.name
 
 
-def test_token_can_come_from_a_dotenv_file(trained, tmp_path, monkeypatch):
-    monkeypatch.setattr("mbti_lightning.export.HfApi", FakeHfApi)
-    FakeHfApi.calls = []
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_HUB_TOKEN", raising=False)
+def test_a_user_logged_in_with_hf_auth_login_can_push_to_a_branch_or_a_pull_request(trained, tmp_path, hub, capsys):
+    hub.mkdir()
+    (hub / "token").write_text(TOKEN)  # what `hf auth login` saves
+    out = tmp_path / "model"
+    export("--ckpt", trained, "--out", out, "--push-to-hub", "me/mbti-jp", "--revision", "v2", "--create-pr")
+    assert FakeHfApi.calls[0] == ("token", TOKEN)
+    assert FakeHfApi.calls[1] == ("create_repo", "me/mbti-jp", False)
+    assert FakeHfApi.calls[2] == ("create_branch", "me/mbti-jp", "v2")
+    assert FakeHfApi.calls[3][3:5] == ("v2", True)
+    printed = capsys.readouterr()
+    assert TOKEN not in printed.out + printed.err
+    for path in out.rglob("*"):
+        assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path.name
+
+
+def test_token_can_come_from_a_dotenv_file(trained, tmp_path, hub, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text(f"# hub\nHF_HUB_TOKEN='{TOKEN}'\n")
     export("--ckpt", trained, "--out", tmp_path / "model", "--push-to-hub", "me/mbti-jp")
@@ -132,11 +241,9 @@ def expect_error(capsys, message: str, *args) -> None:
     assert message in capsys.readouterr().err
 
 
-def test_missing_token_fails_before_any_work(trained, tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_HUB_TOKEN", raising=False)
+def test_missing_token_fails_before_any_work(trained, tmp_path, hub, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    expect_error(capsys, "--push-to-hub needs a Hugging Face token", "--ckpt", trained, "--out", tmp_path / "m",
+    expect_error(capsys, "--push-to-hub needs a Hugging Face token: log in with `hf auth login`", "--ckpt", trained, "--out", tmp_path / "m",
                  "--push-to-hub", "me/x")  # fmt: skip
     assert not (tmp_path / "m").exists()
 
@@ -166,11 +273,30 @@ def test_out_is_never_clobbered_by_accident(trained, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
 
 
+def test_a_failed_overwrite_keeps_the_old_folder(trained, tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    replace, calls = os.replace, []
+
+    def fail_second(src, dst):  # the old folder is set aside, then moving the new one in fails
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_second)
+    with pytest.raises(OSError, match="disk gone"):
+        export("--ckpt", trained, "--out", out, "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_an_exported_model_predicts_through_the_cli_as_its_checkpoint_does(trained, tmp_path, monkeypatch, recwarn):
     """A published model (here its export folder) works as `model.model_name_or_path`: `predict` writes
     the checkpoint's predictions; a run whose target is not the model's stops and names both."""
     out = tmp_path / "model"
-    export("--ckpt", trained, "--out", out)
+    export("--ckpt", trained, "--out", out, "--no-calibrate")  # the checkpoint's own scores
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
     Path("texts.txt").write_text("\n".join(TEXTS) + "\n")

@@ -68,6 +68,7 @@ def test_author_metrics_match_a_hand_computation():
     # Log-odds of class 1 per post (logits [0, x]); authors 7, 3 and 9 with 2, 3 and 1 posts.
     log_odds = torch.tensor([2.0, -1.0, -3.0, 1.0, 1.0, -0.5])
     metric = AuthorMetrics(num_classes=2)
+    metric.majority_class = 1  # the training split's most common class
     # Two updates, as two batches (or two ranks) would give.
     metric.update(torch.stack([torch.zeros(3), log_odds[:3]], 1), torch.tensor([1, 1, 1]), torch.tensor([7, 7, 3]))
     metric.update(torch.stack([torch.zeros(3), log_odds[3:]], 1), torch.tensor([1, 1, 0]), torch.tensor([3, 3, 9]))
@@ -76,6 +77,16 @@ def test_author_metrics_match_a_hand_computation():
     expected = {"author/acc": 2 / 3, "author/f1": 2 / 3, "author/mcc": 0.5, "author/bal_acc": 0.75,
                 "author/count": 3, "majority_acc": 5 / 6, "author/majority_acc": 2 / 3}  # fmt: skip
     assert {k: pytest.approx(float(v)) for k, v in metric.compute().items()} == expected
+
+
+def test_majority_baseline_answers_the_training_splits_majority_class():
+    # Five of six validation posts are class 1, but training's majority class was 0: the baseline is right once.
+    metric = AuthorMetrics(num_classes=2)
+    metric.majority_class = 0
+    metric.update(torch.zeros(6, 2), torch.tensor([1, 1, 1, 1, 1, 0]), torch.tensor([7, 7, 3, 3, 3, 9]))
+    values = metric.compute()
+    assert float(values["majority_acc"]) == pytest.approx(1 / 6)
+    assert float(values["author/majority_acc"]) == pytest.approx(1 / 3)
 
 
 def test_model_labels_are_letters_and_pad_matches_tokenizer():

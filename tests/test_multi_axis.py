@@ -45,6 +45,8 @@ def test_all_axes_log_per_axis_metrics_their_mean_and_type_accuracy(all_axes):
     assert min(per_axis) > 0.03 and sum(per_axis) / 4 > 0.15, per_axis  # N-S (7% S) learns slowest
     assert 0 < float(final["val/type_acc"]) < min(float(final[f"val/{axis}/acc"]) for axis in AXES)
     assert {"val/J-P/author/mcc", "val/author/mcc", "val/J-P/majority_acc"} <= set(final)
+    eces = [float(final[f"val/{axis}/ece"]) for axis in AXES]
+    assert 0 < min(eces) and float(final["val/ece"]) == pytest.approx(sum(eces) / 4, abs=1e-6)
     model = MBTIClassifier.load_from_checkpoint(all_axes, weights_only=False)
     assert model.model.config.id2label == {0: "I", 1: "S", 2: "T", 3: "P"}
     assert model.model.config.problem_type == "multi_label_classification"
@@ -103,7 +105,8 @@ def test_multi_axis_export_works_with_pipeline(all_axes, tmp_path):
     classifier = pipeline("text-classification", model=str(out), top_k=None)
     scores = {d["label"]: d["score"] for d in classifier([TEXTS[0]])[0]}
     model = MBTIClassifier.load_from_checkpoint(all_axes, weights_only=False).eval()
-    with torch.no_grad():
-        expected = torch.sigmoid(model(**classifier.tokenizer([TEXTS[0]], return_tensors="pt")))[0]
+    temperatures = torch.tensor([classifier.model.config.calibration_temperatures[axis] for axis in AXES])
+    with torch.no_grad():  # calibrated: each axis's logit divided by its own temperature
+        expected = torch.sigmoid(model(**classifier.tokenizer([TEXTS[0]], return_tensors="pt")) / temperatures)[0]
     assert scores == pytest.approx({"I": expected[0].item(), "S": expected[1].item(), "T": expected[2].item(),
                                     "P": expected[3].item()}, abs=1e-5)  # fmt: skip

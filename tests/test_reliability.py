@@ -126,7 +126,8 @@ def test_ddp_with_two_processes_syncs_metrics_and_writes_one_checkpoint(tmp_path
         assert ran.returncode == 0, ran.stderr[-3000:]
     two, one = logged(tmp_path, 1)[-1], logged(tmp_path, 2)[-1]
     assert float(one["val/author/count"]) > 100
-    for key in ("val/loss", "val/mcc", "val/acc", "val/f1", "val/author/mcc", "val/author/count", "val/majority_acc"):
+    for key in ("val/loss", "val/mcc", "val/acc", "val/f1", "val/author/mcc", "val/author/count", "val/majority_acc",
+                "val/ece"):
         assert float(two[key]) == pytest.approx(float(one[key]), abs=1e-5), key
 
     # Predictions: each rank predicts its share of the batches; the file holds every test row once, in order.

@@ -1,0 +1,155 @@
+"""The model card: the Hub's metadata through `ModelCardData`, the text from ``templates/model_card.md``.
+
+The metadata carries what the Hub reads: ``model-index`` (every metric of every head on the
+validation split, from `EvalResult`), ``base_model`` (a hub id only), ``datasets`` (a hub data set
+only), ``language``, ``license``, ``library_name``, ``pipeline_tag``, ``tags`` and ``widget``
+examples for the inference box.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from mbti_lightning import baseline, demo
+
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+#: Metric key -> (name in the card's table, the Hub's metric type).
+METRICS = {
+    "acc": ("accuracy", "accuracy"),
+    "f1": ("F1", "f1"),
+    "mcc": ("MCC", "matthews_correlation"),
+    "bal_acc": ("balanced accuracy", "balanced_accuracy"),
+}
+EXAMPLES = ["i already made a packing list for the trip next month", "whatever lol lets just improvise this weekend"]
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is a hub repo id rather than a local path or the demo."""
+    if name == demo.DEMO or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_dataset(data_hp: dict) -> str | None:
+    """The hub data set the model was trained on; None for local files and the demo."""
+    dataset = data_hp.get("dataset", "")
+    return dataset if not data_hp.get("data_files") and is_hub_id(dataset) else None
+
+
+def base_model(model_hp: dict) -> str | None:
+    """The hub model that was fine-tuned; None for a local folder or a model trained from scratch."""
+    name = model_hp["model_name_or_path"]
+    return None if model_hp.get("from_scratch") or not is_hub_id(name) else name
+
+
+def _dataset_name(data_hp: dict) -> str:
+    files = data_hp.get("data_files")
+    if not files:
+        return data_hp.get("dataset", "unknown")
+    names = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files
+    return f"{data_hp['dataset']} files " + ", ".join(Path(str(name)).name for name in names)
+
+
+def eval_results(heads: dict, results: dict[str, dict], data_hp: dict) -> list[EvalResult]:
+    """One result per metric and head, on the validation split, rounded as the card's table shows them."""
+    dataset = hub_dataset(data_hp)
+    return [
+        EvalResult(
+            task_type="text-classification",
+            dataset_type=dataset or data_hp.get("dataset", "unknown"),
+            dataset_name=dataset or _dataset_name(data_hp),
+            dataset_split="validation",
+            metric_type=metric_type,
+            metric_value=round(results[head]["model"][key], 4),
+            metric_name=f"{head} {name}",
+            metric_config=head,
+        )
+        for head in heads
+        for key, (name, metric_type) in METRICS.items()
+    ]
+
+
+def card_data(
+    model_hp: dict, data_hp: dict, heads: dict, results: dict[str, dict], adapter: bool, license: str | None
+) -> ModelCardData:
+    dataset, base = hub_dataset(data_hp), base_model(model_hp)
+    return ModelCardData(
+        base_model=base,
+        datasets=[dataset] if dataset else None,
+        language="en",
+        license=license,
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag="text-classification",
+        tags=["mbti", "personality", "text-classification", "mbti-lightning", *(["lora"] if model_hp.get("peft") else [])],
+        eval_results=eval_results(heads, results, data_hp),
+        model_name=f"MBTI {', '.join(heads)} classifier",
+        widget=[{"text": text} for text in EXAMPLES],
+    )
+
+
+def _table_rows(result: dict) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "model": result["model"][key], "majority": result["majority"][key]}
+        | ({"baseline": result["baseline"][key]} if result.get("baseline") else {})
+        for key, (name, _) in METRICS.items()
+    ]
+
+
+def model_card(
+    model_hp: dict,
+    data_hp: dict,
+    meta: dict,
+    results: dict[str, dict],
+    calibration: dict[str, dict[str, float]],
+    *,
+    n_val: int,
+    calibrated: bool,
+    confusion_files: dict[str, str],
+    has_training_plot: bool,
+    adapter: bool = False,
+    license: str | None = None,
+) -> ModelCard:
+    """The card of an export from a checkpoint's model and data hyperparameters and its ``mbti_lightning``
+    entry (`meta`). `results` per head hold the ``model``, ``majority`` (and ``baseline``) scores and
+    ``majority_class``; `calibration` per head the temperature, and ECE and NLL before and after."""
+    heads = meta["heads"]
+    base = model_hp["model_name_or_path"]
+    recipe = meta.get("config") or {"model": model_hp, "data": data_hp}
+    rendered = {
+        head: {
+            "rows": _table_rows(result),
+            "majority_class": result["majority_class"],
+            "f1_note": f"F1 is that of class `{heads[head][1]}`"
+            if len(heads[head]) == 2
+            else "F1 is the macro average over the types",
+        }
+        for head, result in results.items()
+    }
+    return ModelCard.from_template(
+        card_data(model_hp, data_hp, heads, results, adapter, license),
+        template_path=str(TEMPLATE),
+        heads=heads,
+        origin=f"random initialisation with the architecture of `{base}`" if model_hp.get("from_scratch") else f"`{base}`",
+        dataset=data_hp.get("dataset", "unknown"),
+        adapter=adapter,
+        example=EXAMPLES[0],
+        n_val=n_val,
+        results=rendered,
+        has_baseline=all(result.get("baseline") for result in results.values()),
+        baseline_name=baseline.NAME,
+        calibrated=calibrated,
+        calibration=calibration,
+        has_training_plot=has_training_plot,
+        confusion_files=confusion_files,
+        data=data_hp,
+        recipe=yaml.safe_dump(recipe, sort_keys=False).strip(),
+    )
