@@ -38,56 +38,98 @@ CACHE_VERSION = "3"
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 
 
-def stratified_split(y: np.ndarray, test_size: float, seed: int, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """`Dataset.train_test_split(test_size, stratify_by_column=..., seed)` on class ids `y`, as indices.
-
-    The same sizes, generator and stratification routine as datasets uses, without its reading the
-    label column one row at a time (minutes at 2.3M rows). `names` (class id -> name) make the errors
-    readable when the classes are too small to stratify.
-    """
-    n_test = math.ceil(test_size * len(y))
-    counts = np.bincount(y, minlength=len(names))
+def _unsplittable(strata: np.ndarray, n_train: int, n_test: int) -> str | None:
+    """Why datasets' stratified split of `strata` into `n_train` and `n_test` would fail, or None."""
+    names, counts = np.unique(strata, return_counts=True)
     if (counts < 2).any():
-        few = ", ".join(f"{names[i]!r} ({counts[i]})" for i in np.flatnonzero(counts < 2))
-        raise ValueError(
-            f"cannot make a stratified split: these classes have fewer than 2 rows (or authors): {few}. "
-            "Remove them from the data or add more."
+        few = ", ".join(f"{str(name)!r} ({count})" for name, count in zip(names, counts) if count < 2)
+        return f"these classes have fewer than 2 rows (or authors): {few}"
+    if min(n_train, n_test) < len(names):
+        return (
+            f"each part of {n_train + n_test} rows (or authors) split into {n_train} and {n_test} needs at least "
+            f"one of each of the {len(names)} classes"
         )
-    if min(n_test, len(y) - n_test) < len(names):
-        raise ValueError(
-            f"cannot make a stratified split of {len(y)} rows (or authors) into {len(y) - n_test} and {n_test}: "
-            f"each part needs at least one of each of the {len(names)} classes. Use more data or other fractions."
+    return None
+
+
+def _pool(strata: np.ndarray, coarse: np.ndarray, n_train: int, n_test: int) -> tuple[np.ndarray, dict[str, int]]:
+    """`strata` with its rarest classes pooled by their `coarse` value (the target's letters), rarest first,
+    until a stratified split works; then any pool still of one joins the largest class. Also returns the
+    pooled classes and their sizes."""
+    strata, pooled = strata.astype(object), {}
+    names, counts = np.unique(strata, return_counts=True)
+    for name, count in sorted(zip(names, counts), key=lambda item: item[1]):
+        if _unsplittable(strata, n_train, n_test) is None:
+            break
+        rows = strata == name
+        strata[rows] = np.char.add("pooled ", coarse[rows].astype(str))
+        pooled[str(name)] = int(count)
+    names, counts = np.unique(strata, return_counts=True)
+    strata[np.isin(strata, names[counts < 2])] = names[counts.argmax()]
+    return strata, pooled
+
+
+def stratified_split(
+    strata: np.ndarray, test_size: float, seed: int, coarse: np.ndarray | None = None, notes: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`Dataset.train_test_split(test_size, stratify_by_column=..., seed)` on per-row classes `strata`, as indices.
+
+    The same sizes, generator and stratification routine as datasets uses, over the classes present
+    (as datasets does), without its reading the label column one row at a time (minutes at 2.3M rows).
+    Where datasets would fail, classes too rare to stratify are pooled by `coarse` (see `_pool`) and
+    a note saying so is added to `notes`; without `coarse` the error names them.
+    """
+    n_test = math.ceil(test_size * len(strata))
+    n_train = len(strata) - n_test
+    problem = _unsplittable(strata, n_train, n_test)
+    if problem and coarse is not None:
+        strata, pooled = _pool(strata, coarse, n_train, n_test)
+        shown = ", ".join(f"{name!r} ({count})" for name, count in pooled.items())
+        notes.append(
+            f"a stratified split of {n_train + n_test} rows (or authors) into {n_train} and {n_test} failed because "
+            f"{problem}; so {shown} were pooled by their target letters for that split"
         )
-    return next(stratified_shuffle_split_generate_indices(y, len(y) - n_test, n_test, np.random.default_rng(seed)))
+        problem = _unsplittable(strata, n_train, n_test)
+    if problem:
+        raise ValueError(f"cannot make a stratified split: {problem}. Use more data or other fractions.")
+    y = np.unique(np.asarray(strata, dtype=str), return_inverse=True)[1]
+    return next(stratified_shuffle_split_generate_indices(y, n_train, n_test, np.random.default_rng(seed)))
 
 
-def _class_ids(strata: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    names, ids = np.unique(np.asarray(strata, dtype=str), return_inverse=True)
-    return ids, names.tolist()
-
-
-def _keep(y: np.ndarray, keep_fraction: float, keep_seed: int, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _keep(
+    strata: np.ndarray, keep_fraction: float, keep_seed: int, coarse: np.ndarray | None, notes: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """(kept, discarded): the seed keeps the `test` part of a stratified split of size `keep_fraction`."""
     if keep_fraction == 1:
-        return np.arange(len(y)), np.array([], dtype=np.int64)
-    discarded, kept = stratified_split(y, keep_fraction, keep_seed, names)
+        return np.arange(len(strata)), np.array([], dtype=np.int64)
+    discarded, kept = stratified_split(strata, keep_fraction, keep_seed, coarse, notes)
     return kept, discarded
 
 
 def seed_split(
-    strata: np.ndarray, keep_fraction: float, keep_seed: int, val_fraction: float, val_seed: int
+    strata: np.ndarray,
+    keep_fraction: float,
+    keep_seed: int,
+    val_fraction: float,
+    val_seed: int,
+    coarse: np.ndarray | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The seed recipe's two stratified splits, as row numbers: (train, validation, discarded).
 
     The seed class-encodes the type column (ids follow the sorted values), keeps the `test` part of
     ``train_test_split(test_size=keep_fraction, stratify_by_column=..., seed=keep_seed)`` and splits
-    that again with `val_fraction` / `val_seed`. The same splits on the class ids alone give the same
+    that again with `val_fraction` / `val_seed`. The same splits on the types alone give the same
     rows without touching, let alone tokenizing, the text; a test compares them with the seed's calls.
+    Where the seed's calls would fail, rare types are pooled by `coarse` instead (see `stratified_split`).
     """
-    y, names = _class_ids(strata)
-    kept, discarded = _keep(y, keep_fraction, keep_seed, names)
-    train, val = stratified_split(y[kept], val_fraction, val_seed, names)
+    kept, discarded = _keep(strata, keep_fraction, keep_seed, coarse, notes)
+    train, val = stratified_split(strata[kept], val_fraction, val_seed, _at(coarse, kept), notes)
     return kept[train], kept[val], discarded
+
+
+def _at(values: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    return None if values is None else values[rows]
 
 
 def author_split(
@@ -98,22 +140,27 @@ def author_split(
     val_fraction: float,
     val_seed: int,
     test_fraction: float = 0.0,
+    coarse: np.ndarray | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Author-disjoint (train, validation, test) row numbers, stratified by each author's type.
 
     Authors, not rows, are split: `keep_fraction` of them are kept (stratified, `keep_seed`), then
     `val_fraction` and `test_fraction` of the kept authors go to validation and test (`val_seed`).
     Without a test fraction, the test split takes as many discarded authors as validation has.
-    An author's type is the type of their first row.
+    An author's type is the type of their first row. Types with too few authors are pooled by
+    `coarse` (see `stratified_split`).
     """
     _, first, author = np.unique(authors, return_index=True, return_inverse=True)
-    y, names = _class_ids(strata[first])
-    kept, discarded = _keep(y, keep_fraction, keep_seed, names)
+    strata, coarse = strata[first], _at(coarse, first)
+    kept, discarded = _keep(strata, keep_fraction, keep_seed, coarse, notes)
     rest, test = kept, np.array([], dtype=np.int64)
     if test_fraction:
-        rest_idx, test_idx = stratified_split(y[kept], test_fraction, val_seed + 1, names)
+        rest_idx, test_idx = stratified_split(strata[kept], test_fraction, val_seed + 1, _at(coarse, kept), notes)
         rest, test = kept[rest_idx], kept[test_idx]
-    train_idx, val_idx = stratified_split(y[rest], val_fraction / (1 - test_fraction), val_seed, names)
+    train_idx, val_idx = stratified_split(
+        strata[rest], val_fraction / (1 - test_fraction), val_seed, _at(coarse, rest), notes
+    )
     train, val = rest[train_idx], rest[val_idx]
     if not test_fraction:
         test = discarded[: len(val)]
@@ -267,8 +314,9 @@ class MBTIDataModule(L.LightningDataModule):
             more than 50,000 rows are kept, else one.
         seed: Seed of the training shuffle.
         predict_file: Texts for ``predict``: a .txt file (one text per line), or a .csv / .jsonl
-            file with `text_column` (and an optional ``id`` column). Without it, ``predict`` runs
-            on the test split.
+            file with `text_column` (and optional ``id`` and `author_column` columns). Its texts are
+            split with `explode_separator` and masked with `mask_type_mentions`, as in training.
+            Without it, ``predict`` runs on the test split.
     """
 
     def __init__(
@@ -367,34 +415,53 @@ class MBTIDataModule(L.LightningDataModule):
         log.info("tokenized splits from %s", path)
 
     def _read_predict_file(self) -> Dataset:
+        """The predict file's texts, exploded and masked as in training, tokenized; `predict_inputs` gets each
+        text's ``id``, ``text``, ``author`` (the author column, else the source row's id) and, when
+        exploded, ``post`` (its number within the source row, from 0)."""
         hp = self.hparams
         path = Path(hp.predict_file)
         if not path.is_file():
             raise FileNotFoundError(f"data.predict_file {path} not found")
         if path.suffix == ".txt":
             texts: list = path.read_text().splitlines()
-            ids = list(range(1, len(texts) + 1))
+            ids = authors = list(range(1, len(texts) + 1))
         elif path.suffix in (".csv", ".jsonl", ".json"):
             ds = load_dataset("csv" if path.suffix == ".csv" else "json", data_files=str(path), split="train")
             if hp.text_column not in ds.column_names:
-                raise ValueError(f"column {hp.text_column!r} not found in {path}; it has {ds.column_names}. "
-                                 "Set data.text_column.")  # fmt: skip
+                raise ValueError(
+                    f"column {hp.text_column!r} not found in {path}; it has {ds.column_names}. Set data.text_column."
+                )
             texts = ds[hp.text_column][:]
             ids = ds["id"][:] if "id" in ds.column_names else list(range(len(ds)))
+            authors = ds[hp.author_column][:] if hp.author_column in ds.column_names else ids
         else:
             raise ValueError(f"data.predict_file must be a .txt, .csv or .jsonl file, got {path.name}")
-        texts = ["" if text is None else str(text) for text in texts]
-        empty = [i for i, text in enumerate(texts) if not text.strip()]
+        rows = [(i, 0, "" if text is None else str(text)) for i, text in enumerate(texts)]
+        if hp.explode_separator:
+            rows = [(i, k, post) for i, _, text in rows for k, post in enumerate(text.split(hp.explode_separator))]
+        empty = [ids[i] for i, _, text in rows if not text.strip()]
         if empty:
-            shown = ", ".join(str(ids[i]) for i in empty[:5])
-            rank_zero_warn(f"{path}: skipped {len(empty)} empty texts (ids {shown}{', ...' if len(empty) > 5 else ''})")
-        keep = sorted(set(range(len(texts))) - set(empty))
-        self.predict_inputs = {"id": [ids[i] for i in keep], "text": [texts[i] for i in keep]}
+            shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+            rank_zero_warn(f"{path}: skipped {len(empty)} empty texts (ids {shown})")
+        rows = [row for row in rows if row[2].strip()]
+        self.predict_inputs = {
+            "id": [ids[i] for i, _, _ in rows],
+            "text": [text for _, _, text in rows],
+            "author": [authors[i] for i, _, _ in rows],
+        } | ({"post": [k for _, k, _ in rows]} if hp.explode_separator else {})
         no_label = [0] * len(self.heads) if len(self.heads) > 1 else 0
-        rows = Dataset.from_dict({hp.text_column: self.predict_inputs["text"], "labels": [no_label] * len(keep),
-                                  "author": keep})  # fmt: skip
-        return rows.map(_tokenize, batched=True, remove_columns=[hp.text_column], desc="tokenizing predict_file",
-                        fn_kwargs=self._tokenize_args())  # fmt: skip
+        author_ids = {author: n for n, author in enumerate(dict.fromkeys(self.predict_inputs["author"]))}
+        table = Dataset.from_dict(
+            {
+                hp.text_column: self.predict_inputs["text"],
+                "labels": [no_label] * len(rows),
+                "author": [author_ids[a] for a in self.predict_inputs["author"]],
+            }
+        )
+        return table.map(
+            _tokenize, batched=True, remove_columns=[hp.text_column], desc="tokenizing predict_file",
+            fn_kwargs=self._tokenize_args(),
+        )  # fmt: skip
 
     def _tokenize_args(self) -> dict:
         # Only the tokenizer travels to worker processes, never the module (or its trainer).
@@ -495,6 +562,12 @@ class MBTIDataModule(L.LightningDataModule):
         letters = columns[head] if columns else types.astype("U4").view("U1").reshape(len(types), 4)[:, AXIS_POSITION[head]]
         return (letters == AXES[head][1]).astype(np.int64)
 
+    def _target_letters(self, labels: np.ndarray) -> np.ndarray:
+        """Each row's letters of the target axes ("P", or "ISTP" for all four; "" for the 16-way type): the
+        coarser stratum that types too rare to stratify are pooled into."""
+        letters = [np.asarray(AXES[head])[labels[:, h]] for h, head in enumerate(self.heads) if head in AXES]
+        return functools.reduce(np.char.add, letters) if letters else np.full(len(labels), "")
+
     def train_label_counts(self) -> list[torch.Tensor]:
         """How many training rows each class has, per head, in class-id order."""
         labels = np.asarray(self.splits["train"]["labels"][:]).reshape(len(self.splits["train"]), -1)
@@ -514,13 +587,19 @@ class MBTIDataModule(L.LightningDataModule):
             messages = [message for _, _, split_messages in cleaned.values() for message in split_messages]
             return {name: (ds, arrays) for name, (ds, arrays, _) in cleaned.items()}, messages
         ds, arrays, messages = self._clean(raw)
+        notes: list[str] = []
+        coarse = self._target_letters(arrays["labels"])
         if hp.split == "seed":
-            train, val, discarded = seed_split(arrays["strata"], hp.keep_fraction, hp.keep_seed, hp.val_fraction,
-                                               hp.val_seed)  # fmt: skip
+            train, val, discarded = seed_split(
+                arrays["strata"], hp.keep_fraction, hp.keep_seed, hp.val_fraction, hp.val_seed, coarse, notes
+            )
             test = discarded[: len(val)]
         else:
-            train, val, test = author_split(arrays["author"], arrays["strata"], hp.keep_fraction, hp.keep_seed,
-                                            hp.val_fraction, hp.val_seed, hp.test_fraction)  # fmt: skip
+            train, val, test = author_split(
+                arrays["author"], arrays["strata"], hp.keep_fraction, hp.keep_seed, hp.val_fraction, hp.val_seed,
+                hp.test_fraction, coarse, notes,
+            )  # fmt: skip
+        messages += [f"data.split {hp.split!r} on {self._where}: {note}" for note in notes]
         rows = {"train": train, "validation": val, "test": test}
         return {name: (ds.select(idx), {k: v[idx] for k, v in arrays.items()}) for name, idx in rows.items()
                 if len(idx)}, messages  # fmt: skip
@@ -598,5 +677,6 @@ class MBTIDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.hparams.predict_file:
             return self._loader("predict")
-        self.predict_inputs = {"id": self.splits["test"]["source_row"][:]}  # rows of the source data
+        test = self.splits["test"]  # ids are rows of the source data; authors are numbered
+        self.predict_inputs = {"id": test["source_row"][:], "author": test["author"][:]}
         return self._loader("test")

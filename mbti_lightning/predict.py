@@ -1,4 +1,4 @@
-"""Writing `mbti-lightning predict` results to a file: one row per input text, in the input's order."""
+"""Writing `mbti-lightning predict` results to a file: one row per input text, or per author, in the input's order."""
 
 from __future__ import annotations
 
@@ -46,61 +46,96 @@ def _round(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 
 
+def per_author(authors: list, log_probs: dict[str, torch.Tensor]) -> tuple[list, torch.Tensor, dict[str, torch.Tensor]]:
+    """(authors in order of first appearance, their post counts, per head their (authors, classes) probabilities).
+
+    An author's posts vote with their mean log-probabilities, as ``val/author/*`` does: for an axis,
+    the probability of its second letter is the sigmoid of the posts' mean log-odds.
+    """
+    names = list(dict.fromkeys(authors))
+    number = {name: i for i, name in enumerate(names)}
+    index = torch.tensor([number[a] for a in authors], dtype=torch.long)
+    counts = torch.bincount(index, minlength=len(names))
+    probs = {
+        head: (lp.new_zeros(len(names), lp.shape[1]).index_add_(0, index, lp) / counts[:, None]).softmax(-1)
+        for head, lp in log_probs.items()
+    }
+    return names, counts, probs
+
+
 class PredictionWriter(L.Callback):
     """Writes the predictions of `mbti-lightning predict` to a CSV or JSONL file (by its extension).
 
-    Rows come back in the input's order (batches are length-sorted for speed). Each row holds ``id``
-    (the input's ``id`` column, else its line number from 1 for .txt and row number from 0
-    otherwise), the text (``text``), its SHA-256 (``text_sha256``) or neither, then the columns of
-    `prediction_records`: letters, never class ids. The file is written whole or not at all.
+    ``per: text`` (the default): one row per text, in the input's order (batches are length-sorted
+    for speed). Each row holds ``id`` (the input's ``id`` column, else its line number from 1 for
+    .txt and row number from 0 otherwise), ``post`` (with `data.explode_separator`: the post's
+    number within its row), the text (``text``), its SHA-256 (``text_sha256``) or neither, then the
+    columns of `prediction_records`: letters, never class ids.
 
-    (A plain callback, not Lightning's `BasePredictionWriter`: that one wants the batches' row indices
-    from a standard batch sampler, and warns on every run that it could not find them; each batch
-    here carries its rows' numbers.)
+    ``per: author``: one row per author (`data.author_column`, else each source row), in order of
+    first appearance: ``author``, ``posts`` (how many texts) and the columns of
+    `prediction_records`, from the mean log-odds of the author's posts (see `per_author`).
+
+    The file is written whole or not at all. (A plain callback, not Lightning's
+    `BasePredictionWriter`: that one wants the batches' row indices from a standard batch sampler,
+    and warns on every run that it could not find them; each batch here carries its rows' numbers.)
 
     Args:
         output: The file to write, ``.csv`` or ``.jsonl``.
-        text: Write each input ``text``, its ``hash``, or ``none``.
+        text: Write each input ``text``, its ``hash``, or ``none`` (``per: text`` only).
+        per: One row per ``text`` or per ``author``.
     """
 
-    def __init__(self, output: str = "predictions.csv", text: Literal["text", "hash", "none"] = "text") -> None:
+    def __init__(
+        self,
+        output: str = "predictions.csv",
+        text: Literal["text", "hash", "none"] = "text",
+        per: Literal["text", "author"] = "text",
+    ) -> None:
         if Path(output).suffix not in (".csv", ".jsonl"):
             raise ValueError(f"predictions.output must end in .csv or .jsonl, got {output!r}")
         self.output = Path(output)
         self.text = text
+        self.per = per
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._rows, self._probs = [], []
+        self._rows, self._log_probs = [], []
 
     def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
         self._rows.append(outputs["row"].cpu())
-        self._probs.append({head: p.float().cpu() for head, p in outputs["probs"].items()})
+        self._log_probs.append({head: x.float().log_softmax(-1).cpu() for head, x in outputs["logits"].items()})
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows = torch.cat(self._rows)
-        probs = {head: torch.cat([p[head] for p in self._probs]) for head in pl_module.heads}
+        log_probs = {head: torch.cat([p[head] for p in self._log_probs]) for head in pl_module.heads}
         if trainer.world_size > 1:  # each rank predicted its share of the batches
             gathered = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, (rows, probs))
+            torch.distributed.all_gather_object(gathered, (rows, log_probs))
             rows = torch.cat([r for r, _ in gathered])
-            probs = {head: torch.cat([p[head] for _, p in gathered]) for head in probs}
+            log_probs = {head: torch.cat([p[head] for _, p in gathered]) for head in log_probs}
         if not trainer.is_global_zero:
             return
         order = rows.argsort()
-        records = prediction_records(pl_module.heads, {head: p[order] for head, p in probs.items()})
+        rows, log_probs = rows[order].tolist(), {head: lp[order] for head, lp in log_probs.items()}
         inputs = trainer.datamodule.predict_inputs
+        if self.per == "author":
+            names, counts, probs = per_author([inputs["author"][row] for row in rows], log_probs)
+            records = prediction_records(pl_module.heads, probs)
+            out = [{"author": name, "posts": int(n)} | r for name, n, r in zip(names, counts, records)]
+        else:
+            records = prediction_records(pl_module.heads, {head: lp.exp() for head, lp in log_probs.items()})
+            out = [self._input_columns(inputs, row) | record for row, record in zip(rows, records)]
         with atomic_open(self.output, "w") as f:
-            rows_out = [self._input_columns(inputs, row) | record for row, record in zip(rows[order].tolist(), records)]
             if self.output.suffix == ".csv":
-                writer = csv.DictWriter(f, fieldnames=list(rows_out[0]) if rows_out else ["id"])
+                writer = csv.DictWriter(f, fieldnames=list(out[0]) if out else ["id"])
                 writer.writeheader()
-                writer.writerows(rows_out)
+                writer.writerows(out)
             else:
-                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows_out)
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in out)
 
     def _input_columns(self, inputs: dict[str, list], row: int) -> dict[str, Any]:
-        columns = {"id": inputs["id"][row]}
+        columns = {"id": inputs["id"][row]} | ({"post": inputs["post"][row]} if "post" in inputs else {})
         text = inputs["text"][row] if inputs.get("text") is not None else None
         if text is not None and self.text == "text":
             columns["text"] = text

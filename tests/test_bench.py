@@ -36,7 +36,10 @@ def test_training_and_validation_read_values_back_from_the_device_only_where_nee
     mask_check = "__bool__ in transformers/masking_utils.py"
     assert every_batch("training") == {mask_check, f"__bool__ in {REPO}/mbti_lightning/model.py",
                                        f"__int__ in {REPO}/mbti_lightning/data.py"}  # fmt: skip
-    assert every_batch("validation") == {mask_check}
+    # torchmetrics' calibration error checks whether its inputs are probabilities with a read on CPU
+    # tensors only; on a GPU it uses torch.where instead (torchmetrics.utilities.compute.normalize_logits_if_needed).
+    cpu_only = "__bool__ in torchmetrics/utilities/compute.py"
+    assert every_batch("validation") - {cpu_only} == {mask_check}
 
 
 def test_optimizer_step_bench_times_each_variant(monkeypatch):

@@ -33,6 +33,34 @@ def test_seed_split_parity(corpus_file):
     assert len(dm.splits["train"]) == 1200 and len(dm.splits["validation"]) == 300
 
 
+def test_seed_split_parity_when_a_type_vanishes_after_the_first_split(tmp_path):
+    """A type so rare that the first split discards all its rows: datasets then stratifies the second
+    split over the types still there, and so does the data module."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mbti_lightning.demo import generate_rows
+
+    rows = generate_rows(num_rows=6000, seed=7)
+    rare = [i for i, t in enumerate(rows["mbti"]) if t == "estp"]
+    keep = [i for i in range(6000) if rows["mbti"][i] != "estp" or i in rare[:2]]  # two ESTP rows
+    path = tmp_path / "rare.parquet"
+    pq.write_table(pa.table({k: [v[i] for i in keep] for k, v in rows.items()}), path)
+
+    seed = load_dataset("parquet", data_files=str(path), split="train")
+    for column in ["mbti", "E-I", "N-S", "F-T", "J-P"]:
+        seed = seed.class_encode_column(column)
+    seed = seed.train_test_split(test_size=0.2, stratify_by_column="mbti", seed=0)["test"]
+    assert "estp" not in {seed.features["mbti"].int2str(i) for i in seed["mbti"][:]}
+    seed = seed.train_test_split(test_size=0.2, stratify_by_column="mbti", seed=1)
+
+    dm = make_dm(path, keep_fraction=0.2)
+    dm.setup("fit")
+    for ours, theirs in [("train", "train"), ("validation", "test")]:
+        assert dm.splits[ours]["labels"][:] == seed[theirs]["J-P"][:]
+        assert dm.splits[ours]["input_ids"][:] == load_tokenizer("demo")(seed[theirs]["body"][:])["input_ids"]
+
+
 def test_test_split_is_unseen(corpus_file):
     dm = make_dm(corpus_file)
     dm.setup("test")

@@ -9,11 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from mbti_lightning.cli import cli_main
 from mbti_lightning.data import MBTIDataModule, author_split
 from mbti_lightning.demo import generate_rows
 from mbti_lightning.labels import AXES
+from mbti_lightning.predict import per_author, prediction_records
 
 from conftest import REPO
 
@@ -67,9 +69,18 @@ def test_nothing_left_after_filtering_is_an_error(tmp_path):
         make_dm(path, "csv").setup("fit")
 
 
-def test_a_class_too_small_to_stratify_is_named(tmp_path):
-    path = write_csv(tmp_path / "rare.csv", ["body", "mbti"], [["a", "INTJ"]] * 10 + [["b", "ESFP"]])
-    with pytest.raises(ValueError, match=r"fewer than 2 rows \(or authors\): 'ESFP' \(1\)"):
+def test_a_type_too_rare_to_stratify_is_pooled_and_a_class_that_cannot_be_split_still_stops(tmp_path):
+    rows = [["a", "INTJ"]] * 10 + [["b", "ENFP"]] * 10 + [["c", "ESFP"]]
+    dm = make_dm(write_csv(tmp_path / "rare.csv", ["body", "mbti"], rows), "csv")
+    with pytest.warns(UserWarning, match=r"rare.csv: a stratified split of 21 rows \(or authors\) into 16 and 5 failed "
+                                         r"because these classes have fewer than 2 rows \(or authors\): 'ESFP' \(1\); "
+                                         r"so 'ESFP' \(1\), 'ENFP' \(10\) were pooled by their target letters"):  # fmt: skip
+        dm.setup("fit")
+    assert len(dm.splits["train"]) + len(dm.splits["validation"]) == 21
+
+    # P has a single row: it cannot be in both train and validation, and that is an error.
+    path = write_csv(tmp_path / "one_p.csv", ["body", "mbti"], [["a", "INTJ"]] * 10 + [["b", "ESFP"]])
+    with pytest.raises(ValueError, match=r"split of csv .*one_p.csv has no rows of class \['P'\] \(J-P\)"):
         make_dm(path, "csv").setup("fit")
 
 
@@ -170,3 +181,60 @@ def test_other_file_shapes_train_through_the_cli(shape, tmp_path, monkeypatch):
     assert float(final["val/mcc"]) > 0.3 and float(final["val/author/mcc"]) > 0.3
     assert float(final["val/majority_acc"]) > 0.5 and float(final["val/author/count"]) > 100
     assert list((tmp_path / "checkpoints/demo").glob("best-*.ckpt"))
+
+
+def small_kaggle_file(path: Path) -> Path:
+    """99 users in Kaggle's shape (`type,posts`), as people collect them: skewed, one user the only ISTJ."""
+    rows = generate_rows(num_rows=900, seed=11)
+    users: dict[str, list] = {}
+    for author, body, mbti in zip(rows["author"], rows["body"], rows["mbti"]):
+        users.setdefault(author, [mbti.upper(), []])[1].append(body)
+    table = list(users.values())[:99]
+    for user in table:
+        user[0] = "INTJ" if user[0] == "ISTJ" else user[0]
+    table[-1][0] = "ISTJ"
+    return write_csv(path, ["type", "posts"], [[t, "|||".join(posts)] for t, posts in table])
+
+
+def test_per_author_probabilities_are_the_sigmoid_of_the_mean_log_odds():
+    # Posts of authors "b", "a", "b" (in that order), with log-odds of P of 2, -1 and 0.
+    log_odds = torch.tensor([2.0, -1.0, 0.0])
+    log_probs = torch.stack([torch.zeros(3), log_odds], 1).log_softmax(-1)
+    names, counts, probs = per_author(["b", "a", "b"], {"J-P": log_probs})
+    assert names == ["b", "a"] and counts.tolist() == [2, 1]
+    assert probs["J-P"][:, 1].tolist() == pytest.approx([torch.sigmoid(torch.tensor(1.0)).item(), torch.sigmoid(torch.tensor(-1.0)).item()])
+    (b, a) = prediction_records({"J-P": ("J", "P")}, probs)
+    assert (b["J-P"], a["J-P"]) == ("P", "J")
+
+
+@pytest.mark.slow
+def test_a_small_skewed_kaggle_file_trains_by_author_and_predicts_a_type_per_person(tmp_path, monkeypatch):
+    """Config keys only: 99 users, one the only ISTJ; the author split pools that type with a warning,
+    training logs author-level metrics, and predict gives one row per user from their posts' mean log-odds."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
+    path = small_kaggle_file(tmp_path / "users.csv")
+    data = ["--config", str(REPO / "configs/demo.yaml"), "--data.dataset", "csv", "--data.data_files", str(path),
+            "--data.text_column", "posts", "--data.type_column", "type", "--data.author_column", "null",
+            "--data.explode_separator", "|||", "--data.mask_type_mentions", "true", "--data.split", "author",
+            "--data.keep_fraction", "1.0"]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"because these classes have fewer than 2 rows \(or authors\): .*'ISTJ' \(1\)"):
+        cli_main(["fit", *data, "--trainer.max_epochs", "2", "--trainer.val_check_interval", "10"])
+    (metrics,) = (tmp_path / "logs/demo").glob("version_*/metrics.csv")
+    final = [row for row in csv.DictReader(metrics.open()) if row["val/mcc"]][-1]
+    assert float(final["val/author/count"]) == 20 and final["val/author/mcc"] and final["val/author/majority_acc"]
+
+    predict = ["predict", *data, "--ckpt_path", "checkpoints/demo/last.ckpt", "--data.predict_file", str(path)]
+    cli_main([*predict, "--predictions.output", "posts.csv"])
+    cli_main([*predict, "--predictions.output", "people.csv", "--predictions.per", "author"])
+    people = list(csv.DictReader(open("people.csv")))
+    posts = list(csv.DictReader(open("posts.csv")))
+    sources = list(csv.DictReader(path.open()))
+    assert [row["author"] for row in people] == [str(i) for i in range(99)]  # each source row is a person, in order
+    assert [int(row["posts"]) for row in people] == [len(row["posts"].split("|||")) for row in sources]
+    for person in people:  # by hand: the mean of the posts' log-odds of P
+        p = torch.tensor([float(r["J-P_prob"]) if r["J-P"] == "P" else 1 - float(r["J-P_prob"])
+                          for r in posts if r["id"] == person["author"]])  # fmt: skip
+        prob_p = torch.sigmoid(torch.log(p / (1 - p)).mean()).item()
+        assert float(person["J-P_prob"]) == pytest.approx(max(prob_p, 1 - prob_p), abs=2e-3)
+        assert person["J-P"] == ("P" if prob_p > 0.5 else "J")
