@@ -7,7 +7,12 @@ Every variant trains on the same tokenized rows and sees the same number of samp
 and an out-of-memory ends only that variant.
 
     python bench/throughput.py                 # GPU: seed vs configs/phi3_jp.yaml and phi3_jp_40gb.yaml
-    python bench/throughput.py --tiny          # CPU smoke run, under two minutes
+    python bench/throughput.py --tiny          # CPU smoke run, a few minutes
+
+A `peer CONFIG [overrides]` variant is HF `Trainer` with the *same* settings as that config's
+variant (batch size, accumulation, length grouping, optimizer, precision, padding mask), so that
+the ratio between the two (printed on the line `same-settings ratio:`) measures the frameworks'
+overhead rather than the seed's small batches.
 
 Prints, per variant: samples/s, real (non-pad) tokens/s, pad share, peak GPU memory (allocated, as
 anchors.md measures it; and reserved by PyTorch's caching allocator, what a card must hold), MFU as defined
@@ -34,7 +39,8 @@ import lightning as L
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VARIANTS = ["seed", "configs/phi3_jp.yaml", "configs/phi3_jp_40gb.yaml"]
+DEFAULT_VARIANTS = ["seed", "peer configs/phi3_jp.yaml", "configs/phi3_jp.yaml", "configs/phi3_jp_40gb.yaml"]
+PEER = "HF Trainer, same settings"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -196,17 +202,83 @@ def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
                        sync_count, counts["samples"] // batch)  # fmt: skip
 
 
+def run_peer(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Path) -> dict:
+    """HF Trainer with the settings of the project's `variant` (a config and overrides), as a user of
+    transformers alone would set them: same rows, batch size, accumulation, length grouping, optimizer,
+    precision and padding mask; the seed's weighted loss."""
+    from torch import nn
+    from transformers import (AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)  # fmt: skip
+
+    cli = project_cli(args, variant, model_dir, corpus)
+    dm, hp, precision = cli.datamodule, cli.model.hparams, str(cli.trainer.precision)
+    dm.setup("fit")
+    batch, accumulation = dm.hparams.batch_size, cli.trainer.accumulate_grad_batches
+    rows = [{"input_ids": ids, "labels": y} for ids, y in zip(dm.splits["train"]["input_ids"][:], dm.splits["train"]["labels"][:])]
+    steps, warmup_steps = args.samples // (batch * accumulation), -(-args.warmup // (batch * accumulation))
+    counts = {"samples": 0, "real": torch.zeros((), dtype=torch.long, device=device()), "padded": 0}
+    clock, syncs = {}, SyncCounter()
+
+    class WeightedTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels, mask = inputs.pop("labels"), inputs.pop("attention_mask")
+            if clock:  # (collating runs in the loader's worker processes)
+                counts["samples"] += len(labels)
+                counts["real"] += mask.sum()
+                counts["padded"] += mask.numel()
+            # As the project's variant: without the mask, pooling finds the last real token from the ids.
+            outputs = model(**inputs, attention_mask=None if hp.skip_padding_mask else mask)
+            loss = nn.functional.cross_entropy(outputs.logits.float(), labels, weight=torch.tensor([0.6, 0.4], device=labels.device))
+            return (loss, outputs) if return_outputs else loss
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args_, state, control, **kwargs):
+            if state.global_step == warmup_steps:
+                sync()
+                clock["start"] = time.perf_counter()
+                syncs.start()
+
+    config = AutoConfig.from_pretrained(model_dir, num_labels=2, id2label={0: "J", 1: "P"}, label2id={"J": 0, "P": 1},
+                                        pad_token_id=dm.tokenizer.pad_token_id, use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device()):
+        model = AutoModelForSequenceClassification.from_config(
+            config, dtype=torch.bfloat16 if precision == "bf16-true" else torch.float32
+        )
+    training_args = TrainingArguments(
+        output_dir=str(REPO / "bench/out/peer"), learning_rate=hp.learning_rate, weight_decay=hp.weight_decay,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+        train_sampling_strategy="group_by_length" if dm.hparams.group_by_length else "random",
+        optim="adamw_bnb_8bit" if hp.optimizer == "adamw8bit" else "adamw_torch",
+        bf16=precision == "bf16-mixed", tf32=torch.cuda.is_available() and hp.tf32,
+        max_grad_norm=cli.trainer.gradient_clip_val or 0.0, max_steps=steps, eval_strategy="no",
+        save_strategy="no", logging_steps=10**6, report_to=[], use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=dm.hparams.num_workers, disable_tqdm=True, seed=42, remove_unused_columns=False,
+    )  # fmt: skip
+    collate = DataCollatorWithPadding(dm.tokenizer, pad_to_multiple_of=dm.hparams.pad_to_multiple_of)
+    trainer = WeightedTrainer(model=model, args=training_args, train_dataset=rows, data_collator=collate,
+                              callbacks=[Clock()])  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    sync_count = syncs.stop()
+    sync()
+    name = f"{PEER} as {variant}: {precision}, batch {batch} x accumulation {accumulation}"
+    seconds = time.perf_counter() - clock["start"]
+    return measurement(name, args, config, seconds, counts["samples"], int(counts["real"]), counts["padded"],
+                       sync_count, counts["samples"] // batch) | {"peer_of": variant}  # fmt: skip
+
+
 # --------------------------------------------------------------------------- (b) the project's code path
 
 
-def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Path) -> dict:
-    """DataModule + LightningModule + Lightning Trainer, built by the CLI from a config file."""
-
+def project_cli(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Path):
+    """The CLI built (not run) from a variant: a config file and overrides, on the workload."""
     from mbti_lightning.cli import cli_main
 
     config_path, *overrides = shlex.split(variant)
     sys.argv = sys.argv[:1]  # the CLI reads `args` below, not this script's flags
-    cli = cli_main(
+    return cli_main(
         ["--config", str(REPO / config_path), "--model.model_name_or_path", str(model_dir),
          "--model.from_scratch", "true", "--data.dataset", "parquet", "--data.data_files", str(corpus),
          "--data.keep_fraction", "1.0", "--data.val_fraction", "0.05", "--data.num_workers", "2",
@@ -216,6 +288,11 @@ def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: 
          *(["--trainer.accelerator", "cpu"] if args.tiny else []), *overrides],
         run=False,
     )  # fmt: skip
+
+
+def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Path) -> dict:
+    """DataModule + LightningModule + Lightning Trainer, built by the CLI from a config file."""
+    cli = project_cli(args, variant, model_dir, corpus)
     dm, trainer = cli.datamodule, cli.trainer
     per_step = dm.hparams.batch_size * trainer.accumulate_grad_batches
     trainer.fit_loop.epoch_loop.max_steps = args.samples // per_step
@@ -228,7 +305,7 @@ def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: 
     sync()
     name = f"{variant}: precision {trainer.precision}, batch {dm.hparams.batch_size} x accumulation {trainer.accumulate_grad_batches}"
     return measurement(name, args, cli.model.model.config, time.perf_counter() - clock.start, clock.samples,
-                       clock.real, clock.padded, sync_count, clock.batches - clock.warmup_batches)  # fmt: skip
+                       clock.real, clock.padded, sync_count, clock.batches - clock.warmup_batches) | {"config": variant}  # fmt: skip
 
 
 class Clock(L.Callback):
@@ -281,7 +358,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.worker:
         (REPO / "bench/out").mkdir(parents=True, exist_ok=True)
         os.chdir(REPO / "bench/out")  # where Lightning writes its config.yaml
-        result = run_seed(args, model_dir, corpus) if args.worker == "seed" else run_config(args, args.worker, model_dir, corpus)
+        if args.worker == "seed":
+            result = run_seed(args, model_dir, corpus)
+        elif args.worker.startswith("peer "):
+            result = run_peer(args, args.worker.removeprefix("peer "), model_dir, corpus)
+        else:
+            result = run_config(args, args.worker, model_dir, corpus)
         print("RESULT " + json.dumps(result), flush=True)
         return [result]
 
@@ -321,6 +403,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{r['variant'][:90]:<90} {r['samples_per_s']:>9} {r['real_tokens_per_s']:>10} {r['pad_share']:>6} "
                   f"{r['peak_gib'] or '-':>8} {r['peak_reserved_gib'] or '-':>8} {r['mfu_pct'] or '-':>6} {'-' if r['syncs_per_batch'] is None else r['syncs_per_batch']:>5} "
                   f"{r.get('ratio_vs_seed', '-'):>6}")  # fmt: skip
+    for peer in (r for r in results if "peer_of" in r):
+        project = next((r for r in results if r.get("config") == peer["peer_of"]), None)
+        if project:
+            ratio = project["real_tokens_per_s"] / peer["real_tokens_per_s"]
+            print(f"same-settings ratio: {ratio:.2f} ({peer['peer_of']} / {PEER}, real tokens/s)")
     print(f"written to {args.out}")
     return results
 

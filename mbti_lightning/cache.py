@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -44,11 +45,11 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
     the new one, never half of one. A crash leaves at most a hidden ``.<name>.*.tmp`` file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    # Created as any ordinary file is (0o666 less the umask), without reading the process-wide umask,
+    # which only os.umask can, by changing it (a race with other threads). mkstemp would make it owner-only.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(fd, 0o666 & ~umask)  # mkstemp makes it owner-only; the result is an ordinary file
         with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
             yield f
             f.flush()

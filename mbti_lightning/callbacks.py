@@ -19,7 +19,11 @@ from lightning.pytorch.callbacks import RichProgressBar
 
 
 def _logging_now(trainer: L.Trainer) -> bool:
-    """Whether the current training batch ends an optimizer step that the trainer logs."""
+    """Whether the current training batch ends an optimizer step that the trainer logs.
+
+    (Lightning has no public way to ask: these private names, like `_plugin_to_compute_dtype` above,
+    are why pyproject.toml bounds lightning to 2.6; tests/test_private_apis.py checks they are there.)
+    """
     return not trainer.fit_loop._should_accumulate() and trainer._logger_connector.should_update_logs
 
 

@@ -44,10 +44,15 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what `rng_states` saved."""
+    """Restore what `rng_states` saved; of the CUDA states, those of the devices visible here.
+
+    (A checkpoint saved on an 8-GPU node may be resumed where fewer GPUs are visible; each process
+    of a run uses the state of its own device index.)
+    """
     random.setstate(states["python"])
     kind, keys, position, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, keys.numpy(), position, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        for device, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)

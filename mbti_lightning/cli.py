@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -44,7 +47,11 @@ class MBTITrainer(Trainer):
 
 class MBTILightningCLI(LightningCLI):
     """Adds the checkpoint callback as `--checkpoint.*`, the prediction writer as `--predictions.*`, and links
-    the values data and model share."""
+    the values data and model share.
+
+    (It overrides private methods of LightningCLI, where Lightning offers no public hook; pyproject.toml
+    bounds lightning to 2.6 and tests/test_private_apis.py checks they are there.)
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -72,15 +79,14 @@ class MBTILightningCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # With --ckpt_path, Lightning 2.6 lays the checkpoint's model hyperparameters over the whole
-        # parsed config, so `--model.compile false` next to it was silently ignored. The checkpoint
-        # still wins over config files and defaults; options given on the command line win over it.
+        # parsed config, so `--model.compile false` next to it was silently ignored (upstream:
+        # Lightning-AI/pytorch-lightning#21455, open). The checkpoint still wins over config files
+        # and defaults; model options given on the command line win over it.
         parsed = self.config.clone()
         super()._parse_ckpt_path()
         if not isinstance(self._args, list) or not self.config.get("subcommand"):
             return
-        given = {arg.removeprefix("--model.").split("=")[0].split(".")[0]
-                 for arg in map(str, self._args) if arg.startswith("--model.")}  # fmt: skip
-        for key in given:
+        for key in model_keys_given(list(map(str, self._args))):
             name = f"{self.config.subcommand}.model.{key}"
             if name in parsed:
                 self.config[name] = parsed[name]
@@ -91,6 +97,36 @@ class MBTILightningCLI(LightningCLI):
             callbacks = self.trainer_defaults["callbacks"]
             self.trainer_defaults["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]
         return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
+        # Likewise a checkpoint callback (`--checkpoint.*`) with `trainer.enable_checkpointing: false`.
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def _read_if_file(value: str) -> str:
+    try:
+        return Path(value).read_text() if Path(value).is_file() else value
+    except OSError:  # e.g. a mapping too long to be a file name
+        return value
+
+
+def model_keys_given(args: list[str]) -> set[str]:
+    """The model arguments that command-line `args` set, in any of jsonargparse's forms: ``--model.key value``,
+    ``--model.key=value``, ``--model.init_args.key ...``, and ``--model FILE.yaml`` / ``--model '{key: ...}'`` /
+    ``--model=...`` (all keys of the file or mapping)."""
+    keys: set[str] = set()
+    for i, arg in enumerate(args):
+        name, has_value, value = arg.partition("=")
+        if name.startswith("--model."):
+            keys.add(name.removeprefix("--model.").removeprefix("init_args.").split(".")[0])
+        elif name == "--model" and (has_value or i + 1 < len(args)):
+            value = value if has_value else args[i + 1]
+            loaded = yaml.safe_load(_read_if_file(value))
+            if isinstance(loaded, dict):
+                keys |= set(loaded.get("init_args", loaded))
+    return keys
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> MBTILightningCLI:

@@ -18,6 +18,8 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from datasets.fingerprint import Hasher
+# Internal to datasets, but the exact routine the seed's train_test_split uses (seed parity); datasets is
+# bounded in pyproject.toml and tests/test_private_apis.py checks it is there.
 from datasets.utils.stratify import stratified_shuffle_split_generate_indices
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
@@ -27,7 +29,7 @@ from mbti_lightning import demo
 from mbti_lightning.cache import build_atomically, cache_root
 from mbti_lightning.labels import AXES, AXIS_POSITION, TYPES, check_axis, heads
 from mbti_lightning.masking import mask_type_mentions
-from mbti_lightning.sampling import LengthGroupedSampler
+from mbti_lightning.sampling import PADDING, LengthGroupedSampler
 from mbti_lightning.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -223,7 +225,7 @@ class _Rows(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, rows: list[int]) -> dict[str, list]:
-        return {**self.split[rows], "row": rows}
+        return {**self.split[[row if row >= 0 else PADDING - row for row in rows]], "row": rows}
 
 
 class Collator:
@@ -235,6 +237,7 @@ class Collator:
     def __call__(self, rows: dict[str, list]) -> dict:
         batch = self.pad(rows)
         batch["num_tokens"] = int(batch["attention_mask"].sum())  # a Python int: no GPU sync to read it
+        batch["padded"] = min(rows.get("row", [0]), default=0) < 0  # holds copies that only keep ranks in step
         return batch
 
 
@@ -386,10 +389,20 @@ class MBTIDataModule(L.LightningDataModule):
         self._resume_at = state or None
 
     def prepare_data(self) -> None:
-        # Downloads (or generates) once per node; setup() then reads from the local cache.
+        # Lightning runs this on one process per node while the others wait: the download (or the
+        # demo's generation) and the tokenizing happen once per node, and setup() reads the cache.
         if not self.hparams.predict_file:
-            self._load_raw()
+            self._tokenized_splits()
         load_tokenizer(self.hparams.tokenizer)
+
+    def _tokenized_splits(self) -> Path:
+        """The folder of the tokenized splits in the cache, built first if it is not there."""
+        self.tokenizer = self.tokenizer or load_tokenizer(self.hparams.tokenizer)
+        raw = self._load_raw()
+        parts = raw.values() if isinstance(raw, DatasetDict) else [raw]
+        fingerprint = [part._fingerprint for part in parts]  # private: see tests/test_private_apis.py
+        key = Hasher.hash([CACHE_VERSION, fingerprint, Hasher.hash(self.tokenizer), self._preprocessing_args()])
+        return build_atomically(cache_root() / "tokenized" / key, lambda tmp: self._build(raw, tmp))
 
     def setup(self, stage: str) -> None:
         self.tokenizer = self.tokenizer or load_tokenizer(self.hparams.tokenizer)
@@ -398,11 +411,7 @@ class MBTIDataModule(L.LightningDataModule):
             return
         if self.splits is not None:
             return
-        raw = self._load_raw()
-        parts = raw.values() if isinstance(raw, DatasetDict) else [raw]
-        fingerprint = [part._fingerprint for part in parts]
-        key = Hasher.hash([CACHE_VERSION, fingerprint, Hasher.hash(self.tokenizer), self._preprocessing_args()])
-        path = build_atomically(cache_root() / "tokenized" / key, lambda tmp: self._build(raw, tmp))
+        path = self._tokenized_splits()  # prepare_data built it, unless it was not called (a data module on its own)
         self.splits = load_from_disk(str(path))
         for message in json.loads((path / "dropped.json").read_text()):
             rank_zero_warn(message)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,29 @@ def _with_lora(model: torch.nn.Module, settings: dict[str, Any], quantized: bool
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, config)
+
+
+def _training_flops_per_token(model: torch.nn.Module) -> int:
+    """Training FLOPs per token without attention scores (anchors.md), over the non-embedding parameters:
+    6 per trained one (forward 2, gradients of the activations 2 and of the weight 2) and 4 per frozen
+    one (LoRA's base: no weight gradient)."""
+    embedding = model.get_input_embeddings().weight
+    params = [p for p in model.parameters() if p is not embedding]
+    trained = sum(p.numel() for p in params if p.requires_grad)
+    return 6 * trained + 4 * (sum(p.numel() for p in params) - trained)
+
+
+def _repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder (or encoder) blocks: the classes transformers must not split across devices
+    (`_no_split_modules`) or, where a model does not say, the members of its longest list of modules of
+    one class."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    if names:
+        return [m for m in model.modules() if type(m).__name__ in names]
+    lists = [list(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len({type(b) for b in m}) == 1]
+    if not lists:
+        raise ValueError(f"model.compile: found no repeated blocks to compile in {type(model).__name__}")
+    return max(lists, key=len)
 
 
 SDPA_KERNELS = {
@@ -213,9 +237,8 @@ class MBTIClassifier(L.LightningModule):
         if hp.peft is not None:
             model = _with_lora(model, hp.peft, quantized=bool(hp.quantize))
         if hp.compile:
-            for module in model.modules():
-                if type(module).__name__ in model._no_split_modules:  # the decoder blocks
-                    module.compile(dynamic=True)
+            for block in _repeated_blocks(model):
+                block.compile(dynamic=True)
         # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode: in eval
         # mode, gradient checkpointing and dropout (LoRA's too) would silently be off during training.
         # Evaluation loops still switch to eval mode and back.
@@ -226,9 +249,7 @@ class MBTIClassifier(L.LightningModule):
             id(p): "embeddings" if id(p) in embeddings else "decay" if p.ndim >= 2 else "no_decay"
             for p in model.parameters()
         }
-        embedding = model.get_input_embeddings().weight.numel()
-        # Training FLOPs per token without attention scores (anchors.md): 6 x non-embedding params.
-        self._flops_per_token = 6 * (sum(p.numel() for p in model.parameters()) - embedding)
+        self._flops_per_token = _training_flops_per_token(model)
 
     def _check_labels(self, saved: dict[int, str]) -> None:
         """A model this project exported (a folder or the hub) has letters or types as its labels: its
@@ -265,8 +286,16 @@ class MBTIClassifier(L.LightningModule):
                 f"the checkpoint predicts {', '.join(saved['heads'])} but this run's target is "
                 f"{', '.join(self.heads)}; set data.target to the checkpoint's"
             )
-        if "rng" in saved:
+        if "rng" in saved and self._resuming_a_fit():
             set_rng_states(saved["rng"])
+
+    def _resuming_a_fit(self) -> bool:
+        """Only a resumed fit continues the run's random streams; validate, test, predict and export
+        (which loads with no trainer) must not change the caller's."""
+        try:
+            return self.trainer.state.fn == TrainerFn.FITTING
+        except RuntimeError:  # not attached to a trainer
+            return False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(batch, seq) right-padded token ids -> (batch, num_labels) logits in fp32."""
@@ -338,10 +367,14 @@ class MBTIClassifier(L.LightningModule):
 
     def _eval_step(self, batch: dict, metrics: EvalMetrics) -> None:
         logits, labels, ce, weight = self._shared_step(batch)
+        authors = batch["author"]
+        if batch.get("padded"):  # leave out the copies that only keep ranks in step (sampling.PADDING)
+            keep = batch["row"] >= 0
+            logits, labels, ce, weight, authors = [x[keep] for x in logits], labels[keep], ce[keep], weight[keep], authors[keep]
         if len(self.heads) == 1:  # the weighted mean over the whole set, as one large batch
-            metrics.update(logits, labels, ce[:, 0], weight[:, 0], batch["author"])
+            metrics.update(logits, labels, ce[:, 0], weight[:, 0], authors)
         else:
-            metrics.update(logits, labels, (weight * ce).mean(1), torch.ones_like(ce[:, 0]), batch["author"])
+            metrics.update(logits, labels, (weight * ce).mean(1), torch.ones_like(ce[:, 0]), authors)
 
     def _log_eval_metrics(self, stage: str, metrics: EvalMetrics) -> None:
         if metrics.loss.update_called:

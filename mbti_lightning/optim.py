@@ -11,6 +11,9 @@ On CUDA with Triton installed, a bf16 tensor with 8-bit moments is updated by on
 bitsandbytes also synchronises the device after every tensor's update, which only paged states
 need; here the updates of non-paged states stay queued on the stream like any other kernels.
 
+It overrides bitsandbytes' optimizer internals (`get_config`, `update_step`, `init_state`, ...), so
+pyproject.toml bounds bitsandbytes to the minor version tested; tests/test_private_apis.py checks them.
+
 A param group's `optim_bits` (32 or 8) sets the precision of its states. bitsandbytes' own way, its
 process-wide `GlobalOptimManager`, keys overrides by (group, index) and keeps them after the
 optimizer is gone, so they apply to whatever the next optimizer in the process holds there.

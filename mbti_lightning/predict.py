@@ -116,6 +116,8 @@ class PredictionWriter(L.Callback):
             log_probs = {head: torch.cat([p[head] for _, p in gathered]) for head in log_probs}
         if not trainer.is_global_zero:
             return
+        real = rows >= 0  # not the copies that only keep ranks in step (sampling.PADDING)
+        rows, log_probs = rows[real], {head: lp[real] for head, lp in log_probs.items()}
         order = rows.argsort()
         rows, log_probs = rows[order].tolist(), {head: lp[order] for head, lp in log_probs.items()}
         inputs = trainer.datamodule.predict_inputs

@@ -9,6 +9,11 @@ import torch
 from torch.utils.data import DistributedSampler
 
 
+#: With fewer evaluation rows than ranks, a rank still gets a batch: a copy of row i, given as
+#: ``PADDING - i`` (negative). Readers of such a batch use the row and leave the copy out of every result.
+PADDING = -1
+
+
 class LengthGroupedSampler(DistributedSampler):
     """Yields whole batches (lists of row indices) of rows with similar token lengths.
 
@@ -17,7 +22,8 @@ class LengthGroupedSampler(DistributedSampler):
     batches; the batch order is shuffled and the longest batch goes first, so an out-of-memory shows
     at the first step. ``megabatch=0`` gives plain random batches. Evaluation (`shuffle=False`): all
     rows sorted by length, longest first, each row exactly once over all ranks (no padding rows, so
-    metrics synced across ranks equal one process's), in as many batches on every rank.
+    metrics synced across ranks equal one process's), in as many batches on every rank (with fewer
+    rows than ranks, some batches hold a marked copy of a row instead; see `PADDING`).
 
     Every rank builds the same batch list and takes every `num_replicas`-th batch (training drops
     the few batches that would leave ranks uneven). It subclasses `DistributedSampler` so that
@@ -50,7 +56,9 @@ class LengthGroupedSampler(DistributedSampler):
             order = torch.argsort(self.lengths, descending=True, stable=True)
             # As many batches as batch_size needs, rounded up so that every rank gets the same number.
             n = math.ceil(math.ceil(len(order) / self.batch_size) / self.num_replicas) * self.num_replicas
-            return [chunk.tolist() for chunk in order.tensor_split(n) if len(chunk)]
+            if len(order) < n:  # fewer rows than batches: fill the empty ones with marked copies (see PADDING)
+                order = torch.cat([order, PADDING - order[: n - len(order)]])
+            return [chunk.tolist() for chunk in order.tensor_split(n)]
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(len(self.lengths), generator=generator)
         if not self.megabatch:

@@ -52,9 +52,9 @@ def test_nonfinite_batches_can_be_skipped_with_a_warning(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
 
 
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m mbti_lightning ...` in `cwd`, with this folder importable for the killing callbacks."""
-    env = os.environ | {"PYTHONPATH": str(REPO / "tests")}
+def run_cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m mbti_lightning ...` in `cwd`, with this folder importable for the killing and probing callbacks."""
+    env = os.environ | (env or {}) | {"PYTHONPATH": str(REPO / "tests")}
     return subprocess.run([sys.executable, "-m", "mbti_lightning", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
 
@@ -142,3 +142,16 @@ def test_ddp_with_two_processes_syncs_metrics_and_writes_one_checkpoint(tmp_path
         return float(row["J-P_prob"]) if row["J-P"] == "J" else 1 - float(row["J-P_prob"])
 
     assert [prob_j(row) for row in two] == pytest.approx([prob_j(row) for row in one], abs=2e-4)
+
+
+@pytest.mark.slow
+def test_ddp_with_a_cold_cache_tokenizes_once(tmp_path):
+    """Lightning runs prepare_data on one process per node while the others wait: the splits are
+    tokenized there, once, and every rank reads them."""
+    ran = run_cli(tmp_path, "fit", *SHORT_DEMO, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                  "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+                  "--trainer.callbacks+=probes.CountTokenizing", f"--trainer.callbacks.out={tmp_path / 'builds'}",
+                  env={"MBTI_LIGHTNING_CACHE": str(tmp_path / "cold_cache")})  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert len((tmp_path / "builds").read_text().split()) == 1
+    assert len(list((tmp_path / "cold_cache/tokenized").iterdir())) == 1
