@@ -59,11 +59,17 @@ def workload(rows: int) -> tuple[Path, Path]:
         zipf = 1 / np.arange(1, len(vocab) + 1)
         zipf /= zipf.sum()
         n_authors = rows // 8
-        letters = {axis: np.where(rng.random(n_authors) < SECOND_LETTER_SHARE[axis], pair[1], pair[0])
-                   for axis, pair in AXES.items()}  # fmt: skip
-        with pq.ParquetWriter(tmp / "train.parquet", pa.schema(
-            [("author", pa.string()), ("body", pa.string()), ("mbti", pa.string())]
-            + [(axis, pa.string()) for axis in AXES])) as writer:  # fmt: skip
+        letters = {
+            axis: np.where(rng.random(n_authors) < SECOND_LETTER_SHARE[axis], pair[1], pair[0])
+            for axis, pair in AXES.items()
+        }
+        with pq.ParquetWriter(
+            tmp / "train.parquet",
+            pa.schema(
+                [("author", pa.string()), ("body", pa.string()), ("mbti", pa.string())]
+                + [(axis, pa.string()) for axis in AXES]
+            ),
+        ) as writer:
             for start in range(0, rows, 100_000):
                 n = min(100_000, rows - start)
                 author = rng.integers(0, n_authors, n)
@@ -71,10 +77,21 @@ def workload(rows: int) -> tuple[Path, Path]:
                 words = vocab[rng.choice(len(vocab), lengths.sum(), p=zipf)]
                 bodies = [" ".join(chunk) for chunk in np.split(words, np.cumsum(lengths)[:-1])]
                 columns = {axis: letters[axis][author] for axis in AXES}
-                mbti = np.char.lower(np.char.add(np.char.add(columns["E-I"], columns["N-S"]),
-                                                 np.char.add(columns["F-T"], columns["J-P"])))  # fmt: skip
-                writer.write_table(pa.table({"author": [f"user{a}" for a in author], "body": bodies,
-                                             "mbti": mbti.tolist(), **{k: v.tolist() for k, v in columns.items()}}))  # fmt: skip
+                mbti = np.char.lower(
+                    np.char.add(
+                        np.char.add(columns["E-I"], columns["N-S"]), np.char.add(columns["F-T"], columns["J-P"])
+                    )
+                )
+                writer.write_table(
+                    pa.table(
+                        {
+                            "author": [f"user{a}" for a in author],
+                            "body": bodies,
+                            "mbti": mbti.tolist(),
+                            **{k: v.tolist() for k, v in columns.items()},
+                        }
+                    )
+                )
 
     def build_tokenizer(tmp: Path) -> None:
         import pyarrow.parquet as pq
@@ -85,11 +102,21 @@ def workload(rows: int) -> tuple[Path, Path]:
         tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=32_000, special_tokens=["<unk>", "<s>", "</s>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+        trainer = trainers.BpeTrainer(
+            vocab_size=32_000,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tokenizer.train_from_iterator(sample, trainer)
-        PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                pad_token="</s>", model_max_length=4096).save_pretrained(tmp)  # fmt: skip
+        PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer,
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="</s>",
+            model_max_length=4096,
+        ).save_pretrained(tmp)
 
     corpus = build_atomically(root / f"corpus-{rows}", build_corpus) / "train.parquet"
     return corpus, build_atomically(root / "tokenizer-32k", build_tokenizer)
@@ -117,8 +144,12 @@ def run_seed(corpus: Path, tokenizer_dir: Path) -> dict:
     tokenized = tokenized.train_test_split(test_size=0.1, stratify_by_column="mbti", seed=0)["test"]
     tokenized = tokenized.train_test_split(test_size=0.2, stratify_by_column="mbti", seed=1)
     first = tokenized["train"][0]
-    return {"seconds": time.perf_counter() - start, "rows_tokenized": rows_tokenized,
-            "train_rows": len(tokenized["train"]), "first_len": len(first["input_ids"])}  # fmt: skip
+    return {
+        "seconds": time.perf_counter() - start,
+        "rows_tokenized": rows_tokenized,
+        "train_rows": len(tokenized["train"]),
+        "first_len": len(first["input_ids"]),
+    }
 
 
 def run_datamodule(corpus: Path, tokenizer_dir: Path) -> dict:
@@ -128,15 +159,25 @@ def run_datamodule(corpus: Path, tokenizer_dir: Path) -> dict:
     cache = cache_root() / "tokenized"
     cached_before = set(cache.iterdir()) if cache.exists() else set()
     start = time.perf_counter()
-    dm = MBTIDataModule(dataset="parquet", data_files=str(corpus), tokenizer=str(tokenizer_dir), max_length=4096,
-                        batch_size=4, num_workers=0)  # fmt: skip
+    dm = MBTIDataModule(
+        dataset="parquet",
+        data_files=str(corpus),
+        tokenizer=str(tokenizer_dir),
+        max_length=4096,
+        batch_size=4,
+        num_workers=0,
+    )
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     hit = not set(cache.iterdir()) - cached_before  # a cache hit writes no new entry
     rows_tokenized = 0 if hit else sum(len(split) for split in dm.splits.values())
-    return {"seconds": time.perf_counter() - start, "rows_tokenized": rows_tokenized,
-            "train_rows": len(dm.splits["train"]), "first_batch": list(batch["input_ids"].shape)}  # fmt: skip
+    return {
+        "seconds": time.perf_counter() - start,
+        "rows_tokenized": rows_tokenized,
+        "train_rows": len(dm.splits["train"]),
+        "first_batch": list(batch["input_ids"].shape),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -184,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
     for name, r in results.items():
-        print(f"{name:<22} {r['seconds']:>9.1f} s  peak RSS {r['peak_rss_gib']:>6.2f} GiB  rows tokenized {r['rows_tokenized']:>9,}")
+        print(
+            f"{name:<22} {r['seconds']:>9.1f} s  peak RSS {r['peak_rss_gib']:>6.2f} GiB  rows tokenized {r['rows_tokenized']:>9,}"
+        )
     print(f"ratio a/b: {summary['ratio_a_over_b']}   written to {args.out}")
     return summary
 

@@ -78,16 +78,36 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     (REPO / "bench/out").mkdir(parents=True, exist_ok=True)
     os.chdir(REPO / "bench/out")  # where Lightning writes its config.yaml
     cli = cli_main(
-        ["--config", str(REPO / "configs/demo.yaml"), "--trainer.max_steps", str(BATCHES),
-         "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
-         "--checkpoint.save_top_k", "0", "--checkpoint.save_last", "false", *args],
+        [
+            "--config",
+            str(REPO / "configs/demo.yaml"),
+            "--trainer.max_steps",
+            str(BATCHES),
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.logger",
+            "false",
+            "--checkpoint.save_top_k",
+            "0",
+            "--checkpoint.save_last",
+            "false",
+            *args,
+        ],
         run=False,
-    )  # fmt: skip
+    )
     with Counter() as counter:
         cli.trainer.callbacks.append(counter)
         cli.trainer.fit(cli.model, cli.datamodule)
-        validation = L.Trainer(accelerator=cli.trainer.accelerator, devices=1, precision=cli.trainer.precision,
-                               limit_val_batches=10, logger=False, callbacks=[counter])  # fmt: skip
+        validation = L.Trainer(
+            accelerator=cli.trainer.accelerator,
+            devices=1,
+            precision=cli.trainer.precision,
+            limit_val_batches=10,
+            logger=False,
+            callbacks=[counter],
+        )
         validation.validate(cli.model, cli.datamodule, verbose=False)
     print(f"\ntrainer.log_every_n_steps: {cli.trainer.log_every_n_steps}")
     reads = {}

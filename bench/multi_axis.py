@@ -32,8 +32,17 @@ AXES = ["E-I", "N-S", "F-T", "J-P"]
 def fit(target: str, folder: Path, extra: list[str]) -> float:
     """Seconds that `mbti-lightning fit` on the demo takes, run in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "mbti_lightning", "fit", "--config", str(REPO / "configs/demo.yaml"),
-               "--data.target", target, *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mbti_lightning",
+        "fit",
+        "--config",
+        str(REPO / "configs/demo.yaml"),
+        "--data.target",
+        target,
+        *extra,
+    ]
     start = time.perf_counter()
     subprocess.run(command, cwd=folder, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -45,7 +54,9 @@ def run(target: str, out: Path, extra: list[str]) -> dict:
     (log,) = sorted(folder.glob("logs/demo/version_*/metrics.csv"))[-1:]
     rows = [row for row in csv.DictReader(log.open()) if row["val/mcc"]]
     best = max(rows, key=lambda row: float(row["val/mcc"]))  # the row the best checkpoint was saved at
-    mcc = {axis: float(best[f"val/{axis}/mcc"]) for axis in AXES} if target == "all" else {target: float(best["val/mcc"])}
+    mcc = (
+        {axis: float(best[f"val/{axis}/mcc"]) for axis in AXES} if target == "all" else {target: float(best["val/mcc"])}
+    )
     return {"target": target, "seconds": round(seconds, 1), "best_step": int(best["step"]) + 1, "mcc": mcc}
 
 
@@ -62,13 +73,18 @@ def main(argv: list[str] | None = None) -> None:
     ratio = joint["seconds"] / (sum(r["seconds"] for r in single) / 4)
     print(f"{'run':8} {'seconds':>8} {'best step':>10}  best val MCC")
     for r in results:
-        print(f"{r['target']:8} {r['seconds']:8.1f} {r['best_step']:10d}  "
-              + ", ".join(f"{axis} {mcc:.3f}" for axis, mcc in r["mcc"].items()))  # fmt: skip
+        print(
+            f"{r['target']:8} {r['seconds']:8.1f} {r['best_step']:10d}  "
+            + ", ".join(f"{axis} {mcc:.3f}" for axis, mcc in r["mcc"].items())
+        )
     print(f"time ratio, all / mean single axis: {ratio:.2f} (goal <= 1.3)")
     gaps = {axis: joint["mcc"][axis] - r["mcc"][axis] for axis, r in zip(AXES, single)}
-    print("MCC of all minus single, per axis: " + ", ".join(f"{a} {g:+.3f}" for a, g in gaps.items())
-          + " (goal >= -0.05)")  # fmt: skip
-    (args.out / "multi_axis.json").write_text(json.dumps({"runs": results, "time_ratio": ratio, "mcc_gap": gaps}, indent=1))
+    print(
+        "MCC of all minus single, per axis: " + ", ".join(f"{a} {g:+.3f}" for a, g in gaps.items()) + " (goal >= -0.05)"
+    )
+    (args.out / "multi_axis.json").write_text(
+        json.dumps({"runs": results, "time_ratio": ratio, "mcc_gap": gaps}, indent=1)
+    )
 
 
 if __name__ == "__main__":

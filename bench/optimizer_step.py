@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     groups = [{"params": [p for p in params if p is not embedding]}, {"params": [embedding], "optim_bits": 32}]
     print(f"{sum(p.numel() for p in params) / 1e6:,.1f} M parameters in {len(params)} tensors on {device}", flush=True)
 
-    variants = {"(a) bitsandbytes AdamW8bit, bf16 weights": lambda: bnb.optim.AdamW8bit(params, lr=1e-4),
-                "(b) compensated, plain path": lambda: AdamW8bit(groups, lr=1e-4, fused=False)}  # fmt: skip
+    variants = {
+        "(a) bitsandbytes AdamW8bit, bf16 weights": lambda: bnb.optim.AdamW8bit(params, lr=1e-4),
+        "(b) compensated, plain path": lambda: AdamW8bit(groups, lr=1e-4, fused=False),
+    }
     if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # or on CPU in Triton's interpreter
         variants["(c) compensated, fused kernel"] = lambda: AdamW8bit(groups, lr=1e-4, fused=True)
     results, plain = {}, None
@@ -67,8 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
             moved = sum((b - s.float()).abs().sum() for b, s in zip(plain, start))
             apart = sum((fp32_weight(p, optimizer) - b).abs().sum() for p, b in zip(params, plain))
             results["b/c"] = results["(b) compensated, plain path"] / results[name]
-            print(f"speed-up of the fused kernel (b/c): {results['b/c']:.2f}x; weights (c) against (b): "
-                  f"{apart / moved:.2%} of the distance (b) moved them", flush=True)  # fmt: skip
+            print(
+                f"speed-up of the fused kernel (b/c): {results['b/c']:.2f}x; weights (c) against (b): "
+                f"{apart / moved:.2%} of the distance (b) moved them",
+                flush=True,
+            )
         del optimizer
     return results
 

@@ -48,19 +48,44 @@ def main() -> None:
     (throughput.REPO / "bench/out").mkdir(parents=True, exist_ok=True)
     os.chdir(throughput.REPO / "bench/out")  # where Lightning writes its config.yaml
     cli = cli_main(
-        ["--config", str(throughput.REPO / args.config), "--model.model_name_or_path", str(model_dir),
-         "--model.from_scratch", "true", "--data.dataset", "parquet", "--data.data_files", str(corpus),
-         "--data.keep_fraction", "1.0", "--data.val_fraction", "0.05", "--trainer.limit_val_batches", "0",
-         "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false", "--trainer.max_steps", "8",
-         "--checkpoint.save_top_k", "0", "--checkpoint.save_last", "false"]
+        [
+            "--config",
+            str(throughput.REPO / args.config),
+            "--model.model_name_or_path",
+            str(model_dir),
+            "--model.from_scratch",
+            "true",
+            "--data.dataset",
+            "parquet",
+            "--data.data_files",
+            str(corpus),
+            "--data.keep_fraction",
+            "1.0",
+            "--data.val_fraction",
+            "0.05",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.logger",
+            "false",
+            "--trainer.max_steps",
+            "8",
+            "--checkpoint.save_top_k",
+            "0",
+            "--checkpoint.save_last",
+            "false",
+        ]
         + (["--trainer.accelerator", "cpu"] if args.tiny else []),
         run=False,
-    )  # fmt: skip
+    )
     module, dm = cli.model, cli.datamodule
     dm.setup("fit")
     device = throughput.device()
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-               for _, b in zip(range(4), dm.train_dataloader())]  # fmt: skip
+    batches = [
+        {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        for _, b in zip(range(4), dm.train_dataloader())
+    ]
     with torch.device(device):
         torch.set_default_dtype(torch.bfloat16)
         module.configure_model()
@@ -75,7 +100,7 @@ def main() -> None:
 
     for mask in (False, True):
         for cache in (False, True):
-            ms = timed(lambda: fwd_bwd(mask, cache), 2) / len(batches)
+            ms = timed(lambda mask=mask, cache=cache: fwd_bwd(mask, cache), 2) / len(batches)
             print(f"forward+backward per micro-batch: mask={mask} use_cache={cache}: {ms:.1f} ms", flush=True)
 
     model.zero_grad(set_to_none=True)
@@ -86,7 +111,9 @@ def main() -> None:
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else []
     )
-    with torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=6, warmup=2, active=4)) as prof:
+    with torch.profiler.profile(
+        activities=activities, schedule=torch.profiler.schedule(wait=6, warmup=2, active=4)
+    ) as prof:
         cli.trainer.callbacks.append(_Stepper(prof))
         cli.trainer.fit(module, dm)
     syncs = clock.syncs.stop()

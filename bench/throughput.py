@@ -46,8 +46,12 @@ PEER = "HF Trainer, same settings"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="2-layer model on CPU: a smoke run")
-    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
-                        help="'seed' or a config path, optionally followed by CLI overrides in one string")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=DEFAULT_VARIANTS,
+        help="'seed' or a config path, optionally followed by CLI overrides in one string",
+    )
     parser.add_argument("--samples", type=int, help="samples each variant trains on (default 1024; tiny 256)")
     parser.add_argument("--warmup", type=int, help="leading samples not timed (default 256; tiny 64)")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak for MFU (anchors.md)")
@@ -77,8 +81,13 @@ def workload(tiny: bool) -> tuple[Path, Path]:
 
     def build_model(tmp: Path) -> None:
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4) if tiny else {}  # fmt: skip
+        shape = (
+            dict(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
+            )
+            if tiny
+            else {}
+        )
         # Phi-3-mini-4k: vocab 32064, hidden 3072, 32 layers; token ids stay below the demo's 1024.
         Phi3Config(pad_token_id=None, sliding_window=2047, **shape).save_pretrained(tmp)
 
@@ -99,8 +108,14 @@ def datamodule(model_dir: Path, corpus: Path):
     """The project's DataModule over the workload; its train split is what every variant trains on."""
     from mbti_lightning.data import MBTIDataModule
 
-    dm = MBTIDataModule(dataset="parquet", data_files=str(corpus), tokenizer=str(model_dir), keep_fraction=1.0,
-                        val_fraction=0.05, num_workers=0)  # fmt: skip
+    dm = MBTIDataModule(
+        dataset="parquet",
+        data_files=str(corpus),
+        tokenizer=str(model_dir),
+        keep_fraction=1.0,
+        val_fraction=0.05,
+        num_workers=0,
+    )
     dm.setup("fit")
     return dm
 
@@ -148,11 +163,20 @@ class SyncCounter:
 def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
     """The seed's CustomTrainer and TrainingArguments (seed/tutorial.md), with eval and saving off."""
     from torch import nn
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)  # fmt: skip
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     dm = datamodule(model_dir, corpus)
-    rows = [{"input_ids": ids, "labels": y} for ids, y in zip(dm.splits["train"]["input_ids"][:], dm.splits["train"]["labels"][:])]
+    rows = [
+        {"input_ids": ids, "labels": y}
+        for ids, y in zip(dm.splits["train"]["input_ids"][:], dm.splits["train"]["labels"][:])
+    ]
     batch, accumulation = 4, 2
     steps, warmup_steps = args.samples // (batch * accumulation), args.warmup // (batch * accumulation)
     counts = {"samples": 0, "real": torch.zeros((), dtype=torch.long, device=device()), "padded": 0}
@@ -178,28 +202,58 @@ def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
                 clock["start"] = time.perf_counter()
                 syncs.start()
 
-    config = AutoConfig.from_pretrained(model_dir, num_labels=2, id2label={0: "J", 1: "P"},
-                                        label2id={"J": 0, "P": 1}, pad_token_id=dm.tokenizer.pad_token_id)  # fmt: skip
+    config = AutoConfig.from_pretrained(
+        model_dir,
+        num_labels=2,
+        id2label={0: "J", 1: "P"},
+        label2id={"J": 0, "P": 1},
+        pad_token_id=dm.tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     with torch.device(device()):
         model = AutoModelForSequenceClassification.from_config(config)
     training_args = TrainingArguments(
-        output_dir=str(REPO / "bench/out/seed"), learning_rate=2e-5, per_device_train_batch_size=batch,
-        per_device_eval_batch_size=batch, weight_decay=0.01, gradient_accumulation_steps=accumulation,
-        optim="adamw_bnb_8bit", tf32=torch.cuda.is_available(), max_steps=steps, eval_strategy="no",
-        save_strategy="no", logging_steps=10**6, report_to=[], use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, disable_tqdm=True, seed=42,
-    )  # fmt: skip
-    trainer = CustomTrainer(model=model, args=training_args, train_dataset=rows,
-                            data_collator=DataCollatorWithPadding(dm.tokenizer), callbacks=[Clock()])  # fmt: skip
+        output_dir=str(REPO / "bench/out/seed"),
+        learning_rate=2e-5,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
+        weight_decay=0.01,
+        gradient_accumulation_steps=accumulation,
+        optim="adamw_bnb_8bit",
+        tf32=torch.cuda.is_available(),
+        max_steps=steps,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=10**6,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=42,
+    )
+    trainer = CustomTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=rows,
+        data_collator=DataCollatorWithPadding(dm.tokenizer),
+        callbacks=[Clock()],
+    )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     sync_count = syncs.stop()
     sync()
-    return measurement("seed: HF Trainer, fp32 + tf32, bnb AdamW8bit, batch 4 x accumulation 2", args, config,
-                       time.perf_counter() - clock["start"], counts["samples"], int(counts["real"]), counts["padded"],
-                       sync_count, counts["samples"] // batch)  # fmt: skip
+    return measurement(
+        "seed: HF Trainer, fp32 + tf32, bnb AdamW8bit, batch 4 x accumulation 2",
+        args,
+        config,
+        time.perf_counter() - clock["start"],
+        counts["samples"],
+        int(counts["real"]),
+        counts["padded"],
+        sync_count,
+        counts["samples"] // batch,
+    )
 
 
 def run_peer(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Path) -> dict:
@@ -207,14 +261,23 @@ def run_peer(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Pa
     transformers alone would set them: same rows, batch size, accumulation, length grouping, optimizer,
     precision and padding mask; the seed's weighted loss."""
     from torch import nn
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)  # fmt: skip
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     cli = project_cli(args, variant, model_dir, corpus)
     dm, hp, precision = cli.datamodule, cli.model.hparams, str(cli.trainer.precision)
     dm.setup("fit")
     batch, accumulation = dm.hparams.batch_size, cli.trainer.accumulate_grad_batches
-    rows = [{"input_ids": ids, "labels": y} for ids, y in zip(dm.splits["train"]["input_ids"][:], dm.splits["train"]["labels"][:])]
+    rows = [
+        {"input_ids": ids, "labels": y}
+        for ids, y in zip(dm.splits["train"]["input_ids"][:], dm.splits["train"]["labels"][:])
+    ]
     steps, warmup_steps = args.samples // (batch * accumulation), -(-args.warmup // (batch * accumulation))
     counts = {"samples": 0, "real": torch.zeros((), dtype=torch.long, device=device()), "padded": 0}
     clock, syncs = {}, SyncCounter()
@@ -228,7 +291,9 @@ def run_peer(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Pa
                 counts["padded"] += mask.numel()
             # As the project's variant: without the mask, pooling finds the last real token from the ids.
             outputs = model(**inputs, attention_mask=None if hp.skip_padding_mask else mask)
-            loss = nn.functional.cross_entropy(outputs.logits.float(), labels, weight=torch.tensor([0.6, 0.4], device=labels.device))
+            loss = nn.functional.cross_entropy(
+                outputs.logits.float(), labels, weight=torch.tensor([0.6, 0.4], device=labels.device)
+            )
             return (loss, outputs) if return_outputs else loss
 
     class Clock(TrainerCallback):
@@ -238,26 +303,45 @@ def run_peer(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Pa
                 clock["start"] = time.perf_counter()
                 syncs.start()
 
-    config = AutoConfig.from_pretrained(model_dir, num_labels=2, id2label={0: "J", 1: "P"}, label2id={"J": 0, "P": 1},
-                                        pad_token_id=dm.tokenizer.pad_token_id, use_cache=False)  # fmt: skip
+    config = AutoConfig.from_pretrained(
+        model_dir,
+        num_labels=2,
+        id2label={0: "J", 1: "P"},
+        label2id={"J": 0, "P": 1},
+        pad_token_id=dm.tokenizer.pad_token_id,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     with torch.device(device()):
         model = AutoModelForSequenceClassification.from_config(
             config, dtype=torch.bfloat16 if precision == "bf16-true" else torch.float32
         )
     training_args = TrainingArguments(
-        output_dir=str(REPO / "bench/out/peer"), learning_rate=hp.learning_rate, weight_decay=hp.weight_decay,
-        per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+        output_dir=str(REPO / "bench/out/peer"),
+        learning_rate=hp.learning_rate,
+        weight_decay=hp.weight_decay,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
         train_sampling_strategy="group_by_length" if dm.hparams.group_by_length else "random",
         optim="adamw_bnb_8bit" if hp.optimizer == "adamw8bit" else "adamw_torch",
-        bf16=precision == "bf16-mixed", tf32=torch.cuda.is_available() and hp.tf32,
-        max_grad_norm=cli.trainer.gradient_clip_val or 0.0, max_steps=steps, eval_strategy="no",
-        save_strategy="no", logging_steps=10**6, report_to=[], use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=dm.hparams.num_workers, disable_tqdm=True, seed=42, remove_unused_columns=False,
-    )  # fmt: skip
+        bf16=precision == "bf16-mixed",
+        tf32=torch.cuda.is_available() and hp.tf32,
+        max_grad_norm=cli.trainer.gradient_clip_val or 0.0,
+        max_steps=steps,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=10**6,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=dm.hparams.num_workers,
+        disable_tqdm=True,
+        seed=42,
+        remove_unused_columns=False,
+    )
     collate = DataCollatorWithPadding(dm.tokenizer, pad_to_multiple_of=dm.hparams.pad_to_multiple_of)
-    trainer = WeightedTrainer(model=model, args=training_args, train_dataset=rows, data_collator=collate,
-                              callbacks=[Clock()])  # fmt: skip
+    trainer = WeightedTrainer(
+        model=model, args=training_args, train_dataset=rows, data_collator=collate, callbacks=[Clock()]
+    )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -265,8 +349,17 @@ def run_peer(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Pa
     sync()
     name = f"{PEER} as {variant}: {precision}, batch {batch} x accumulation {accumulation}"
     seconds = time.perf_counter() - clock["start"]
-    return measurement(name, args, config, seconds, counts["samples"], int(counts["real"]), counts["padded"],
-                       sync_count, counts["samples"] // batch) | {"peer_of": variant}  # fmt: skip
+    return measurement(
+        name,
+        args,
+        config,
+        seconds,
+        counts["samples"],
+        int(counts["real"]),
+        counts["padded"],
+        sync_count,
+        counts["samples"] // batch,
+    ) | {"peer_of": variant}
 
 
 # --------------------------------------------------------------------------- (b) the project's code path
@@ -279,15 +372,42 @@ def project_cli(args: argparse.Namespace, variant: str, model_dir: Path, corpus:
     config_path, *overrides = shlex.split(variant)
     sys.argv = sys.argv[:1]  # the CLI reads `args` below, not this script's flags
     return cli_main(
-        ["--config", str(REPO / config_path), "--model.model_name_or_path", str(model_dir),
-         "--model.from_scratch", "true", "--data.dataset", "parquet", "--data.data_files", str(corpus),
-         "--data.keep_fraction", "1.0", "--data.val_fraction", "0.05", "--data.num_workers", "2",
-         "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
-         "--trainer.max_epochs", "-1", "--checkpoint.save_top_k", "0", "--checkpoint.save_last", "false",
-         "--seed_everything", "0",
-         *(["--trainer.accelerator", "cpu"] if args.tiny else []), *overrides],
+        [
+            "--config",
+            str(REPO / config_path),
+            "--model.model_name_or_path",
+            str(model_dir),
+            "--model.from_scratch",
+            "true",
+            "--data.dataset",
+            "parquet",
+            "--data.data_files",
+            str(corpus),
+            "--data.keep_fraction",
+            "1.0",
+            "--data.val_fraction",
+            "0.05",
+            "--data.num_workers",
+            "2",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.logger",
+            "false",
+            "--trainer.max_epochs",
+            "-1",
+            "--checkpoint.save_top_k",
+            "0",
+            "--checkpoint.save_last",
+            "false",
+            "--seed_everything",
+            "0",
+            *(["--trainer.accelerator", "cpu"] if args.tiny else []),
+            *overrides,
+        ],
         run=False,
-    )  # fmt: skip
+    )
 
 
 def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Path) -> dict:
@@ -296,7 +416,9 @@ def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: 
     dm, trainer = cli.datamodule, cli.trainer
     per_step = dm.hparams.batch_size * trainer.accumulate_grad_batches
     trainer.fit_loop.epoch_loop.max_steps = args.samples // per_step
-    clock = Clock(warmup_batches=-(-args.warmup // per_step) * trainer.accumulate_grad_batches)  # whole steps, at least one
+    clock = Clock(
+        warmup_batches=-(-args.warmup // per_step) * trainer.accumulate_grad_batches
+    )  # whole steps, at least one
     trainer.callbacks.append(clock)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -304,8 +426,17 @@ def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: 
     sync_count = clock.syncs.stop()
     sync()
     name = f"{variant}: precision {trainer.precision}, batch {dm.hparams.batch_size} x accumulation {trainer.accumulate_grad_batches}"
-    return measurement(name, args, cli.model.model.config, time.perf_counter() - clock.start, clock.samples,
-                       clock.real, clock.padded, sync_count, clock.batches - clock.warmup_batches) | {"config": variant}  # fmt: skip
+    return measurement(
+        name,
+        args,
+        cli.model.model.config,
+        time.perf_counter() - clock.start,
+        clock.samples,
+        clock.real,
+        clock.padded,
+        sync_count,
+        clock.batches - clock.warmup_batches,
+    ) | {"config": variant}
 
 
 class Clock(L.Callback):
@@ -330,8 +461,9 @@ class Clock(L.Callback):
             self.padded += batch["input_ids"].numel()
 
 
-def measurement(name: str, args, config, seconds: float, samples: int, real: int, padded: int,
-                syncs: int | None, batches: int) -> dict:  # fmt: skip
+def measurement(
+    name: str, args, config, seconds: float, samples: int, real: int, padded: int, syncs: int | None, batches: int
+) -> dict:
     cuda = torch.cuda.is_available()
     return {
         "variant": name,
@@ -369,8 +501,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     results = []
     for variant in args.variants:
-        command = [sys.executable, __file__, "--worker", variant, "--samples", str(args.samples),
-                   "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops)] + (["--tiny"] if args.tiny else [])  # fmt: skip
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            variant,
+            "--samples",
+            str(args.samples),
+            "--warmup",
+            str(args.warmup),
+            "--peak-tflops",
+            str(args.peak_tflops),
+        ] + (["--tiny"] if args.tiny else [])
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -395,14 +537,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
-    print(f"\n{'variant':<90} {'samples/s':>9} {'real tok/s':>10} {'pad':>6} {'peak GiB':>8} {'reserved':>8} {'MFU %':>6} {'syncs':>5} {'ratio':>6}")
+    print(
+        f"\n{'variant':<90} {'samples/s':>9} {'real tok/s':>10} {'pad':>6} {'peak GiB':>8} {'reserved':>8} {'MFU %':>6} {'syncs':>5} {'ratio':>6}"
+    )
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<90} ERROR: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
         else:
-            print(f"{r['variant'][:90]:<90} {r['samples_per_s']:>9} {r['real_tokens_per_s']:>10} {r['pad_share']:>6} "
-                  f"{r['peak_gib'] or '-':>8} {r['peak_reserved_gib'] or '-':>8} {r['mfu_pct'] or '-':>6} {'-' if r['syncs_per_batch'] is None else r['syncs_per_batch']:>5} "
-                  f"{r.get('ratio_vs_seed', '-'):>6}")  # fmt: skip
+            print(
+                f"{r['variant'][:90]:<90} {r['samples_per_s']:>9} {r['real_tokens_per_s']:>10} {r['pad_share']:>6} "
+                f"{r['peak_gib'] or '-':>8} {r['peak_reserved_gib'] or '-':>8} {r['mfu_pct'] or '-':>6} {'-' if r['syncs_per_batch'] is None else r['syncs_per_batch']:>5} "
+                f"{r.get('ratio_vs_seed', '-'):>6}"
+            )
     for peer in (r for r in results if "peer_of" in r):
         project = next((r for r in results if r.get("config") == peer["peer_of"]), None)
         if project:

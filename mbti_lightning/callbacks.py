@@ -56,7 +56,9 @@ class Throughput(L.Callback):
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.peak = get_available_flops(trainer.strategy.root_device, _plugin_to_compute_dtype(trainer.precision_plugin))
+        self.peak = get_available_flops(
+            trainer.strategy.root_device, _plugin_to_compute_dtype(trainer.precision_plugin)
+        )
         self._restart(trainer)
 
     def _restart(self, trainer: L.Trainer) -> None:
@@ -71,8 +73,9 @@ class Throughput(L.Callback):
         if trainer.training:
             self._restart(trainer)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict,
-                           batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int
+    ) -> None:
         self.samples += len(batch["labels"])
         self.tokens += batch["num_tokens"]
         self.flops += getattr(pl_module, "flops_per_batch", 0)

@@ -89,7 +89,13 @@ def card_data(
         license=license,
         library_name="peft" if adapter else "transformers",
         pipeline_tag="text-classification",
-        tags=["mbti", "personality", "text-classification", "mbti-lightning", *(["lora"] if model_hp.get("peft") else [])],
+        tags=[
+            "mbti",
+            "personality",
+            "text-classification",
+            "mbti-lightning",
+            *(["lora"] if model_hp.get("peft") else []),
+        ],
         eval_results=eval_results(heads, results, data_hp),
         model_name=f"MBTI {', '.join(heads)} classifier",
         widget=[{"text": text} for text in EXAMPLES],
@@ -138,7 +144,9 @@ def model_card(
         card_data(model_hp, data_hp, heads, results, adapter, license),
         template_path=str(TEMPLATE),
         heads=heads,
-        origin=f"random initialisation with the architecture of `{base}`" if model_hp.get("from_scratch") else f"`{base}`",
+        origin=f"random initialisation with the architecture of `{base}`"
+        if model_hp.get("from_scratch")
+        else f"`{base}`",
         dataset=data_hp.get("dataset", "unknown"),
         adapter=adapter,
         example=EXAMPLES[0],

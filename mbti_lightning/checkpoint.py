@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from mbti_lightning.cache import atomic_open
@@ -56,3 +57,25 @@ def set_rng_states(states: dict[str, Any]) -> None:
     if "cuda" in states and torch.cuda.is_available():
         for device, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(state, device)
+
+
+def trained_weights(state_dict: dict[str, Any], module: torch.nn.Module) -> dict[str, Any]:
+    """`state_dict` less the frozen weights of `module.model` (a LoRA base, which is loaded again from
+    its source): the adapters, the head, and everything outside the backbone (buffers)."""
+    trained = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state_dict.items() if k in trained or not k.startswith("model.")}
+
+
+def run_metadata(module: Any) -> dict[str, Any]:
+    """What mbti-lightning-export needs beyond the weights and hyperparameters: the labels, where the run's
+    metrics and resolved config (written by the CLI) are; and the random generators, which Lightning
+    does not restore on resume."""
+    log_dir = Path(module.trainer.log_dir).resolve() if module.trainer.log_dir else None
+    config = log_dir / "config.yaml" if log_dir else None
+    return {
+        "id2label": module.id2label,
+        "heads": module.heads,
+        "log_dir": str(log_dir) if log_dir else None,
+        "config": yaml.safe_load(config.read_text()) if config and config.is_file() else None,
+        "rng": rng_states(),
+    }

@@ -95,11 +95,10 @@ def model_dir() -> Path:
     """
 
     def build(tmp: Path) -> None:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        import torch
-        from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
-
         import pyarrow.parquet as pq
+        import torch
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
         tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

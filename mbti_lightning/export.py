@@ -163,6 +163,44 @@ def replace_folder(new: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+def transformers_model(
+    model: MBTIClassifier, checkpoint: dict, calibrated: dict[str, dict], adapter: bool, dtype: str
+) -> torch.nn.Module:
+    """The model to save: LoRA merged (unless `adapter`), the temperatures folded into its head, in `dtype`."""
+    hf_model = model.model.cpu()
+    if model.hparams.peft is not None and not adapter:
+        hf_model = hf_model.merge_and_unload()
+    temperatures = [c["temperature"] for c in calibrated.values()]
+    calibration.fold_temperatures(hf_model, temperatures * (hf_model.config.num_labels // len(temperatures)))
+    # Recorded in config.json, so that anyone can undo it: raw logits = calibrated logits x temperature.
+    (hf_model.get_base_model() if adapter else hf_model).config.calibration_temperatures = {
+        head: c["temperature"] for head, c in calibrated.items()
+    }
+    if dtype == "auto":
+        dtype = str(next(v for v in checkpoint["state_dict"].values() if v.is_floating_point()).dtype).split(".")[1]
+    return hf_model.to(DTYPES[dtype])
+
+
+def plot_validation(
+    folder: Path,
+    heads: dict,
+    logits: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    calibrated: dict[str, dict] | None,
+) -> dict[str, str]:
+    """A confusion matrix per head (and, if `calibrated`, the reliability diagram) into `folder`; returns
+    the confusion matrices' file names per head."""
+    files = {h: "confusion_matrix.png" if len(heads) == 1 else f"confusion_matrix_{h}.png" for h in heads}
+    for h, (head, classes) in enumerate(heads.items()):
+        plot_confusion(logits[head], labels[:, h], list(classes), folder / files[head])
+    if calibrated:
+        curves = {
+            head: (logits[head], labels[:, h], c["temperature"]) for h, (head, c) in enumerate(calibrated.items())
+        }
+        calibration.reliability_plot(curves, folder / "reliability.png")
+    return files
+
+
 def _write_folder(
     folder: Path, model: MBTIClassifier, hf_model: torch.nn.Module, adapter: bool, log_dir: str | None
 ) -> bool:
@@ -230,37 +268,27 @@ def export(
     results = score(dm, logits, labels, with_baseline=baseline.available())
     calibrated = calibrate(logits, labels, fit=calibrate_scores)
 
-    hf_model = model.model.cpu()
-    if model.hparams.peft is not None and not adapter:
-        hf_model = hf_model.merge_and_unload()
-    temperatures = [c["temperature"] for c in calibrated.values()]
-    calibration.fold_temperatures(hf_model, temperatures * (hf_model.config.num_labels // len(temperatures)))
-    # Recorded in config.json, so that anyone can undo it: raw logits = calibrated logits x temperature.
-    (hf_model.get_base_model() if adapter else hf_model).config.calibration_temperatures = {
-        head: c["temperature"] for head, c in calibrated.items()
-    }
-    if dtype == "auto":
-        dtype = str(next(v for v in checkpoint["state_dict"].values() if v.is_floating_point()).dtype).split(".")[1]
-    hf_model.to(DTYPES[dtype])
-
+    hf_model = transformers_model(model, checkpoint, calibrated, adapter, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
     meta = checkpoint["mbti_lightning"]
     try:
         has_plot = _write_folder(tmp, model, hf_model, adapter, meta.get("log_dir"))
-        confusion_files = {h: "confusion_matrix.png" if len(model.heads) == 1 else f"confusion_matrix_{h}.png"
-                           for h in model.heads}  # fmt: skip
-        for h, (head, classes) in enumerate(model.heads.items()):
-            plot_confusion(logits[head], labels[:, h], list(classes), tmp / confusion_files[head])
-        if calibrate_scores:
-            curves = {head: (logits[head], labels[:, h], c["temperature"]) for h, (head, c) in enumerate(calibrated.items())}
-            calibration.reliability_plot(curves, tmp / "reliability.png")
+        confusion_files = plot_validation(tmp, model.heads, logits, labels, calibrated if calibrate_scores else None)
         card = model_card(
-            hyperparameters(checkpoint), hyperparameters(checkpoint, "datamodule_hyper_parameters"), meta, results,
-            calibrated, n_val=len(labels), calibrated=calibrate_scores, confusion_files=confusion_files,
-            has_training_plot=has_plot, adapter=adapter, license=license,
-        )  # fmt: skip
+            hyperparameters(checkpoint),
+            hyperparameters(checkpoint, "datamodule_hyper_parameters"),
+            meta,
+            results,
+            calibrated,
+            n_val=len(labels),
+            calibrated=calibrate_scores,
+            confusion_files=confusion_files,
+            has_training_plot=has_plot,
+            adapter=adapter,
+            license=license,
+        )
         card.save(tmp / "README.md")
         replace_folder(tmp, out)
     finally:
@@ -268,7 +296,9 @@ def export(
 
     if push_to_hub:
         mcc = sum(r["model"]["mcc"] for r in results.values()) / len(results)
-        message = f"{', '.join(model.heads)} classifier from {model.hparams.model_name_or_path}, validation MCC {mcc:.4f}"
+        message = (
+            f"{', '.join(model.heads)} classifier from {model.hparams.model_name_or_path}, validation MCC {mcc:.4f}"
+        )
         upload(out, push_to_hub, token, private, revision, create_pr, f"mbti-lightning: {message}")
     return out
 
@@ -300,22 +330,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--revision", metavar="BRANCH", help="upload to this branch (created if missing)")
     parser.add_argument("--create-pr", action="store_true", help="upload as a pull request instead of a commit")
     parser.add_argument("--license", help="the card's license, a hub license id such as mit or apache-2.0")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                        help="dtype of the saved weights; auto = as trained")  # fmt: skip
+    parser.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="dtype of the saved weights; auto = as trained"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--adapter", action="store_true",
-                        help="LoRA models: save the adapter (and head) alone instead of merging it into the base")  # fmt: skip
-    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                        help="export the raw scores, without temperature scaling")  # fmt: skip
+    parser.add_argument(
+        "--adapter",
+        action="store_true",
+        help="LoRA models: save the adapter (and head) alone instead of merging it into the base",
+    )
+    parser.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="export the raw scores, without temperature scaling",
+    )
     args = parser.parse_args(argv)
     try:
         out = export(
-            args.ckpt, args.out, args.dtype, args.overwrite, args.push_to_hub, args.private, args.adapter,
-            args.calibrate, args.license, args.revision, args.create_pr,
-        )  # fmt: skip
+            args.ckpt,
+            args.out,
+            args.dtype,
+            args.overwrite,
+            args.push_to_hub,
+            args.private,
+            args.adapter,
+            args.calibrate,
+            args.license,
+            args.revision,
+            args.create_pr,
+        )
     except ExportError as err:
         parser.exit(2, f"mbti-lightning-export: error: {err}\n")
-    print(f"exported to {out}" + (f" and uploaded to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else ""))
+    print(
+        f"exported to {out}"
+        + (f" and uploaded to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else "")
+    )
 
 
 if __name__ == "__main__":

@@ -45,5 +45,7 @@ def heads(target: str | list[str]) -> dict[str, tuple[str, ...]]:
         raise ValueError(f"target {target!r} must name each axis at most once")
     for axis in axes:
         if axis not in AXES:
-            raise ValueError(f"unknown target {axis!r}; expected an axis ({', '.join(AXES)}), a list of axes, 'all' or 'mbti'")
+            raise ValueError(
+                f"unknown target {axis!r}; expected an axis ({', '.join(AXES)}), a list of axes, 'all' or 'mbti'"
+            )
     return {axis: AXES[axis] for axis in axes}

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryF1Score,
-    MulticlassCalibrationError,
     MulticlassAccuracy,
+    MulticlassCalibrationError,
     MulticlassF1Score,
     MulticlassMatthewsCorrCoef,
     MulticlassRecall,
@@ -139,8 +139,14 @@ class EvalMetrics(torch.nn.Module):
         self.authors = torch.nn.ModuleDict({head: AuthorMetrics(len(c)) for head, c in heads.items()})
         self.type_acc = _mean() if "mbti" in heads or len(heads) == 4 else None
 
-    def update(self, logits: list[torch.Tensor], labels: torch.Tensor, loss: torch.Tensor, loss_weight: torch.Tensor,
-               authors: torch.Tensor) -> None:  # fmt: skip
+    def update(
+        self,
+        logits: list[torch.Tensor],
+        labels: torch.Tensor,
+        loss: torch.Tensor,
+        loss_weight: torch.Tensor,
+        authors: torch.Tensor,
+    ) -> None:
         """Per-head (batch, classes) logits, (batch, heads) labels, per-row loss and its weight, author ids."""
         self.loss.update(loss, loss_weight)
         right = torch.ones_like(labels[:, 0], dtype=torch.bool)
@@ -154,7 +160,11 @@ class EvalMetrics(torch.nn.Module):
 
     def compute(self) -> dict[str, torch.Tensor]:
         per_head = {
-            head: {**self.posts[head].compute(), "ece": self.calibration[head].compute(), **self.authors[head].compute()}
+            head: {
+                **self.posts[head].compute(),
+                "ece": self.calibration[head].compute(),
+                **self.authors[head].compute(),
+            }
             for head in self.heads
         }
         if len(per_head) == 1:

@@ -3,81 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
-import yaml
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    get_constant_schedule_with_warmup,
-    get_linear_schedule_with_warmup,
-)
 
-from mbti_lightning import demo
-from mbti_lightning.checkpoint import rng_states, set_rng_states
-from mbti_lightning.labels import LABELS, heads
+from mbti_lightning import backbone
+from mbti_lightning.checkpoint import run_metadata, set_rng_states, trained_weights
+from mbti_lightning.labels import heads
 from mbti_lightning.metrics import EvalMetrics
-from mbti_lightning.tokenizer import load_tokenizer
-
-
-def _nf4_config() -> Any:
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "model.quantize: nf4 needs a CUDA GPU (bitsandbytes' 4-bit kernels); on this machine use LoRA "
-            "without quantize, or full fine-tuning"
-        )
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-
-
-def _with_lora(model: torch.nn.Module, settings: dict[str, Any], quantized: bool) -> torch.nn.Module:
-    """`model` with LoRA adapters from `settings` (``peft.LoraConfig`` fields); its head trains in full."""
-    try:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    except ImportError:
-        raise ImportError('model.peft needs peft: pip install "mbti-lightning[peft]"') from None
-    try:
-        # For sequence classification, peft adds the head ("score", "classifier") to modules_to_save.
-        config = LoraConfig(task_type="SEQ_CLS", **settings)
-    except TypeError as err:
-        raise ValueError(f"model.peft: {err}; use peft.LoraConfig fields such as r, lora_alpha, lora_dropout, "
-                         "target_modules") from None  # fmt: skip
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, config)
-
-
-def _training_flops_per_token(model: torch.nn.Module) -> int:
-    """Training FLOPs per token without attention scores (anchors.md), over the non-embedding parameters:
-    6 per trained one (forward 2, gradients of the activations 2 and of the weight 2) and 4 per frozen
-    one (LoRA's base: no weight gradient)."""
-    embedding = model.get_input_embeddings().weight
-    params = [p for p in model.parameters() if p is not embedding]
-    trained = sum(p.numel() for p in params if p.requires_grad)
-    return 6 * trained + 4 * (sum(p.numel() for p in params) - trained)
-
-
-def _repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder (or encoder) blocks: the classes transformers must not split across devices
-    (`_no_split_modules`) or, where a model does not say, the members of its longest list of modules of
-    one class."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    if names:
-        return [m for m in model.modules() if type(m).__name__ in names]
-    lists = [list(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len({type(b) for b in m}) == 1]
-    if not lists:
-        raise ValueError(f"model.compile: found no repeated blocks to compile in {type(model).__name__}")
-    return max(lists, key=len)
-
 
 SDPA_KERNELS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -169,9 +107,13 @@ class MBTIClassifier(L.LightningModule):
         else:
             self.id2label = dict(enumerate(next(iter(self.heads.values()))))
         if isinstance(class_weights, list) and (len(self.heads) > 1 or len(class_weights) != classes):
-            raise ValueError(f"model.class_weights as a list needs one axis and {classes} values; got "
-                             f"{class_weights} for {target}. Use 'balanced' or null for several heads.")  # fmt: skip
-        weights = torch.tensor([class_weights]) if isinstance(class_weights, list) else torch.ones(len(self.heads), classes)
+            raise ValueError(
+                f"model.class_weights as a list needs one axis and {classes} values; got "
+                f"{class_weights} for {target}. Use 'balanced' or null for several heads."
+            )
+        weights = (
+            torch.tensor([class_weights]) if isinstance(class_weights, list) else torch.ones(len(self.heads), classes)
+        )
         self.register_buffer("class_weight", weights.float())  # (heads, classes)
         self.model = None
         self.val_metrics, self.test_metrics = EvalMetrics(self.heads), EvalMetrics(self.heads)
@@ -180,8 +122,9 @@ class MBTIClassifier(L.LightningModule):
         if quantize and peft is None:
             raise ValueError("model.quantize needs model.peft: a 4-bit base can only be trained through adapters")
         if quantize and from_scratch:
-            raise ValueError("model.quantize needs model.from_scratch false: bitsandbytes quantizes the base's "
-                             "weights as they load")  # fmt: skip
+            raise ValueError(
+                "model.quantize needs model.from_scratch false: bitsandbytes quantizes the base's weights as they load"
+            )
         # With adapters on a loadable base, checkpoints hold only the trained weights (see on_save_checkpoint).
         self._adapter_only = peft is not None and not from_scratch
         self.strict_loading = not self._adapter_only
@@ -205,79 +148,14 @@ class MBTIClassifier(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        hp = self.hparams
-        tokenizer = load_tokenizer(hp.model_name_or_path)
-        source = demo.resolve(hp.model_name_or_path)
-        if not hp.from_scratch:
-            self._check_labels(AutoConfig.from_pretrained(source).id2label)
-        config = AutoConfig.from_pretrained(
-            source,
-            num_labels=len(self.id2label),
-            id2label=self.id2label,
-            label2id={label: i for i, label in self.id2label.items()},
-            problem_type="multi_label_classification" if len(self.heads) > 1 else "single_label_classification",
-            use_cache=False,  # a classifier never reuses past keys and values
-            **(hp.config_overrides or {}),
-        )
-        # Lightning sets the default dtype for the trainer's precision (bf16 for bf16-true).
-        kwargs = {"attn_implementation": hp.attn_implementation, "dtype": torch.get_default_dtype()}
-        if hp.quantize:
-            kwargs |= {"quantization_config": _nf4_config(), "dtype": torch.bfloat16}
-        if hp.from_scratch:
-            model = AutoModelForSequenceClassification.from_config(config, **kwargs)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(source, config=config, **kwargs)
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # load_tokenizer added a <pad> token
-            model.resize_token_embeddings(len(tokenizer))
-        # Pooling takes the last token that is not pad_token_id, so it must be the tokenizer's.
-        model.config.pad_token_id = tokenizer.pad_token_id
-        if hp.gradient_checkpointing:  # (transformers 5.23 renamed it; the old name goes in v6)
-            enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
-            enable({"use_reentrant": False})
-        if hp.peft is not None:
-            model = _with_lora(model, hp.peft, quantized=bool(hp.quantize))
-        if hp.compile:
-            for block in _repeated_blocks(model):
-                block.compile(dynamic=True)
-        # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode: in eval
-        # mode, gradient checkpointing and dropout (LoRA's too) would silently be off during training.
-        # Evaluation loops still switch to eval mode and back.
-        self.model = model.train()
-        # Optimizer groups by the shapes as built: under FSDP, configure_optimizers sees 1-D shards.
-        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-        self._param_group = {
-            id(p): "embeddings" if id(p) in embeddings else "decay" if p.ndim >= 2 else "no_decay"
-            for p in model.parameters()
-        }
-        self._flops_per_token = _training_flops_per_token(model)
-
-    def _check_labels(self, saved: dict[int, str]) -> None:
-        """A model this project exported (a folder or the hub) has letters or types as its labels: its
-        outputs mean those, so they must be this run's, in the same order."""
-        if set(saved.values()) <= LABELS and saved != self.id2label:
-            raise ValueError(
-                f"{self.hparams.model_name_or_path} is an MBTI classifier whose outputs are "
-                f"{', '.join(saved.values())}, but this run's target ({', '.join(self.heads)}) has "
-                f"{', '.join(self.id2label.values())}; set data.target to the model's"
-            )
+        self.model = backbone.build(self.hparams, self.id2label, self.heads)
+        self._param_group = backbone.param_groups(self.model)
+        self._flops_per_token = backbone.training_flops_per_token(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._adapter_only:  # the frozen base is model_name_or_path's; keep adapters, head and buffers
-            trained = {name for name, p in self.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {
-                k: v for k, v in checkpoint["state_dict"].items() if k in trained or not k.startswith("model.")
-            }
-        # What mbti-lightning-export needs beyond the weights and hyperparameters: the labels, and
-        # where the run's metrics and resolved config (written by the CLI) are.
-        log_dir = Path(self.trainer.log_dir).resolve() if self.trainer.log_dir else None
-        config = log_dir / "config.yaml" if log_dir else None
-        checkpoint["mbti_lightning"] = {
-            "id2label": self.id2label,
-            "heads": self.heads,
-            "log_dir": str(log_dir) if log_dir else None,
-            "config": yaml.safe_load(config.read_text()) if config and config.is_file() else None,
-            "rng": rng_states(),  # Lightning restores the rest of a run, not the random generators
-        }
+            checkpoint["state_dict"] = trained_weights(checkpoint["state_dict"], self)
+        checkpoint["mbti_lightning"] = run_metadata(self)  # what mbti-lightning-export needs
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("mbti_lightning", {})
@@ -350,8 +228,10 @@ class MBTIClassifier(L.LightningModule):
                 f"{self._skipped})."
             )
         self._skipped += 1
-        rank_zero_warn(f"skipping a batch with training loss {loss.item()} {where} "
-                       f"({self._skipped} of at most {self.hparams.skip_nonfinite_batches})")  # fmt: skip
+        rank_zero_warn(
+            f"skipping a batch with training loss {loss.item()} {where} "
+            f"({self._skipped} of at most {self.hparams.skip_nonfinite_batches})"
+        )
         self.log("train/skipped_batches", float(self._skipped))
         return None  # Lightning skips the backward pass of this batch
 
@@ -370,7 +250,13 @@ class MBTIClassifier(L.LightningModule):
         authors = batch["author"]
         if batch.get("padded"):  # leave out the copies that only keep ranks in step (sampling.PADDING)
             keep = batch["row"] >= 0
-            logits, labels, ce, weight, authors = [x[keep] for x in logits], labels[keep], ce[keep], weight[keep], authors[keep]
+            logits, labels, ce, weight, authors = (
+                [x[keep] for x in logits],
+                labels[keep],
+                ce[keep],
+                weight[keep],
+                authors[keep],
+            )
         if len(self.heads) == 1:  # the weighted mean over the whole set, as one large batch
             metrics.update(logits, labels, ce[:, 0], weight[:, 0], authors)
         else:
@@ -400,34 +286,8 @@ class MBTIClassifier(L.LightningModule):
         return {"row": batch["row"], "logits": logits, "probs": {head: x.softmax(-1) for head, x in logits.items()}}
 
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        from mbti_lightning.optim import configure_optimizers  # bitsandbytes, imported only when training
 
-        def group(name: str) -> list[torch.nn.Parameter]:
-            return [p for p in params if self._param_group[id(p)] == name]
-
-        groups = [
-            {"params": group("decay"), "weight_decay": hp.weight_decay},
-            {"params": group("no_decay"), "weight_decay": 0.0},  # biases and norms
-            # As transformers' Trainer does for adamw_bnb_8bit, embeddings keep 32-bit optimizer states
-            # (`optim_bits` is read by AdamW8bit; torch's AdamW keeps its states in fp32 anyway).
-            {"params": group("embeddings"), "weight_decay": hp.weight_decay, "optim_bits": 32},
-        ]
-        if hp.optimizer == "adamw8bit":
-            from mbti_lightning.optim import AdamW8bit
-
-            optimizer = AdamW8bit(groups, lr=hp.learning_rate)  # compensated updates for bf16 weights
-        elif any(p.dtype == torch.bfloat16 for p in params):
-            raise ValueError(
-                "model.optimizer 'adamw' would round away most lr-2e-5 updates of bf16 weights; use "
-                "'adamw8bit' (which compensates the rounding) or trainer.precision 32-true / bf16-mixed"
-            )
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate)
-        total = self.trainer.estimated_stepping_batches
-        warmup = int(hp.warmup_steps * total) if hp.warmup_steps < 1 else int(hp.warmup_steps)
-        if hp.lr_schedule == "linear":
-            scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
-        else:
-            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(
+            self.model, self._param_group, self.hparams, self.trainer.estimated_stepping_batches
+        )

@@ -24,10 +24,11 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import bitsandbytes as bnb
 import torch
-
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 FUSED_DEVICES = ("cuda",)  # where `fused=None` takes the kernel
 
@@ -37,7 +38,9 @@ def _fused_step() -> Callable | None:
     try:
         from mbti_lightning.triton_adamw import compensated_adamw8bit_step
     except ImportError as error:  # (asked only for CUDA tensors)
-        warnings.warn(f"AdamW8bit: no fused kernel ({error}); bf16 weights take the slower fp32-copy path")
+        warnings.warn(
+            f"AdamW8bit: no fused kernel ({error}); bf16 weights take the slower fp32-copy path", stacklevel=2
+        )
         return None
     return compensated_adamw8bit_step
 
@@ -99,13 +102,24 @@ class AdamW8bit(bnb.optim.AdamW8bit):
         if fused and state["state1"].dtype == torch.uint8:  # (small tensors keep 32-bit moments)
             config = self.get_config(gindex, pindex, group)
             try:  # Triton compiles the kernel at its first launch, before it touches any tensor
-                _fused_step()(p.data, p.grad, state, step=state["step"] + 1, lr=config["lr"], betas=config["betas"],
-                              eps=config["eps"], weight_decay=config["weight_decay"])  # fmt: skip
+                _fused_step()(
+                    p.data,
+                    p.grad,
+                    state,
+                    step=state["step"] + 1,
+                    lr=config["lr"],
+                    betas=config["betas"],
+                    eps=config["eps"],
+                    weight_decay=config["weight_decay"],
+                )
             except Exception as error:
                 if self.fused:
                     raise
-                warnings.warn(f"AdamW8bit: the fused kernel failed ({type(error).__name__}: {error}); "
-                              "bf16 weights take the slower fp32-copy path from now on")  # fmt: skip
+                warnings.warn(
+                    f"AdamW8bit: the fused kernel failed ({type(error).__name__}: {error}); "
+                    "bf16 weights take the slower fp32-copy path from now on",
+                    stacklevel=2,
+                )
                 self.fused = False
             else:
                 state["step"] += 1
@@ -119,3 +133,35 @@ class AdamW8bit(bnb.optim.AdamW8bit):
         p.data, p.grad = weight, grad
         weight.copy_(updated)
         state["compensation"].copy_(updated.sub_(weight.float()))
+
+
+def configure_optimizers(model: torch.nn.Module, groups_of: dict[int, str], hp: Any, total_steps: int) -> dict:
+    """The optimizer (`hp.optimizer`) over `model`'s trained parameters in the groups `groups_of` gives them
+    (see `backbone.param_groups`), and the learning-rate schedule, for Lightning's `configure_optimizers`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def group(name: str) -> list[torch.nn.Parameter]:
+        return [p for p in params if groups_of[id(p)] == name]
+
+    groups = [
+        {"params": group("decay"), "weight_decay": hp.weight_decay},
+        {"params": group("no_decay"), "weight_decay": 0.0},  # biases and norms
+        # As transformers' Trainer does for adamw_bnb_8bit, embeddings keep 32-bit optimizer states
+        # (`optim_bits` is read by AdamW8bit; torch's AdamW keeps its states in fp32 anyway).
+        {"params": group("embeddings"), "weight_decay": hp.weight_decay, "optim_bits": 32},
+    ]
+    if hp.optimizer == "adamw8bit":
+        optimizer = AdamW8bit(groups, lr=hp.learning_rate)  # compensated updates for bf16 weights
+    elif any(p.dtype == torch.bfloat16 for p in params):
+        raise ValueError(
+            "model.optimizer 'adamw' would round away most lr-2e-5 updates of bf16 weights; use "
+            "'adamw8bit' (which compensates the rounding) or trainer.precision 32-true / bf16-mixed"
+        )
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate)
+    warmup = int(hp.warmup_steps * total_steps) if hp.warmup_steps < 1 else int(hp.warmup_steps)
+    if hp.lr_schedule == "linear":
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -101,8 +101,15 @@ class PredictionWriter(L.Callback):
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows, self._log_probs = [], []
 
-    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: dict,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._rows.append(outputs["row"].cpu())
         self._log_probs.append({head: x.float().log_softmax(-1).cpu() for head, x in outputs["logits"].items()})
 

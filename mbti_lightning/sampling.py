@@ -8,7 +8,6 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DistributedSampler
 
-
 #: With fewer evaluation rows than ranks, a rank still gets a batch: a copy of row i, given as
 #: ``PADDING - i`` (negative). Readers of such a batch use the row and leave the copy out of every result.
 PADDING = -1

@@ -86,7 +86,23 @@ def compensated_adamw8bit_step(
     beta1, beta2 = betas
     correction1, correction2 = 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5
     _compensated_adamw8bit_kernel[(triton.cdiv(weight.numel(), BLOCK_SIZE),)](
-        weight, state["compensation"], grad, state["state1"], state["state2"], state["qmap1"], state["qmap2"],
-        state["absmax1"], state["absmax2"], beta1, beta2, eps, lr, weight_decay, correction1, correction2,
-        weight.numel(), BLOCK=BLOCK_SIZE, num_warps=2,
-    )  # fmt: skip
+        weight,
+        state["compensation"],
+        grad,
+        state["state1"],
+        state["state2"],
+        state["qmap1"],
+        state["qmap2"],
+        state["absmax1"],
+        state["absmax2"],
+        beta1,
+        beta2,
+        eps,
+        lr,
+        weight_decay,
+        correction1,
+        correction2,
+        weight.numel(),
+        BLOCK=BLOCK_SIZE,
+        num_warps=2,
+    )

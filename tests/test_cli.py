@@ -4,10 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from mbti_lightning.cli import cli_main
-
-from conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -38,8 +37,9 @@ def test_the_progress_bar_can_be_turned_off(enabled, tmp_path, monkeypatch):
     from mbti_lightning.callbacks import ProgressBar
 
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(["--config", str(REPO / "configs/demo.yaml"), "--trainer.enable_progress_bar", str(enabled).lower()],
-                   run=False)  # fmt: skip
+    cli = cli_main(
+        ["--config", str(REPO / "configs/demo.yaml"), "--trainer.enable_progress_bar", str(enabled).lower()], run=False
+    )
     assert any(isinstance(c, ProgressBar) for c in cli.trainer.callbacks) == enabled
 
 
@@ -47,8 +47,21 @@ def test_the_progress_bar_shows_the_loss_of_the_last_logging_step_and_no_version
     from mbti_lightning.callbacks import ProgressBar
 
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(["--config", str(REPO / "configs/demo.yaml"), "--trainer.max_steps", "12", "--trainer.log_every_n_steps",
-                    "5", "--trainer.limit_val_batches", "0", "--checkpoint.save_last", "false"], run=False)  # fmt: skip
+    cli = cli_main(
+        [
+            "--config",
+            str(REPO / "configs/demo.yaml"),
+            "--trainer.max_steps",
+            "12",
+            "--trainer.log_every_n_steps",
+            "5",
+            "--trainer.limit_val_batches",
+            "0",
+            "--checkpoint.save_last",
+            "false",
+        ],
+        run=False,
+    )
     cli.trainer.fit(cli.model, cli.datamodule)
     (bar,) = [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
     shown = bar.get_metrics(cli.trainer, cli.model)
@@ -82,8 +95,9 @@ def test_demo_fit_learns_and_validate_reproduces_the_best_checkpoint(tmp_path, m
     # Throughput at every logging step (every 10 optimizer steps in the demo), not in between.
     speed = [row for row in read_metrics(tmp_path / "logs") if row["train/device/items_per_sec"]]
     assert [int(row["step"]) for row in speed[:3]] == [9, 19, 29]
-    assert all(float(row["train/device/items_per_sec"]) > 10 * float(row["train/device/samples_per_sec"]) > 0
-               for row in speed)  # fmt: skip
+    assert all(
+        float(row["train/device/items_per_sec"]) > 10 * float(row["train/device/samples_per_sec"]) > 0 for row in speed
+    )
     (ckpt,) = (tmp_path / "checkpoints/demo").glob("best-*.ckpt")
     assert (tmp_path / "checkpoints/demo/last.ckpt").exists()
     assert f"step{int(best['step']) + 1}-" in ckpt.name
@@ -104,13 +118,26 @@ def test_compiled_decoder_blocks_train_and_their_checkpoint_validates_the_same_w
     demo, short = str(REPO / "configs/demo.yaml"), ["--trainer.limit_val_batches", "2"]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    cli_main(["fit", "--config", demo, "--model.compile", "true", "--trainer.max_steps", "6",
-              "--trainer.val_check_interval", "6", *short])  # fmt: skip
+    cli_main(
+        [
+            "fit",
+            "--config",
+            demo,
+            "--model.compile",
+            "true",
+            "--trainer.max_steps",
+            "6",
+            "--trainer.val_check_interval",
+            "6",
+            *short,
+        ]
+    )
     assert 0 < torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4  # training and evaluation, not per length
     (logged,) = [row for row in read_metrics(tmp_path / "logs") if row["val/loss"]]
 
     torch._dynamo.utils.counters.clear()
-    cli = cli_main(["validate", "--config", demo, "--ckpt_path", "checkpoints/demo/last.ckpt", "--model.compile", "false",
-                    *short])  # fmt: skip
+    cli = cli_main(
+        ["validate", "--config", demo, "--ckpt_path", "checkpoints/demo/last.ckpt", "--model.compile", "false", *short]
+    )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
     assert cli.trainer.callback_metrics["val/loss"].item() == pytest.approx(float(logged["val/loss"]), rel=1e-4)

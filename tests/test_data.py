@@ -79,8 +79,15 @@ def test_second_setup_reads_the_cache(corpus_file, monkeypatch):
     dm = make_dm(corpus_file)
     dm.setup("fit")
     assert len(dm.splits["train"]) == 1200
-    changes = [{"max_length": 16}, {"keep_seed": 5}, {"val_seed": 5}, {"target": "E-I"}, {"split": "author"},
-               {"mask_type_mentions": True}, {"explode_separator": "."}]  # fmt: skip
+    changes = [
+        {"max_length": 16},
+        {"keep_seed": 5},
+        {"val_seed": 5},
+        {"target": "E-I"},
+        {"split": "author"},
+        {"mask_type_mentions": True},
+        {"explode_separator": "."},
+    ]
     for changed in changes:
         with pytest.raises(AssertionError, match="tokenized again"):  # a changed setting is never served stale
             make_dm(corpus_file, **changed).setup("fit")
@@ -102,8 +109,9 @@ def test_batches_are_page_locked_only_for_a_cuda_trainer(corpus_file):
     dm = make_dm(corpus_file)
     dm.setup("fit")
     assert not dm.val_dataloader().pin_memory  # no trainer (or a CPU one)
-    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), world_size=1,
-                                 global_rank=0)  # fmt: skip
+    dm.trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), world_size=1, global_rank=0
+    )
     assert dm.val_dataloader().pin_memory
 
 
@@ -120,8 +128,10 @@ def test_missing_column_is_named(corpus_file):
         dm.setup("fit")
 
 
-@pytest.mark.parametrize("kwargs, message", [({"max_length": 0}, "max_length must be positive"),
-                                             ({"target": "JP"}, "unknown target .JP.; expected an axis")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"max_length": 0}, "max_length must be positive"), ({"target": "JP"}, "unknown target .JP.; expected an axis")],
+)
 def test_bad_settings(corpus_file, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_dm(corpus_file, **kwargs)

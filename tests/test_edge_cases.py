@@ -6,14 +6,13 @@ import stat
 import pytest
 import torch
 import yaml
+from conftest import REPO
 
 from mbti_lightning import cache, checkpoint
 from mbti_lightning.cli import cli_main, model_keys_given
 from mbti_lightning.data import Collator, MBTIDataModule, _Rows
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.sampling import PADDING, LengthGroupedSampler
-
-from conftest import REPO
 
 
 def test_a_checkpoint_from_more_gpus_than_are_visible_restores_the_ones_there(monkeypatch):
@@ -44,7 +43,9 @@ def test_loading_a_checkpoint_outside_a_resume_leaves_the_random_state_alone(tmp
 
 
 def test_fewer_rows_than_ranks_still_give_every_rank_the_same_batches():
-    ranks = [list(LengthGroupedSampler([5, 3, 4], batch_size=2, shuffle=False, num_replicas=4, rank=r)) for r in range(4)]
+    ranks = [
+        list(LengthGroupedSampler([5, 3, 4], batch_size=2, shuffle=False, num_replicas=4, rank=r)) for r in range(4)
+    ]
     assert [len(batches) for batches in ranks] == [1, 1, 1, 1]
     rows = [row for batches in ranks for batch in batches for row in batch]
     assert sorted(row for row in rows if row >= 0) == [0, 1, 2]  # each real row once
@@ -106,8 +107,19 @@ def test_atomic_files_get_the_usual_mode_without_touching_the_umask(tmp_path, mo
 
 def test_checkpointing_can_be_turned_off(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.enable_checkpointing", "false",
-                    "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"])  # fmt: skip
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/demo.yaml"),
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+        ]
+    )
     assert cli.trainer.global_step == 2 and cli.trainer.checkpoint_callback is None
     assert not (tmp_path / "checkpoints").exists()
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
@@ -16,8 +17,6 @@ from mbti_lightning.cli import cli_main
 from mbti_lightning.export import main as export_main
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.tokenizer import load_tokenizer
-
-from conftest import REPO
 
 TEXTS = ["i made a list and a schedule for the whole week", "whatever lol lets just improvise", "the the the"]
 TOKEN = "hf_" + "x" * 34  # shaped like a real token, so a leak would be easy to grep
@@ -32,9 +31,21 @@ def trained(tmp_path_factory) -> Path:
     mp.setattr(sys, "argv", ["mbti-lightning"])
     mp.setenv("HF_TOKEN", TOKEN)  # as on a user's machine; it must not leak into anything the run writes
     # Two tokenizing processes: under the CLI, nothing but the tokenizer may need pickling.
-    cli_main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.max_epochs", "1",
-              "--trainer.limit_train_batches", "60", "--trainer.val_check_interval", "30",
-              "--data.preprocessing_workers", "2"])  # fmt: skip
+    cli_main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/demo.yaml"),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "60",
+            "--trainer.val_check_interval",
+            "30",
+            "--data.preprocessing_workers",
+            "2",
+        ]
+    )
     mp.undo()
     return run / "checkpoints/demo/last.ckpt"
 
@@ -106,8 +117,15 @@ def test_card_has_metrics_baseline_split_and_plots(trained, tmp_path):
     out = tmp_path / "model"
     export("--ckpt", trained, "--out", out)
     card = (out / "README.md").read_text()
-    for text in ("| MCC |", "| balanced accuracy |", "majority class", "Rows are split, not authors",
-                 "Intended use and limitations", "learning_rate", "pipeline_tag: text-classification"):  # fmt: skip
+    for text in (
+        "| MCC |",
+        "| balanced accuracy |",
+        "majority class",
+        "Rows are split, not authors",
+        "Intended use and limitations",
+        "learning_rate",
+        "pipeline_tag: text-classification",
+    ):
         assert text in card, text
     for png in ("val_metrics.png", "confusion_matrix.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in card
@@ -136,7 +154,9 @@ def test_the_baseline_command_logs_the_mcc_the_card_shows(trained, tmp_path, mon
     (logged,) = csv.DictReader(next(Path("logs").rglob("metrics.csv")).open())
     assert float(logged["val/baseline/mcc"]) > 0.3 and float(logged["test/baseline/mcc"]) > 0.3
     export("--ckpt", trained, "--out", tmp_path / "model")
-    (row,) = re.findall(r"^\| MCC \| [\d.]+ \| ([\d.]+) \| 0.0000 \|$", (tmp_path / "model/README.md").read_text(), re.M)
+    (row,) = re.findall(
+        r"^\| MCC \| [\d.]+ \| ([\d.]+) \| 0.0000 \|$", (tmp_path / "model/README.md").read_text(), re.M
+    )
     assert row == f"{float(logged['val/baseline/mcc']):.4f}"
 
 
@@ -243,20 +263,41 @@ def expect_error(capsys, message: str, *args) -> None:
 
 def test_missing_token_fails_before_any_work(trained, tmp_path, hub, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    expect_error(capsys, "--push-to-hub needs a Hugging Face token: log in with `hf auth login`", "--ckpt", trained, "--out", tmp_path / "m",
-                 "--push-to-hub", "me/x")  # fmt: skip
+    expect_error(
+        capsys,
+        "--push-to-hub needs a Hugging Face token: log in with `hf auth login`",
+        "--ckpt",
+        trained,
+        "--out",
+        tmp_path / "m",
+        "--push-to-hub",
+        "me/x",
+    )
     assert not (tmp_path / "m").exists()
 
 
 def test_bad_checkpoints_are_named(tmp_path, capsys):
-    expect_error(capsys, f"checkpoint not found: {tmp_path / 'nope.ckpt'}", "--ckpt", tmp_path / "nope.ckpt",
-                 "--out", tmp_path / "m")  # fmt: skip
+    expect_error(
+        capsys,
+        f"checkpoint not found: {tmp_path / 'nope.ckpt'}",
+        "--ckpt",
+        tmp_path / "nope.ckpt",
+        "--out",
+        tmp_path / "m",
+    )
     (tmp_path / "corrupt.ckpt").write_bytes(b"\x00not a checkpoint" * 10)
-    expect_error(capsys, f"could not read checkpoint {tmp_path / 'corrupt.ckpt'}", "--ckpt",
-                 tmp_path / "corrupt.ckpt", "--out", tmp_path / "m")  # fmt: skip
+    expect_error(
+        capsys,
+        f"could not read checkpoint {tmp_path / 'corrupt.ckpt'}",
+        "--ckpt",
+        tmp_path / "corrupt.ckpt",
+        "--out",
+        tmp_path / "m",
+    )
     torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "other.ckpt")
-    expect_error(capsys, "was not written by `mbti-lightning fit`", "--ckpt", tmp_path / "other.ckpt",
-                 "--out", tmp_path / "m")  # fmt: skip
+    expect_error(
+        capsys, "was not written by `mbti-lightning fit`", "--ckpt", tmp_path / "other.ckpt", "--out", tmp_path / "m"
+    )
     assert not (tmp_path / "m").exists()
 
 

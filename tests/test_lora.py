@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, fit_demo
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
 from mbti_lightning.cli import cli_main
 from mbti_lightning.export import main as export_main
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.tokenizer import load_tokenizer
-
-from conftest import REPO, fit_demo
 
 TEXTS = ["i made a list and a schedule for the whole week", "whatever lol lets just improvise", "the the the"]
 # The demo base is random, not pretrained: its frozen embeddings know no words, so they get adapters
@@ -23,8 +22,9 @@ LORA = "{r: 8, lora_alpha: 16, lora_dropout: 0.0, target_modules: [embed_tokens,
 
 def demo_fit(run: Path, *args: str) -> Path:
     # The demo folder's saved weights stand in for a pretrained base (from_scratch false).
-    return fit_demo(run, "--model.from_scratch", "false", "--trainer.max_epochs", "1",
-                    "--trainer.val_check_interval", "50", *args)  # fmt: skip
+    return fit_demo(
+        run, "--model.from_scratch", "false", "--trainer.max_epochs", "1", "--trainer.val_check_interval", "50", *args
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +78,23 @@ def test_lora_reload_gives_identical_logits_and_both_exports_match_pipeline(lora
 def test_an_adapter_only_checkpoint_resumes(lora_run, monkeypatch):
     monkeypatch.chdir(lora_run.parents[1])
     monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
-    cli = cli_main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--model.from_scratch", "false",
-                    "--model.peft", LORA, "--trainer.max_steps", "210", "--trainer.val_check_interval", "50",
-                    "--ckpt_path", str(lora_run / "last.ckpt")])  # fmt: skip
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/demo.yaml"),
+            "--model.from_scratch",
+            "false",
+            "--model.peft",
+            LORA,
+            "--trainer.max_steps",
+            "210",
+            "--trainer.val_check_interval",
+            "50",
+            "--ckpt_path",
+            str(lora_run / "last.ckpt"),
+        ]
+    )
     assert cli.trainer.global_step == 210  # 10 steps on top of the 200 saved, optimizer state and all
 
 

@@ -21,9 +21,14 @@ def test_mentions_are_masked(text, expected, count):
 
 @pytest.mark.parametrize(
     "text",
-    ["fine site Feel Fen Tie Sink", "Sis said nine times", "intjx xintj", "xxxx marks the spot", "exit in style",
-     "Fe2O3 and NiCd"],  # fmt: skip
+    [
+        "fine site Feel Fen Tie Sink",
+        "Sis said nine times",
+        "intjx xintj",
+        "xxxx marks the spot",
+        "exit in style",
+        "Fe2O3 and NiCd",
+    ],
 )
 def test_ordinary_words_are_left_alone(text):
     assert mask_type_mentions(text) == (text, 0)
-

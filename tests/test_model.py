@@ -1,4 +1,3 @@
-
 import lightning as L
 import pytest
 import torch
@@ -24,8 +23,15 @@ def first_step_grads(batches: list[dict]) -> dict[str, torch.Tensor]:
     """Gradients of one optimizer step accumulated over `batches`."""
     L.seed_everything(0)
     model = GradRecorder(model_name_or_path="demo", from_scratch=True, class_weights=[0.6, 0.4], optimizer="adamw")
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=len(batches), logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=len(batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch))
     return model.grads
 
@@ -74,8 +80,15 @@ def test_author_metrics_match_a_hand_computation():
     metric.update(torch.stack([torch.zeros(3), log_odds[3:]], 1), torch.tensor([1, 1, 0]), torch.tensor([3, 3, 9]))
     # Means: author 7 +0.5 -> 1 (label 1, right); author 3 -1/3 -> 0 (label 1, wrong); author 9 -0.5 -> 0 (label 0, right).
     # TP 1, FN 1, TN 1, FP 0: MCC (1*1 - 0) / sqrt(1*2*1*2) = 0.5; F1 of class 1 = 2/3; balanced acc (0.5 + 1) / 2.
-    expected = {"author/acc": 2 / 3, "author/f1": 2 / 3, "author/mcc": 0.5, "author/bal_acc": 0.75,
-                "author/count": 3, "majority_acc": 5 / 6, "author/majority_acc": 2 / 3}  # fmt: skip
+    expected = {
+        "author/acc": 2 / 3,
+        "author/f1": 2 / 3,
+        "author/mcc": 0.5,
+        "author/bal_acc": 0.75,
+        "author/count": 3,
+        "majority_acc": 5 / 6,
+        "author/majority_acc": 2 / 3,
+    }
     assert {k: pytest.approx(float(v)) for k, v in metric.compute().items()} == expected
 
 
@@ -117,8 +130,16 @@ def no_special_tokens_model(tmp_path):
     tokenizer = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(tmp_path)
-    Phi3Config(vocab_size=3, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-               pad_token_id=None, bos_token_id=None, eos_token_id=None).save_pretrained(tmp_path)  # fmt: skip
+    Phi3Config(
+        vocab_size=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    ).save_pretrained(tmp_path)
     return tmp_path
 
 
@@ -147,8 +168,12 @@ def test_skipping_the_padding_mask_is_exact_for_right_padded_causal_models():
     unmasked = MBTIClassifier(model_name_or_path="demo", from_scratch=True, skip_padding_mask=True)
     unmasked.model = masked.model
     tokenizer = load_tokenizer("demo")
-    batch = tokenizer(["i plan my week with a calendar and a list", "whatever", "chill"], padding=True,
-                      pad_to_multiple_of=8, return_tensors="pt")  # fmt: skip
+    batch = tokenizer(
+        ["i plan my week with a calendar and a list", "whatever", "chill"],
+        padding=True,
+        pad_to_multiple_of=8,
+        return_tensors="pt",
+    )
     masked.eval()
     with torch.no_grad():
         torch.testing.assert_close(unmasked(**batch), masked(**batch), rtol=1e-5, atol=1e-5)
@@ -167,8 +192,9 @@ def test_building_the_demo_folder_leaves_the_random_state_alone(tmp_path, monkey
 
 def test_sdpa_kernels_apply_to_the_forward_pass_and_its_recomputation():
     """Gradient checkpointing runs attention again in the backward pass: with the same choice of kernels."""
-    model = MBTIClassifier(model_name_or_path="demo", from_scratch=True, sdpa_kernels=["math"],
-                           gradient_checkpointing=True)  # fmt: skip
+    model = MBTIClassifier(
+        model_name_or_path="demo", from_scratch=True, sdpa_kernels=["math"], gradient_checkpointing=True
+    )
     model.configure_model()
     model.train()
     flash_allowed = []
@@ -191,8 +217,15 @@ def test_embeddings_keep_32_bit_optimizer_states_whatever_an_earlier_optimizer_l
     monkeypatch.setattr(bnb.optim.GlobalOptimManager.get_instance(), "index2config", {(0, 0): {"optim_bits": 32}})
     L.seed_everything(0)
     model = MBTIClassifier(model_name_or_path="demo", from_scratch=True, class_weights=[0.6, 0.4])
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, MBTIDataModule(dataset="demo", tokenizer="demo", keep_fraction=0.1))
 
     states = trainer.optimizers[0].state
@@ -225,8 +258,15 @@ def test_a_loaded_model_trains_in_training_mode_and_recomputes_activations():
 
     dm = MBTIDataModule(dataset="demo", tokenizer="demo", keep_fraction=0.1, num_workers=0)
     model = Checked(model_name_or_path="demo", gradient_checkpointing=True)  # the demo's saved weights
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, dm)
     assert len(calls) == 2  # the first decoder layer's MLP ran forward, then again in the backward pass
 
@@ -246,8 +286,15 @@ def test_weight_decay_skips_norms_and_biases_even_when_parameters_are_flat_shard
             return config
 
     model = Sharded(model_name_or_path="demo", from_scratch=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, MBTIDataModule(dataset="demo", tokenizer="demo", keep_fraction=0.1))
 
     decay = {id(p): group["weight_decay"] for group in trainer.optimizers[0].param_groups for p in group["params"]}

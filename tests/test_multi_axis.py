@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, fit_demo
 from transformers import pipeline
 
 from mbti_lightning.cli import cli_main
@@ -16,16 +17,30 @@ from mbti_lightning.labels import AXES, TYPES
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.predict import prediction_records
 
-from conftest import REPO, fit_demo
-
-TEXTS = ["i made a list and a schedule for the whole week", "whatever lol lets just improvise",
-         "alone with a book at home, quiet evening", "party with friends at the club tonight", "the the the"]  # fmt: skip
+TEXTS = [
+    "i made a list and a schedule for the whole week",
+    "whatever lol lets just improvise",
+    "alone with a book at home, quiet evening",
+    "party with friends at the club tonight",
+    "the the the",
+]
 
 
 def fit(run: Path, *args: str) -> Path:
     """A short demo fit in `run`; returns its last checkpoint."""
-    return fit_demo(run, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "80",
-                    "--trainer.val_check_interval", "40", *args) / "last.ckpt"  # fmt: skip
+    return (
+        fit_demo(
+            run,
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "80",
+            "--trainer.val_check_interval",
+            "40",
+            *args,
+        )
+        / "last.ckpt"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +80,25 @@ def test_predictions_keep_the_input_order_and_use_letters(all_axes, tmp_path, mo
     out = tmp_path / f"predictions{suffix}"
     monkeypatch.chdir(all_axes.parents[2])
     monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
-    cli_main(["predict", "--config", str(REPO / "configs/demo.yaml"), "--data.target", "all",
-              "--ckpt_path", str(all_axes), "--data.predict_file", str(texts), "--data.eval_batch_size", "16",
-              "--predictions.output", str(out), "--predictions.text", text])  # fmt: skip
+    cli_main(
+        [
+            "predict",
+            "--config",
+            str(REPO / "configs/demo.yaml"),
+            "--data.target",
+            "all",
+            "--ckpt_path",
+            str(all_axes),
+            "--data.predict_file",
+            str(texts),
+            "--data.eval_batch_size",
+            "16",
+            "--predictions.output",
+            str(out),
+            "--predictions.text",
+            text,
+        ]
+    )
 
     if suffix == ".csv":
         rows = list(csv.DictReader(out.open()))
@@ -78,8 +109,19 @@ def test_predictions_keep_the_input_order_and_use_letters(all_axes, tmp_path, mo
         assert [r["text"] for r in rows] == TEXTS * 40
     else:  # the text stays private; its hash still identifies it
         assert [r["text_sha256"] for r in rows] == [hashlib.sha256(t.encode()).hexdigest() for t in TEXTS * 40]
-    assert list(rows[0]) == ["id", "text" if text == "text" else "text_sha256", "type", "E-I", "E-I_prob", "N-S",
-                             "N-S_prob", "F-T", "F-T_prob", "J-P", "J-P_prob"]  # fmt: skip
+    assert list(rows[0]) == [
+        "id",
+        "text" if text == "text" else "text_sha256",
+        "type",
+        "E-I",
+        "E-I_prob",
+        "N-S",
+        "N-S_prob",
+        "F-T",
+        "F-T_prob",
+        "J-P",
+        "J-P_prob",
+    ]
     for row in rows:
         assert row["type"] in TYPES and row["type"] == "".join(row[axis] for axis in AXES)
         assert all(0.5 <= float(row[f"{axis}_prob"]) <= 1 for axis in AXES)
@@ -91,8 +133,18 @@ def test_records_from_a_type_head_sum_the_types_of_each_letter():
     probs = torch.zeros(1, 16)
     probs[0, TYPES.index("INTJ")], probs[0, TYPES.index("ENTP")] = 0.3, 0.7
     (record,) = prediction_records({"mbti": TYPES}, {"mbti": probs})
-    assert record == {"type": "ENTP", "type_prob": 0.7, "E-I": "E", "E-I_prob": 0.7, "N-S": "N", "N-S_prob": 1.0,
-                      "F-T": "T", "F-T_prob": 1.0, "J-P": "P", "J-P_prob": 0.7}  # fmt: skip
+    assert record == {
+        "type": "ENTP",
+        "type_prob": 0.7,
+        "E-I": "E",
+        "E-I_prob": 0.7,
+        "N-S": "N",
+        "N-S_prob": 1.0,
+        "F-T": "T",
+        "F-T_prob": 1.0,
+        "J-P": "P",
+        "J-P_prob": 0.7,
+    }
 
 
 def test_multi_axis_export_works_with_pipeline(all_axes, tmp_path):
@@ -108,5 +160,6 @@ def test_multi_axis_export_works_with_pipeline(all_axes, tmp_path):
     temperatures = torch.tensor([classifier.model.config.calibration_temperatures[axis] for axis in AXES])
     with torch.no_grad():  # calibrated: each axis's logit divided by its own temperature
         expected = torch.sigmoid(model(**classifier.tokenizer([TEXTS[0]], return_tensors="pt")) / temperatures)[0]
-    assert scores == pytest.approx({"I": expected[0].item(), "S": expected[1].item(), "T": expected[2].item(),
-                                    "P": expected[3].item()}, abs=1e-5)  # fmt: skip
+    assert scores == pytest.approx(
+        {"I": expected[0].item(), "S": expected[1].item(), "T": expected[2].item(), "P": expected[3].item()}, abs=1e-5
+    )

@@ -22,11 +22,15 @@ def test_bf16_weights_with_compensation_move_like_fp32_master_weights():
     torch.manual_seed(0)
     start = (torch.randn(8192) * 0.02).bfloat16()
     grads = [(torch.randn(8192) * 1e-3 + 5e-4).bfloat16() for _ in range(200)]
-    params = {name: torch.nn.Parameter(start.clone().to(dtype))
-              for name, dtype in [("fp32", torch.float32), ("compensated", torch.bfloat16), ("plain", torch.bfloat16)]}  # fmt: skip
-    optimizers = {"fp32": AdamW8bit([params["fp32"]], lr=2e-5, weight_decay=0.01),
-                  "compensated": AdamW8bit([params["compensated"]], lr=2e-5, weight_decay=0.01),
-                  "plain": bnb.optim.AdamW8bit([params["plain"]], lr=2e-5, weight_decay=0.01)}  # fmt: skip
+    params = {
+        name: torch.nn.Parameter(start.clone().to(dtype))
+        for name, dtype in [("fp32", torch.float32), ("compensated", torch.bfloat16), ("plain", torch.bfloat16)]
+    }
+    optimizers = {
+        "fp32": AdamW8bit([params["fp32"]], lr=2e-5, weight_decay=0.01),
+        "compensated": AdamW8bit([params["compensated"]], lr=2e-5, weight_decay=0.01),
+        "plain": bnb.optim.AdamW8bit([params["plain"]], lr=2e-5, weight_decay=0.01),
+    }
     for name, param in params.items():
         train(param, optimizers[name], grads)
 

@@ -9,11 +9,20 @@ import pytest
 
 #: (distribution, module, attribute path, where mbti_lightning uses it)
 PRIVATE = [
-    ("datasets", "datasets.utils.stratify", "stratified_shuffle_split_generate_indices", "data.stratified_split: seed parity"),
+    (
+        "datasets",
+        "datasets.utils.stratify",
+        "stratified_shuffle_split_generate_indices",
+        "data.stratified_split: seed parity",
+    ),
     ("lightning", "lightning.fabric.utilities.throughput", "_plugin_to_compute_dtype", "callbacks.Throughput"),
     ("lightning", "lightning.pytorch.loops.fit_loop", "_FitLoop._should_accumulate", "callbacks._logging_now"),
-    ("lightning", "lightning.pytorch.trainer.connectors.logger_connector.logger_connector",
-     "_LoggerConnector.should_update_logs", "callbacks._logging_now (trainer._logger_connector)"),  # fmt: skip
+    (
+        "lightning",
+        "lightning.pytorch.trainer.connectors.logger_connector.logger_connector",
+        "_LoggerConnector.should_update_logs",
+        "callbacks._logging_now (trainer._logger_connector)",
+    ),
     ("lightning", "lightning.pytorch.cli", "LightningCLI._parse_ckpt_path", "cli: command-line model options win"),
     ("lightning", "lightning.pytorch.cli", "LightningCLI._instantiate_trainer", "cli: enable_checkpointing false"),
     ("lightning", "lightning.pytorch.cli", "LightningCLI._get", "cli: enable_progress_bar false"),
@@ -53,8 +62,18 @@ INSTANCE = [
 ]
 #: bitsandbytes' Triton kernels, which the fused optimizer step builds on (needs Triton).
 TRITON = [
-    ("bitsandbytes", "bitsandbytes.backends.triton.kernels_8bit_quant", "dequant_8bit_blockwise_kernel_util", "triton_adamw"),
-    ("bitsandbytes", "bitsandbytes.backends.triton.kernels_8bit_quant", "quantize_8bit_blockwise_kernel_util", "triton_adamw"),
+    (
+        "bitsandbytes",
+        "bitsandbytes.backends.triton.kernels_8bit_quant",
+        "dequant_8bit_blockwise_kernel_util",
+        "triton_adamw",
+    ),
+    (
+        "bitsandbytes",
+        "bitsandbytes.backends.triton.kernels_8bit_quant",
+        "quantize_8bit_blockwise_kernel_util",
+        "triton_adamw",
+    ),
 ]
 
 

@@ -10,14 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO
 
 from mbti_lightning.cli import cli_main
 from mbti_lightning.data import MBTIDataModule, author_split
 from mbti_lightning.demo import generate_rows
 from mbti_lightning.labels import AXES
 from mbti_lightning.predict import per_author, prediction_records
-
-from conftest import REPO
 
 
 def make_dm(path: Path, builder: str, **kwargs) -> MBTIDataModule:
@@ -50,12 +49,18 @@ def axis_letter_file(path: Path, num_rows: int = 3000) -> Path:
 
 
 def test_bad_rows_are_dropped_with_counts_and_row_numbers(tmp_path):
-    path = write_csv(tmp_path / "bad.csv", ["body", "mbti"],
-                     [["hello there", "intj"], ["hi", "INTX"], ["  ", "ENFP"], ["fine", " enfp "]] * 20)  # fmt: skip
+    path = write_csv(
+        tmp_path / "bad.csv",
+        ["body", "mbti"],
+        [["hello there", "intj"], ["hi", "INTX"], ["  ", "ENFP"], ["fine", " enfp "]] * 20,
+    )
     dm = make_dm(path, "csv", val_fraction=0.25)
-    with pytest.warns(UserWarning, match=r"bad.csv: 40 of 80 rows are unusable; 20 rows with an empty 'body': "
-                                         r"rows 2, 6, 10, 14, 18 and 15 more; 20 rows whose 'mbti' is not an MBTI type: "
-                                         r"rows 1 \('INTX'\), 5 \('INTX'\)"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"bad.csv: 40 of 80 rows are unusable; 20 rows with an empty 'body': "
+        r"rows 2, 6, 10, 14, 18 and 15 more; 20 rows whose 'mbti' is not an MBTI type: "
+        r"rows 1 \('INTX'\), 5 \('INTX'\)",
+    ):
         dm.setup("fit")
     assert len(dm.splits["train"]) + len(dm.splits["validation"]) == 40  # the " enfp " rows are kept
 
@@ -72,9 +77,12 @@ def test_nothing_left_after_filtering_is_an_error(tmp_path):
 def test_a_type_too_rare_to_stratify_is_pooled_and_a_class_that_cannot_be_split_still_stops(tmp_path):
     rows = [["a", "INTJ"]] * 10 + [["b", "ENFP"]] * 10 + [["c", "ESFP"]]
     dm = make_dm(write_csv(tmp_path / "rare.csv", ["body", "mbti"], rows), "csv")
-    with pytest.warns(UserWarning, match=r"rare.csv: a stratified split of 21 rows \(or authors\) into 16 and 5 failed "
-                                         r"because these classes have fewer than 2 rows \(or authors\): 'ESFP' \(1\); "
-                                         r"so 'ESFP' \(1\), 'ENFP' \(10\) were pooled by their target letters"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"rare.csv: a stratified split of 21 rows \(or authors\) into 16 and 5 failed "
+        r"because these classes have fewer than 2 rows \(or authors\): 'ESFP' \(1\); "
+        r"so 'ESFP' \(1\), 'ENFP' \(10\) were pooled by their target letters",
+    ):
         dm.setup("fit")
     assert len(dm.splits["train"]) + len(dm.splits["validation"]) == 21
 
@@ -85,10 +93,13 @@ def test_a_type_too_rare_to_stratify_is_pooled_and_a_class_that_cannot_be_split_
 
 
 def test_a_class_missing_from_a_split_is_named(tmp_path):
-    files = {"train": write_csv(tmp_path / "train.csv", ["body", "mbti"], [["a", "INTJ"], ["b", "INTP"]] * 5),
-             "validation": write_csv(tmp_path / "val.csv", ["body", "mbti"], [["a", "INTJ"]] * 4)}  # fmt: skip
-    dm = MBTIDataModule(dataset="csv", data_files={k: str(v) for k, v in files.items()}, split="predefined",
-                        tokenizer="demo")  # fmt: skip
+    files = {
+        "train": write_csv(tmp_path / "train.csv", ["body", "mbti"], [["a", "INTJ"], ["b", "INTP"]] * 5),
+        "validation": write_csv(tmp_path / "val.csv", ["body", "mbti"], [["a", "INTJ"]] * 4),
+    }
+    dm = MBTIDataModule(
+        dataset="csv", data_files={k: str(v) for k, v in files.items()}, split="predefined", tokenizer="demo"
+    )
     with pytest.raises(ValueError, match=r"the validation split of csv .* has no rows of class \['P'\] \(J-P\)"):
         dm.setup("fit")
 
@@ -109,8 +120,9 @@ def test_missing_author_column_for_an_author_split_is_named(tmp_path):
 def test_author_split_is_disjoint_and_keeps_type_proportions():
     rows = generate_rows(num_rows=16_000, seed=1)
     authors, types = np.array(rows["author"]), np.array(rows["mbti"])
-    train, val, test = author_split(authors, types, keep_fraction=1.0, keep_seed=0, val_fraction=0.2, val_seed=1,
-                                    test_fraction=0.2)  # fmt: skip
+    train, val, test = author_split(
+        authors, types, keep_fraction=1.0, keep_seed=0, val_fraction=0.2, val_seed=1, test_fraction=0.2
+    )
     parts = [set(authors[idx]) for idx in (train, val, test)]
     assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
     assert len(train) + len(val) + len(test) == len(authors)
@@ -128,8 +140,17 @@ def test_author_split_is_disjoint_and_keeps_type_proportions():
 def test_kaggle_file_explodes_into_posts_with_the_row_as_author(tmp_path):
     path = kaggle_file(tmp_path / "mbti_1.csv")
     users = sum(1 for _ in csv.reader(path.open())) - 1
-    dm = make_dm(path, "csv", text_column="posts", type_column="type", author_column=None,
-                 explode_separator="|||", split="author", keep_fraction=1.0, test_fraction=0.2)  # fmt: skip
+    dm = make_dm(
+        path,
+        "csv",
+        text_column="posts",
+        type_column="type",
+        author_column=None,
+        explode_separator="|||",
+        split="author",
+        keep_fraction=1.0,
+        test_fraction=0.2,
+    )
     dm.setup("fit")
     assert sum(len(s) for s in dm.splits.values()) == 8000  # every post, once
     authors = {name: set(s["author"][:]) for name, s in dm.splits.items()}
@@ -139,8 +160,15 @@ def test_kaggle_file_explodes_into_posts_with_the_row_as_author(tmp_path):
 
 def test_axis_letter_columns_under_other_names(tmp_path):
     path = axis_letter_file(tmp_path / "letters.parquet")
-    dm = make_dm(path, "parquet", text_column="Comment", type_column=None, author_column="user", target="J-P",
-                 axis_columns={"E-I": "I/E", "N-S": "S/N", "F-T": "T/F", "J-P": "P/J"})  # fmt: skip
+    dm = make_dm(
+        path,
+        "parquet",
+        text_column="Comment",
+        type_column=None,
+        author_column="user",
+        target="J-P",
+        axis_columns={"E-I": "I/E", "N-S": "S/N", "F-T": "T/F", "J-P": "P/J"},
+    )
     dm.setup("fit")
     rows = generate_rows(num_rows=3000, seed=4)
     expected = Counter(rows["J-P"])
@@ -166,15 +194,53 @@ def test_other_file_shapes_train_through_the_cli(shape, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
     if shape == "kaggle":
-        data = ["--data.dataset", "csv", "--data.data_files", str(kaggle_file(tmp_path / "mbti_1.csv")),
-                "--data.text_column", "posts", "--data.type_column", "type", "--data.author_column", "null",
-                "--data.explode_separator", "|||", "--data.mask_type_mentions", "true", "--data.split", "author"]  # fmt: skip
+        data = [
+            "--data.dataset",
+            "csv",
+            "--data.data_files",
+            str(kaggle_file(tmp_path / "mbti_1.csv")),
+            "--data.text_column",
+            "posts",
+            "--data.type_column",
+            "type",
+            "--data.author_column",
+            "null",
+            "--data.explode_separator",
+            "|||",
+            "--data.mask_type_mentions",
+            "true",
+            "--data.split",
+            "author",
+        ]
     else:
-        data = ["--data.dataset", "parquet", "--data.data_files", str(axis_letter_file(tmp_path / "l.parquet", 8000)),
-                "--data.text_column", "Comment", "--data.type_column", "null", "--data.author_column", "user",
-                "--data.axis_columns", '{"E-I": "I/E", "N-S": "S/N", "F-T": "T/F", "J-P": "P/J"}']  # fmt: skip
-    cli_main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--data.keep_fraction", "1.0",
-              "--trainer.max_epochs", "1", "--trainer.val_check_interval", "100", *data])  # fmt: skip
+        data = [
+            "--data.dataset",
+            "parquet",
+            "--data.data_files",
+            str(axis_letter_file(tmp_path / "l.parquet", 8000)),
+            "--data.text_column",
+            "Comment",
+            "--data.type_column",
+            "null",
+            "--data.author_column",
+            "user",
+            "--data.axis_columns",
+            '{"E-I": "I/E", "N-S": "S/N", "F-T": "T/F", "J-P": "P/J"}',
+        ]
+    cli_main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/demo.yaml"),
+            "--data.keep_fraction",
+            "1.0",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.val_check_interval",
+            "100",
+            *data,
+        ]
+    )
 
     (metrics,) = (tmp_path / "logs/demo").glob("version_*/metrics.csv")
     final = [row for row in csv.DictReader(metrics.open()) if row["val/mcc"]][-1]
@@ -202,7 +268,9 @@ def test_per_author_probabilities_are_the_sigmoid_of_the_mean_log_odds():
     log_probs = torch.stack([torch.zeros(3), log_odds], 1).log_softmax(-1)
     names, counts, probs = per_author(["b", "a", "b"], {"J-P": log_probs})
     assert names == ["b", "a"] and counts.tolist() == [2, 1]
-    assert probs["J-P"][:, 1].tolist() == pytest.approx([torch.sigmoid(torch.tensor(1.0)).item(), torch.sigmoid(torch.tensor(-1.0)).item()])
+    assert probs["J-P"][:, 1].tolist() == pytest.approx(
+        [torch.sigmoid(torch.tensor(1.0)).item(), torch.sigmoid(torch.tensor(-1.0)).item()]
+    )
     (b, a) = prediction_records({"J-P": ("J", "P")}, probs)
     assert (b["J-P"], a["J-P"]) == ("P", "J")
 
@@ -214,11 +282,31 @@ def test_a_small_skewed_kaggle_file_trains_by_author_and_predicts_a_type_per_per
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
     path = small_kaggle_file(tmp_path / "users.csv")
-    data = ["--config", str(REPO / "configs/demo.yaml"), "--data.dataset", "csv", "--data.data_files", str(path),
-            "--data.text_column", "posts", "--data.type_column", "type", "--data.author_column", "null",
-            "--data.explode_separator", "|||", "--data.mask_type_mentions", "true", "--data.split", "author",
-            "--data.keep_fraction", "1.0"]  # fmt: skip
-    with pytest.warns(UserWarning, match=r"because these classes have fewer than 2 rows \(or authors\): .*'ISTJ' \(1\)"):
+    data = [
+        "--config",
+        str(REPO / "configs/demo.yaml"),
+        "--data.dataset",
+        "csv",
+        "--data.data_files",
+        str(path),
+        "--data.text_column",
+        "posts",
+        "--data.type_column",
+        "type",
+        "--data.author_column",
+        "null",
+        "--data.explode_separator",
+        "|||",
+        "--data.mask_type_mentions",
+        "true",
+        "--data.split",
+        "author",
+        "--data.keep_fraction",
+        "1.0",
+    ]
+    with pytest.warns(
+        UserWarning, match=r"because these classes have fewer than 2 rows \(or authors\): .*'ISTJ' \(1\)"
+    ):
         cli_main(["fit", *data, "--trainer.max_epochs", "2", "--trainer.val_check_interval", "10"])
     (metrics,) = (tmp_path / "logs/demo").glob("version_*/metrics.csv")
     final = [row for row in csv.DictReader(metrics.open()) if row["val/mcc"]][-1]
@@ -233,8 +321,13 @@ def test_a_small_skewed_kaggle_file_trains_by_author_and_predicts_a_type_per_per
     assert [row["author"] for row in people] == [str(i) for i in range(99)]  # each source row is a person, in order
     assert [int(row["posts"]) for row in people] == [len(row["posts"].split("|||")) for row in sources]
     for person in people:  # by hand: the mean of the posts' log-odds of P
-        p = torch.tensor([float(r["J-P_prob"]) if r["J-P"] == "P" else 1 - float(r["J-P_prob"])
-                          for r in posts if r["id"] == person["author"]])  # fmt: skip
+        p = torch.tensor(
+            [
+                float(r["J-P_prob"]) if r["J-P"] == "P" else 1 - float(r["J-P_prob"])
+                for r in posts
+                if r["id"] == person["author"]
+            ]
+        )
         prob_p = torch.sigmoid(torch.log(p / (1 - p)).mean()).item()
         assert float(person["J-P_prob"]) == pytest.approx(max(prob_p, 1 - prob_p), abs=2e-3)
         assert person["J-P"] == ("P" if prob_p > 0.5 else "J")

@@ -8,12 +8,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import REPO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mbti_lightning.data import MBTIDataModule
 from mbti_lightning.model import MBTIClassifier
-
-from conftest import REPO
 
 
 class NaNAtStep(MBTIClassifier):
@@ -31,8 +30,15 @@ def fit(tmp_path, **model_kwargs):
     dm = MBTIDataModule(dataset="demo", tokenizer="demo", keep_fraction=0.1, batch_size=16, num_workers=0)
     model = NaNAtStep(model_name_or_path="demo", from_scratch=True, learning_rate=1e-3, **model_kwargs)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=6, limit_val_batches=0, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoint],
+    )
     trainer.fit(model, dm)
     return trainer
 
@@ -55,8 +61,9 @@ def test_nonfinite_batches_can_be_skipped_with_a_warning(tmp_path):
 def run_cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python -m mbti_lightning ...` in `cwd`, with this folder importable for the killing and probing callbacks."""
     env = os.environ | (env or {}) | {"PYTHONPATH": str(REPO / "tests")}
-    return subprocess.run([sys.executable, "-m", "mbti_lightning", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "mbti_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def logged(run: Path, version: int) -> list[dict[str, str]]:
@@ -64,8 +71,18 @@ def logged(run: Path, version: int) -> list[dict[str, str]]:
 
 
 # 1,280 training rows in batches of 32: 40 steps an epoch, 80 in all.
-SHORT_DEMO = ["--config", str(REPO / "configs/demo.yaml"), "--data.keep_fraction", "0.1", "--trainer.max_epochs", "2",
-              "--trainer.val_check_interval", "20", "--checkpoint.every_n_train_steps", "10"]  # fmt: skip
+SHORT_DEMO = [
+    "--config",
+    str(REPO / "configs/demo.yaml"),
+    "--data.keep_fraction",
+    "0.1",
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.val_check_interval",
+    "20",
+    "--checkpoint.every_n_train_steps",
+    "10",
+]
 
 
 @pytest.mark.slow
@@ -97,8 +114,15 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
-    died = run_cli(tmp_path, "fit", *SHORT_DEMO, "--trainer.max_epochs", "1",
-                   "--trainer.callbacks+=killing.KillWhileSaving", "--trainer.callbacks.save=3")  # fmt: skip
+    died = run_cli(
+        tmp_path,
+        "fit",
+        *SHORT_DEMO,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.callbacks+=killing.KillWhileSaving",
+        "--trainer.callbacks.save=3",
+    )
     assert died.returncode == -signal.SIGKILL
     saved = torch.load(tmp_path / "checkpoints/demo/last.ckpt", weights_only=False)
     assert saved["global_step"] in (10, 20) and saved["state_dict"]
@@ -109,7 +133,9 @@ def test_a_checkpoint_for_another_axis_is_refused(tmp_path):
     model = MBTIClassifier(model_name_or_path="demo", from_scratch=True, target="E-I")
     dm = MBTIDataModule(dataset="demo", tokenizer="demo", target="E-I", keep_fraction=0.1, num_workers=0)
     with pytest.raises(ValueError, match="the checkpoint predicts J-P but this run.s target is E-I"):
-        L.Trainer(accelerator="cpu", logger=False).validate(model, dm, ckpt_path=trainer.checkpoint_callback.last_model_path)
+        L.Trainer(accelerator="cpu", logger=False).validate(
+            model, dm, ckpt_path=trainer.checkpoint_callback.last_model_path
+        )
 
 
 @pytest.mark.slow
@@ -121,19 +147,35 @@ def test_ddp_with_two_processes_syncs_metrics_and_writes_one_checkpoint(tmp_path
     assert len(checkpoints) == 2 and checkpoints[1] == "last.ckpt"  # the best and the last, once, not per rank
     assert torch.load(tmp_path / "checkpoints/demo/last.ckpt", weights_only=False)["global_step"] == 20
 
-    for version, devices in ((1, ddp), (2, [])):
+    for _version, devices in ((1, ddp), (2, [])):
         ran = run_cli(tmp_path, "validate", *SHORT_DEMO, *devices, "--ckpt_path", "checkpoints/demo/last.ckpt")
         assert ran.returncode == 0, ran.stderr[-3000:]
     two, one = logged(tmp_path, 1)[-1], logged(tmp_path, 2)[-1]
     assert float(one["val/author/count"]) > 100
-    for key in ("val/loss", "val/mcc", "val/acc", "val/f1", "val/author/mcc", "val/author/count", "val/majority_acc",
-                "val/ece"):
+    for key in (
+        "val/loss",
+        "val/mcc",
+        "val/acc",
+        "val/f1",
+        "val/author/mcc",
+        "val/author/count",
+        "val/majority_acc",
+        "val/ece",
+    ):
         assert float(two[key]) == pytest.approx(float(one[key]), abs=1e-5), key
 
     # Predictions: each rank predicts its share of the batches; the file holds every test row once, in order.
     for name, devices in (("two.csv", ddp), ("one.csv", [])):
-        ran = run_cli(tmp_path, "predict", *SHORT_DEMO, *devices, "--ckpt_path", "checkpoints/demo/last.ckpt",
-                      "--predictions.output", name)  # fmt: skip
+        ran = run_cli(
+            tmp_path,
+            "predict",
+            *SHORT_DEMO,
+            *devices,
+            "--ckpt_path",
+            "checkpoints/demo/last.ckpt",
+            "--predictions.output",
+            name,
+        )
         assert ran.returncode == 0, ran.stderr[-3000:]
     two, one = (list(csv.DictReader((tmp_path / name).open())) for name in ("two.csv", "one.csv"))
     assert len(one) > 100 and [row["id"] for row in two] == [row["id"] for row in one]
@@ -148,10 +190,22 @@ def test_ddp_with_two_processes_syncs_metrics_and_writes_one_checkpoint(tmp_path
 def test_ddp_with_a_cold_cache_tokenizes_once(tmp_path):
     """Lightning runs prepare_data on one process per node while the others wait: the splits are
     tokenized there, once, and every rank reads them."""
-    ran = run_cli(tmp_path, "fit", *SHORT_DEMO, "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                  "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
-                  "--trainer.callbacks+=probes.CountTokenizing", f"--trainer.callbacks.out={tmp_path / 'builds'}",
-                  env={"MBTI_LIGHTNING_CACHE": str(tmp_path / "cold_cache")})  # fmt: skip
+    ran = run_cli(
+        tmp_path,
+        "fit",
+        *SHORT_DEMO,
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.callbacks+=probes.CountTokenizing",
+        f"--trainer.callbacks.out={tmp_path / 'builds'}",
+        env={"MBTI_LIGHTNING_CACHE": str(tmp_path / "cold_cache")},
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert len((tmp_path / "builds").read_text().split()) == 1
     assert len(list((tmp_path / "cold_cache/tokenized").iterdir())) == 1

@@ -1,0 +1,129 @@
+"""Cleaning and labelling: one row per post, class ids per head, and the report of rows dropped."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset
+from lightning.fabric.utilities.data import AttributeDict
+
+from mbti_lightning.data.sources import where
+from mbti_lightning.labels import AXES, AXIS_POSITION, TYPES
+
+
+def _column(ds: Dataset, name: str) -> pa.ChunkedArray:
+    return ds.with_format("arrow")[name]
+
+
+def _normalized(ds: Dataset, name: str) -> np.ndarray:
+    """A label column as upper-case, stripped strings ('' where missing), without a Python string per row."""
+    values = pc.utf8_upper(pc.utf8_trim_whitespace(pc.cast(_column(ds, name), pa.string()))).fill_null("")
+    encoded = pc.dictionary_encode(values.combine_chunks())
+    return np.asarray(encoded.dictionary.to_pylist(), dtype=str)[encoded.indices.to_numpy()]
+
+
+def _ids(ds: Dataset, name: str) -> np.ndarray:
+    """Each row's number for its value in column `name` (e.g. author names -> 0, 1, 2, ...; missing is one value)."""
+    encoded = pc.dictionary_encode(pc.cast(_column(ds, name), pa.string()).combine_chunks(), null_encoding="encode")
+    return encoded.indices.to_numpy().astype(np.int64)
+
+
+def _empty(ds: Dataset, name: str) -> np.ndarray:
+    """Rows whose text is missing, empty or only whitespace; no copy of the texts is made."""
+    texts = _column(ds, name)
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+        texts = pc.cast(texts, pa.string())
+    empty = pc.or_(pc.equal(pc.utf8_length(texts), 0), pc.utf8_is_space(texts))
+    return empty.fill_null(True).to_numpy(zero_copy_only=False)
+
+
+def _explode(batch: dict[str, list], indices: list[int], column: str, separator: str) -> dict[str, list]:
+    """One row per post of each row's `separator`-joined posts; other columns repeat, `__row__` is the source row."""
+    out: dict[str, list] = {name: [] for name in [*batch, "__row__"]}
+    for i, row in enumerate(indices):
+        posts = (batch[column][i] or "").split(separator)
+        for name in batch:
+            out[name] += posts if name == column else [batch[name][i]] * len(posts)
+        out["__row__"] += [row] * len(posts)
+    return out
+
+
+def clean(ds: Dataset, hp: AttributeDict, heads: dict) -> tuple[Dataset, dict[str, np.ndarray], list[str]]:
+    """Explode, label and validate `ds`: (usable rows, their per-row arrays, messages on dropped rows).
+
+    The arrays, aligned with the usable rows: ``labels`` (class ids), ``strata`` (type, or the axis
+    letters there are), ``author`` (author ids) and ``source_row`` (row number in the source, from 0).
+    """
+    if hp.author_column and hp.author_column not in ds.column_names and hp.split == "author":
+        raise ValueError(
+            f"data.split 'author' needs the author column {hp.author_column!r}, which {where(hp)} lacks "
+            f"(it has {ds.column_names}); set data.author_column: null to treat each row as one author"
+        )
+    author_column = hp.author_column if hp.author_column in ds.column_names else None
+    if hp.explode_separator:
+        keep = {hp.text_column, hp.type_column, author_column, *(hp.axis_columns or {}).values()} - {None}
+        ds = ds.select_columns(list(keep)).map(
+            _explode,
+            batched=True,
+            with_indices=True,
+            desc="one row per post",
+            fn_kwargs={"column": hp.text_column, "separator": hp.explode_separator},
+        )
+        source = np.asarray(_column(ds, "__row__"))
+    else:
+        source = np.arange(len(ds))
+    authors = _ids(ds, author_column) if author_column else source
+
+    problems = [(f"with an empty {hp.text_column!r}", _empty(ds, hp.text_column), None)]
+    if hp.type_column:
+        strata = _normalized(ds, hp.type_column)
+        problems.append((f"whose {hp.type_column!r} is not an MBTI type", ~np.isin(strata, TYPES), strata))
+        types = strata
+    else:
+        columns = {axis: _normalized(ds, column) for axis, column in hp.axis_columns.items()}
+        strata = functools.reduce(np.char.add, columns.values())
+        for axis, column in hp.axis_columns.items():
+            bad = ~np.isin(columns[axis], AXES[axis])
+            problems.append((f"whose {column!r} is not a letter of {axis} {AXES[axis]}", bad, columns[axis]))
+        types = strata if len(columns) == 4 else None
+    labels = np.stack([head_labels(head, types, None if hp.type_column else columns) for head in heads], 1)
+
+    invalid = np.logical_or.reduce([bad for _, bad, _ in problems])
+    messages = []
+    for what, bad, values in problems:
+        if bad.any():
+            shown = [
+                f"{source[i]}" + (f" ({str(values[i])!r})" if values is not None else "")
+                for i in np.flatnonzero(bad)[:5]
+            ]
+            more = f" and {bad.sum() - 5} more" if bad.sum() > 5 else ""
+            messages.append(f"{bad.sum()} rows {what}: rows {', '.join(shown)}{more}")
+    if messages:
+        summary = f"{where(hp)}: {invalid.sum()} of {len(invalid)} rows are unusable; " + "; ".join(messages)
+        if hp.invalid_rows == "error":
+            raise ValueError(f"{summary}. Fix them, or set data.invalid_rows: drop to leave them out.")
+        messages = [f"{summary}. They were dropped (data.invalid_rows: drop)."]
+    if invalid.all():
+        raise ValueError(f"{where(hp)}: no usable rows left. {' '.join(messages)}")
+    valid = np.flatnonzero(~invalid)
+    arrays = {"labels": labels, "strata": strata, "author": authors, "source_row": source}
+    return ds.select(valid), {name: values[valid] for name, values in arrays.items()}, messages
+
+
+def head_labels(head: str, types: np.ndarray | None, columns: dict[str, np.ndarray] | None) -> np.ndarray:
+    """Class ids of one head per row, from the types or the axis letter columns (junk where invalid)."""
+    if head == "mbti":
+        return np.searchsorted(TYPES, types).clip(0, len(TYPES) - 1)
+    # A type's letters as a (rows, 4) array; rows that are not types are dropped later anyway.
+    letters = columns[head] if columns else types.astype("U4").view("U1").reshape(len(types), 4)[:, AXIS_POSITION[head]]
+    return (letters == AXES[head][1]).astype(np.int64)
+
+
+def target_letters(heads: dict, labels: np.ndarray) -> np.ndarray:
+    """Each row's letters of the target axes ("P", or "ISTP" for all four; "" for the 16-way type): the
+    coarser stratum that types too rare to stratify are pooled into."""
+    letters = [np.asarray(AXES[head])[labels[:, h]] for h, head in enumerate(heads) if head in AXES]
+    return functools.reduce(np.char.add, letters) if letters else np.full(len(labels), "")

@@ -1,0 +1,256 @@
+"""The LightningDataModule: MBTI data -> cleaned, labelled, split and tokenized splits -> batches.
+
+The steps live beside it: `sources` (reading), `cleaning` (labels and dropped rows), `splits`,
+`tokenized` (tokenizing and the cache) and `loaders` (batches).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_from_disk
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from mbti_lightning.cache import build_atomically, cache_root
+from mbti_lightning.data import splits, tokenized
+from mbti_lightning.data.loaders import Collator, _ResumableLoader, _Rows
+from mbti_lightning.data.sources import load_raw, read_predict_file, where
+from mbti_lightning.labels import AXES, check_axis, heads
+from mbti_lightning.sampling import LengthGroupedSampler
+from mbti_lightning.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class MBTIDataModule(L.LightningDataModule):
+    """MBTI posts -> cleaned, labelled, split and tokenized train / validation / test splits.
+
+    Rows are read from the hub, local files or the demo corpus; `explode_separator` turns rows of
+    joined posts into one row per post. Rows with an empty text or an invalid label are dropped and
+    reported (or, with ``invalid_rows: error``, stop the run). Splits:
+
+    - ``seed``: the seed recipe's two stratified row splits, exactly. Test (and predict) take rows that
+      split discards, as many as validation has: never seen in training or model selection.
+    - ``author``: the same fractions over authors instead of rows (stratified by each author's type),
+      so no author has posts on both sides; see `author_split`.
+    - ``predefined``: the data set's own ``train``, ``validation`` (or ``valid``/``val``/``dev``) and
+      ``test`` splits.
+
+    Training batches group rows of similar length (see `LengthGroupedSampler`) unless
+    `group_by_length` is false; evaluation batches are sorted by length and carry their row numbers
+    (`batch["row"]`) and author ids (`batch["author"]`). Splits are tokenized once and cached under
+    ``$MBTI_LIGHTNING_CACHE/tokenized`` (default ``~/.cache/mbti_lightning``), keyed by the data,
+    the tokenizer and every setting below that changes them.
+
+    Args:
+        dataset: Hugging Face dataset id, a builder name (``csv``, ``json`` for .json/.jsonl,
+            ``parquet``) used with `data_files`, or ``demo`` for the generated offline corpus.
+        data_files: Path, glob, list or ``{split: path}`` mapping for local files.
+        dataset_split: Which split of `dataset` to read (all of them for ``split: predefined``).
+        text_column: Column with the text.
+        type_column: Column with the 4-letter type (any case), or null when `axis_columns` is used.
+        author_column: Column with the author id. Null, or a column the data lacks, makes each source
+            row its own author (with `explode_separator`: all posts of a row share an author).
+        axis_columns: ``{axis: column}`` for data with one letter column per axis, e.g.
+            ``{J-P: P/J}``; used when `type_column` is null.
+        target: What to classify: an axis (``E-I``, ``N-S``, ``F-T``, ``J-P``), a list of axes or
+            ``all`` (one binary head per axis), or ``mbti`` (one 16-way head over the types).
+        split: ``seed``, ``author`` or ``predefined`` (see above).
+        keep_fraction: Share of all rows (or authors) kept (the seed keeps 10%); the rest is discarded.
+        keep_seed: Seed of the first split.
+        val_fraction: Share of the kept rows (or authors) used for validation.
+        val_seed: Seed of the second split.
+        test_fraction: ``split: author`` only: share of the kept authors held out for testing
+            (0.2 with `val_fraction` 0.2 gives the published 60/20/20). At 0, test takes discarded authors.
+        explode_separator: Split each text on this string (Kaggle's ``|||``) into one row per post.
+        mask_type_mentions: Replace type names, their x-variants (INxJ) and function abbreviations
+            (Ni, Fe, ...) in the text with ``[MBTI]``; see `mbti_lightning.masking`.
+        invalid_rows: ``drop`` rows with an empty text or an invalid label (with a warning that
+            counts them and names some), or stop with an ``error``.
+        tokenizer: Tokenizer name or path; the CLI links it to ``model.model_name_or_path``.
+        max_length: Texts are truncated to this many tokens.
+        pad_to_multiple_of: Pad each batch to a multiple of this (tensor-core friendly), or null.
+        group_by_length: Build training batches from rows of similar length (less padding); false
+            gives plain random batches, as the seed's Trainer did.
+        batch_size: Training micro-batch size.
+        eval_batch_size: Batch size for validation, test and predict; defaults to `batch_size`.
+        num_workers: DataLoader worker processes.
+        preprocessing_workers: Processes that tokenize; null = one per CPU core (at most 8) when
+            more than 50,000 rows are kept, else one.
+        seed: Seed of the training shuffle.
+        predict_file: Texts for ``predict``: a .txt file (one text per line), or a .csv / .jsonl
+            file with `text_column` (and optional ``id`` and `author_column` columns). Its texts are
+            split with `explode_separator` and masked with `mask_type_mentions`, as in training.
+            Without it, ``predict`` runs on the test split.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "minhaozhang/mbti",
+        data_files: str | list[str] | dict[str, str] | None = None,
+        dataset_split: str = "train",
+        text_column: str = "body",
+        type_column: str | None = "mbti",
+        author_column: str | None = "author",
+        axis_columns: dict[str, str] | None = None,
+        target: str | list[str] = "J-P",
+        split: Literal["seed", "author", "predefined"] = "seed",
+        keep_fraction: float = 0.1,
+        keep_seed: int = 0,
+        val_fraction: float = 0.2,
+        val_seed: int = 1,
+        test_fraction: float = 0.0,
+        explode_separator: str | None = None,
+        mask_type_mentions: bool = False,
+        invalid_rows: Literal["drop", "error"] = "drop",
+        tokenizer: str = "microsoft/Phi-3-mini-4k-instruct",
+        max_length: int = 512,
+        pad_to_multiple_of: int | None = 8,
+        group_by_length: bool = True,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        preprocessing_workers: int | None = None,
+        seed: int = 0,
+        predict_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.heads = heads(target)
+        if max_length <= 0:
+            raise ValueError(f"data.max_length must be positive, got {max_length}")
+        if not 0 < keep_fraction <= 1 or not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 - val_fraction:
+            raise ValueError(
+                f"data.keep_fraction must be in (0, 1], data.val_fraction in (0, 1) and data.test_fraction in "
+                f"[0, 1 - val_fraction), got {keep_fraction}, {val_fraction} and {test_fraction}"
+            )
+        for axis in axis_columns or {}:
+            check_axis(axis)
+        needed = list(AXES) if "mbti" in self.heads else list(self.heads)
+        if type_column is None and set(needed) - set(axis_columns or {}):
+            raise ValueError(f"without data.type_column, data.axis_columns must name a column for each of {needed}")
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.splits: DatasetDict | None = None
+        self._train_loader: _ResumableLoader | None = None
+        self._resume_at: dict[str, int] | None = None
+        self.predict_rows: Dataset | None = None  # the tokenized predict_file
+        self.predict_inputs: dict[str, list] = {}  # "id" and "text" of each predicted row, for the writer
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in its epoch, saved in every checkpoint."""
+        return self._train_loader.state_dict() if self._train_loader else {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # Lightning restores the data module before it first builds the training loader, and may
+        # build that loader (to count the steps of the schedule) before it restores its own loader
+        # states, too late for the first iteration. So the skip is set up here.
+        self._resume_at = state or None
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node while the others wait: the download (or the
+        # demo's generation) and the tokenizing happen once per node, and setup() reads the cache.
+        if not self.hparams.predict_file:
+            self._tokenized_splits()
+        load_tokenizer(self.hparams.tokenizer)
+
+    def _tokenized_splits(self) -> Path:
+        """The folder of the tokenized splits in the cache, built first if it is not there."""
+        self.tokenizer = self.tokenizer or load_tokenizer(self.hparams.tokenizer)
+        raw = load_raw(self.hparams)
+        key = tokenized.cache_key(raw, self.tokenizer, self.hparams)
+        return build_atomically(cache_root() / "tokenized" / key, lambda tmp: self._build(raw, tmp))
+
+    def _build(self, raw: Dataset | DatasetDict, out: os.PathLike) -> None:
+        parts, messages = splits.split(raw, self.hparams, self.heads)
+        splits.check_classes(parts, self.hparams, self.heads)
+        tokenized.build(parts, messages, self.hparams, self.heads, self.tokenizer, out)
+
+    def setup(self, stage: str) -> None:
+        self.tokenizer = self.tokenizer or load_tokenizer(self.hparams.tokenizer)
+        if stage == "predict" and self.hparams.predict_file:
+            kwargs = tokenized.tokenize_kwargs(self.tokenizer, self.hparams)
+            self.predict_rows, self.predict_inputs = read_predict_file(self.hparams, self.heads, kwargs)
+            return
+        if self.splits is not None:
+            return
+        path = self._tokenized_splits()  # prepare_data built it, unless it was not called (a data module on its own)
+        self.splits = load_from_disk(str(path))
+        for message in json.loads((path / "dropped.json").read_text()):
+            rank_zero_warn(message)
+        for name, part in self.splits.items():
+            summary = f"{name}: {len(part)} rows, {len(np.unique(part['author'][:]))} authors"
+            if "mentions" in part.column_names:
+                mentions = np.asarray(part["mentions"][:])
+                summary += f", type mentions masked in {np.count_nonzero(mentions)} rows ({mentions.sum()} mentions)"
+            rank_zero_info(summary)
+        log.info("tokenized splits from %s", path)
+
+    def train_label_counts(self) -> list[torch.Tensor]:
+        """How many training rows each class has, per head, in class-id order."""
+        labels = np.asarray(self.splits["train"]["labels"][:]).reshape(len(self.splits["train"]), -1)
+        return [
+            torch.as_tensor(np.bincount(labels[:, h], minlength=len(classes)))
+            for h, classes in enumerate(self.heads.values())
+        ]
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        hp = self.hparams
+        rows = self.predict_rows if split == "predict" else self.splits.get(split)
+        if rows is None:
+            raise ValueError(
+                f"{where(self.hparams)} has no {split} split with data.split {hp.split!r}; "
+                "for split 'author' set data.test_fraction or data.keep_fraction below 1"
+            )
+        sampler = LengthGroupedSampler(
+            rows["length"][:],
+            batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
+            shuffle=train,
+            seed=hp.seed,
+            megabatch=50 if hp.group_by_length else 0,
+            num_replicas=self.trainer.world_size if self.trainer else 1,
+            rank=self.trainer.global_rank if self.trainer else 0,
+        )
+        # Page-locked batches go to the GPU asynchronously (Lightning copies with non_blocking); from
+        # pageable memory the driver may first wait for the work already queued.
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        kwargs = {
+            "batch_size": None,  # the sampler yields whole batches
+            "collate_fn": Collator(self.tokenizer, hp.pad_to_multiple_of),
+            "pin_memory": pin,
+            "num_workers": hp.num_workers,
+            "persistent_workers": hp.num_workers > 0,
+        }
+        if train and self.trainer:
+            loop = self.trainer.fit_loop.epoch_loop
+            self._train_loader = _ResumableLoader(
+                _Rows(rows), sampler=sampler, batches_done=lambda: loop.batch_progress.current.processed, **kwargs
+            )
+            if self._resume_at:
+                self._train_loader.load_state_dict(self._resume_at)
+                self._resume_at = None
+            return self._train_loader
+        return DataLoader(_Rows(rows), sampler=sampler, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.hparams.predict_file:
+            return self._loader("predict")
+        test = self.splits["test"]  # ids are rows of the source data; authors are numbered
+        self.predict_inputs = {"id": test["source_row"][:], "author": test["author"][:]}
+        return self._loader("test")

@@ -1,0 +1,93 @@
+"""Reading sources: the training data (hub, local files or the demo corpus) and predict files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset
+from lightning.fabric.utilities.data import AttributeDict
+from lightning.pytorch.utilities import rank_zero_warn
+
+from mbti_lightning import demo
+from mbti_lightning.data.tokenized import tokenize
+
+
+def where(hp: AttributeDict) -> str:
+    """The data's name in messages: the data set and its files."""
+    return " ".join(str(x) for x in (hp.dataset, hp.data_files) if x)
+
+
+def load_raw(hp: AttributeDict) -> Dataset | DatasetDict:
+    """The source data (`data.dataset`, `data.data_files`, or the demo corpus), checked for its columns."""
+    builder, files = ("parquet", str(demo.corpus_path())) if hp.dataset == demo.DEMO else (hp.dataset, hp.data_files)
+    try:
+        raw = load_dataset(builder, data_files=files, split=None if hp.split == "predefined" else hp.dataset_split)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # datasets wraps a parser's error in its own
+        if files is None:
+            raise
+        cause = err.__cause__ or err
+        raise ValueError(f"could not read {files} as {builder}: {type(cause).__name__}: {cause}") from err
+    for part in raw.values() if isinstance(raw, DatasetDict) else [raw]:
+        label_columns = [hp.type_column] if hp.type_column else list(hp.axis_columns.values())
+        for column in (hp.text_column, *label_columns):
+            if column not in part.column_names:
+                raise ValueError(
+                    f"column {column!r} not found in {where(hp)}; it has {part.column_names}. "
+                    "Set data.text_column / data.type_column / data.axis_columns."
+                )
+    return raw
+
+
+def read_predict_file(hp: AttributeDict, heads: dict, tokenize_kwargs: dict) -> tuple[Dataset, dict[str, list]]:
+    """The predict file's texts, exploded and masked as in training and tokenized, and per text its ``id``,
+    ``text``, ``author`` (the author column, else the source row's id) and, when exploded, ``post``
+    (its number within the source row, from 0)."""
+    path = Path(hp.predict_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.predict_file {path} not found")
+    if path.suffix == ".txt":
+        texts: list = path.read_text().splitlines()
+        ids = authors = list(range(1, len(texts) + 1))
+    elif path.suffix in (".csv", ".jsonl", ".json"):
+        ds = load_dataset("csv" if path.suffix == ".csv" else "json", data_files=str(path), split="train")
+        if hp.text_column not in ds.column_names:
+            raise ValueError(
+                f"column {hp.text_column!r} not found in {path}; it has {ds.column_names}. Set data.text_column."
+            )
+        texts = ds[hp.text_column][:]
+        ids = ds["id"][:] if "id" in ds.column_names else list(range(len(ds)))
+        authors = ds[hp.author_column][:] if hp.author_column in ds.column_names else ids
+    else:
+        raise ValueError(f"data.predict_file must be a .txt, .csv or .jsonl file, got {path.name}")
+    rows = [(i, 0, "" if text is None else str(text)) for i, text in enumerate(texts)]
+    if hp.explode_separator:
+        rows = [(i, k, post) for i, _, text in rows for k, post in enumerate(text.split(hp.explode_separator))]
+    empty = [ids[i] for i, _, text in rows if not text.strip()]
+    if empty:
+        shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        rank_zero_warn(f"{path}: skipped {len(empty)} empty texts (ids {shown})")
+    rows = [row for row in rows if row[2].strip()]
+    inputs = {
+        "id": [ids[i] for i, _, _ in rows],
+        "text": [text for _, _, text in rows],
+        "author": [authors[i] for i, _, _ in rows],
+    } | ({"post": [k for _, k, _ in rows]} if hp.explode_separator else {})
+    no_label = [0] * len(heads) if len(heads) > 1 else 0
+    author_ids = {author: n for n, author in enumerate(dict.fromkeys(inputs["author"]))}
+    table = Dataset.from_dict(
+        {
+            hp.text_column: inputs["text"],
+            "labels": [no_label] * len(rows),
+            "author": [author_ids[a] for a in inputs["author"]],
+        }
+    )
+    tokenized = table.map(
+        tokenize,
+        batched=True,
+        remove_columns=[hp.text_column],
+        desc="tokenizing predict_file",
+        fn_kwargs=tokenize_kwargs,
+    )
+    return tokenized, inputs

@@ -1,0 +1,204 @@
+"""The splits: the seed's two stratified row splits, author-disjoint splits, or the data set's own."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from datasets import Dataset, DatasetDict
+
+# Internal to datasets, but the exact routine the seed's train_test_split uses (seed parity); datasets is
+# bounded in pyproject.toml and tests/test_private_apis.py checks it is there.
+from datasets.utils.stratify import stratified_shuffle_split_generate_indices
+from lightning.fabric.utilities.data import AttributeDict
+from lightning.pytorch.utilities import rank_zero_warn
+
+from mbti_lightning.data.cleaning import clean, target_letters
+from mbti_lightning.data.sources import where
+
+#: Names a data set's own validation split may have, for `split: predefined`.
+VALIDATION_NAMES = ("validation", "valid", "val", "dev")
+
+
+def _unsplittable(strata: np.ndarray, n_train: int, n_test: int) -> str | None:
+    """Why datasets' stratified split of `strata` into `n_train` and `n_test` would fail, or None."""
+    names, counts = np.unique(strata, return_counts=True)
+    if (counts < 2).any():
+        few = ", ".join(f"{str(name)!r} ({count})" for name, count in zip(names, counts) if count < 2)
+        return f"these classes have fewer than 2 rows (or authors): {few}"
+    if min(n_train, n_test) < len(names):
+        return (
+            f"each part of {n_train + n_test} rows (or authors) split into {n_train} and {n_test} needs at least "
+            f"one of each of the {len(names)} classes"
+        )
+    return None
+
+
+def _pool(strata: np.ndarray, coarse: np.ndarray, n_train: int, n_test: int) -> tuple[np.ndarray, dict[str, int]]:
+    """`strata` with its rarest classes pooled by their `coarse` value (the target's letters), rarest first,
+    until a stratified split works; then any pool still of one joins the largest class. Also returns the
+    pooled classes and their sizes."""
+    strata, pooled = strata.astype(object), {}
+    names, counts = np.unique(strata, return_counts=True)
+    for name, count in sorted(zip(names, counts), key=lambda item: item[1]):
+        if _unsplittable(strata, n_train, n_test) is None:
+            break
+        rows = strata == name
+        strata[rows] = np.char.add("pooled ", coarse[rows].astype(str))
+        pooled[str(name)] = int(count)
+    names, counts = np.unique(strata, return_counts=True)
+    strata[np.isin(strata, names[counts < 2])] = names[counts.argmax()]
+    return strata, pooled
+
+
+def stratified_split(
+    strata: np.ndarray, test_size: float, seed: int, coarse: np.ndarray | None = None, notes: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`Dataset.train_test_split(test_size, stratify_by_column=..., seed)` on per-row classes `strata`, as indices.
+
+    The same sizes, generator and stratification routine as datasets uses, over the classes present
+    (as datasets does), without its reading the label column one row at a time (minutes at 2.3M rows).
+    Where datasets would fail, classes too rare to stratify are pooled by `coarse` (see `_pool`) and
+    a note saying so is added to `notes`; without `coarse` the error names them.
+    """
+    n_test = math.ceil(test_size * len(strata))
+    n_train = len(strata) - n_test
+    problem = _unsplittable(strata, n_train, n_test)
+    if problem and coarse is not None:
+        strata, pooled = _pool(strata, coarse, n_train, n_test)
+        shown = ", ".join(f"{name!r} ({count})" for name, count in pooled.items())
+        notes.append(
+            f"a stratified split of {n_train + n_test} rows (or authors) into {n_train} and {n_test} failed because "
+            f"{problem}; so {shown} were pooled by their target letters for that split"
+        )
+        problem = _unsplittable(strata, n_train, n_test)
+    if problem:
+        raise ValueError(f"cannot make a stratified split: {problem}. Use more data or other fractions.")
+    y = np.unique(np.asarray(strata, dtype=str), return_inverse=True)[1]
+    return next(stratified_shuffle_split_generate_indices(y, n_train, n_test, np.random.default_rng(seed)))
+
+
+def _keep(
+    strata: np.ndarray, keep_fraction: float, keep_seed: int, coarse: np.ndarray | None, notes: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, discarded): the seed keeps the `test` part of a stratified split of size `keep_fraction`."""
+    if keep_fraction == 1:
+        return np.arange(len(strata)), np.array([], dtype=np.int64)
+    discarded, kept = stratified_split(strata, keep_fraction, keep_seed, coarse, notes)
+    return kept, discarded
+
+
+def seed_split(
+    strata: np.ndarray,
+    keep_fraction: float,
+    keep_seed: int,
+    val_fraction: float,
+    val_seed: int,
+    coarse: np.ndarray | None = None,
+    notes: list[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The seed recipe's two stratified splits, as row numbers: (train, validation, discarded).
+
+    The seed class-encodes the type column (ids follow the sorted values), keeps the `test` part of
+    ``train_test_split(test_size=keep_fraction, stratify_by_column=..., seed=keep_seed)`` and splits
+    that again with `val_fraction` / `val_seed`. The same splits on the types alone give the same
+    rows without touching, let alone tokenizing, the text; a test compares them with the seed's calls.
+    Where the seed's calls would fail, rare types are pooled by `coarse` instead (see `stratified_split`).
+    """
+    kept, discarded = _keep(strata, keep_fraction, keep_seed, coarse, notes)
+    train, val = stratified_split(strata[kept], val_fraction, val_seed, _at(coarse, kept), notes)
+    return kept[train], kept[val], discarded
+
+
+def _at(values: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    return None if values is None else values[rows]
+
+
+def author_split(
+    authors: np.ndarray,
+    strata: np.ndarray,
+    keep_fraction: float,
+    keep_seed: int,
+    val_fraction: float,
+    val_seed: int,
+    test_fraction: float = 0.0,
+    coarse: np.ndarray | None = None,
+    notes: list[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Author-disjoint (train, validation, test) row numbers, stratified by each author's type.
+
+    Authors, not rows, are split: `keep_fraction` of them are kept (stratified, `keep_seed`), then
+    `val_fraction` and `test_fraction` of the kept authors go to validation and test (`val_seed`).
+    Without a test fraction, the test split takes as many discarded authors as validation has.
+    An author's type is the type of their first row. Types with too few authors are pooled by
+    `coarse` (see `stratified_split`).
+    """
+    _, first, author = np.unique(authors, return_index=True, return_inverse=True)
+    strata, coarse = strata[first], _at(coarse, first)
+    kept, discarded = _keep(strata, keep_fraction, keep_seed, coarse, notes)
+    rest, test = kept, np.array([], dtype=np.int64)
+    if test_fraction:
+        rest_idx, test_idx = stratified_split(strata[kept], test_fraction, val_seed + 1, _at(coarse, kept), notes)
+        rest, test = kept[rest_idx], kept[test_idx]
+    train_idx, val_idx = stratified_split(
+        strata[rest], val_fraction / (1 - test_fraction), val_seed, _at(coarse, rest), notes
+    )
+    train, val = rest[train_idx], rest[val_idx]
+    if not test_fraction:
+        test = discarded[: len(val)]
+    return tuple(np.flatnonzero(np.isin(author, part)) for part in (train, val, test))
+
+
+def split(
+    raw: Dataset | DatasetDict, hp: AttributeDict, heads: dict
+) -> tuple[dict[str, tuple[Dataset, dict]], list[str]]:
+    """{split name: (usable rows, their arrays)} for train / validation / test, and the drop messages."""
+    if hp.split == "predefined":
+        names = {"train": "train", "validation": next((n for n in VALIDATION_NAMES if n in raw), None), "test": "test"}
+        if names["validation"] is None or "train" not in raw:
+            raise ValueError(
+                f"data.split 'predefined' needs a train and a validation split; {where(hp)} has {list(raw)}"
+            )
+        cleaned = {ours: clean(raw[theirs], hp, heads) for ours, theirs in names.items() if theirs in raw}
+        messages = [message for _, _, split_messages in cleaned.values() for message in split_messages]
+        return {name: (ds, arrays) for name, (ds, arrays, _) in cleaned.items()}, messages
+    ds, arrays, messages = clean(raw, hp, heads)
+    notes: list[str] = []
+    coarse = target_letters(heads, arrays["labels"])
+    if hp.split == "seed":
+        train, val, discarded = seed_split(
+            arrays["strata"], hp.keep_fraction, hp.keep_seed, hp.val_fraction, hp.val_seed, coarse, notes
+        )
+        test = discarded[: len(val)]
+    else:
+        train, val, test = author_split(
+            arrays["author"],
+            arrays["strata"],
+            hp.keep_fraction,
+            hp.keep_seed,
+            hp.val_fraction,
+            hp.val_seed,
+            hp.test_fraction,
+            coarse,
+            notes,
+        )
+    messages += [f"data.split {hp.split!r} on {where(hp)}: {note}" for note in notes]
+    rows = {"train": train, "validation": val, "test": test}
+    return {
+        name: (ds.select(idx), {k: v[idx] for k, v in arrays.items()}) for name, idx in rows.items() if len(idx)
+    }, messages
+
+
+def check_classes(parts: dict[str, tuple[Dataset, dict]], hp: AttributeDict, heads: dict) -> None:
+    """Stop if a class has no training or validation rows (for the 16-way type: no training rows)."""
+    for name in ("train", "validation"):
+        for h, (head, classes) in enumerate(heads.items()):
+            counts = np.bincount(parts[name][1]["labels"][:, h], minlength=len(classes))
+            missing = [classes[i] for i in np.flatnonzero(counts == 0)]
+            if missing and (head != "mbti" or name == "train"):
+                raise ValueError(
+                    f"the {name} split of {where(hp)} has no rows of class {missing} ({head}); a classifier "
+                    "cannot be trained or scored without them. Use more data or other split fractions."
+                )
+            if missing:
+                rank_zero_warn(f"the validation split has no rows of the types {missing}")

@@ -1,0 +1,100 @@
+"""Tokenizing the splits once, and caching them keyed by everything that changes them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+from datasets.fingerprint import Hasher
+from lightning.fabric.utilities.data import AttributeDict
+from transformers import PreTrainedTokenizerBase
+
+from mbti_lightning.masking import mask_type_mentions
+
+#: Bump when preprocessing changes in a way that makes older cached splits wrong.
+CACHE_VERSION = "3"
+
+
+def tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, column: str, max_length: int, mask: bool) -> dict:
+    texts, out = batch[column], {}
+    if mask:
+        masked = [mask_type_mentions(text) for text in texts]
+        texts, out["mentions"] = [text for text, _ in masked], [n for _, n in masked]
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return out | {"input_ids": ids, "length": [len(x) for x in ids]}
+
+
+def tokenize_kwargs(tokenizer: PreTrainedTokenizerBase, hp: AttributeDict) -> dict:
+    """`tokenize`'s arguments: only the tokenizer travels to worker processes, never the data module."""
+    return {
+        "tokenizer": tokenizer,
+        "column": hp.text_column,
+        "max_length": hp.max_length,
+        "mask": hp.mask_type_mentions,
+    }
+
+
+def preprocessing_args(hp: AttributeDict) -> dict:
+    names = (
+        "dataset",
+        "data_files",
+        "dataset_split",
+        "text_column",
+        "type_column",
+        "author_column",
+        "axis_columns",
+        "target",
+        "split",
+        "keep_fraction",
+        "keep_seed",
+        "val_fraction",
+        "val_seed",
+        "test_fraction",
+        "explode_separator",
+        "mask_type_mentions",
+        "invalid_rows",
+        "max_length",
+    )
+    return {name: hp[name] for name in names}
+
+
+def cache_key(raw: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerBase, hp: AttributeDict) -> str:
+    """The data's fingerprint, the tokenizer and every setting that changes the splits."""
+    parts = raw.values() if isinstance(raw, DatasetDict) else [raw]
+    fingerprint = [part._fingerprint for part in parts]  # private: see tests/test_private_apis.py
+    return Hasher.hash([CACHE_VERSION, fingerprint, Hasher.hash(tokenizer), preprocessing_args(hp)])
+
+
+def build(
+    parts: dict[str, tuple[Dataset, dict]],
+    messages: list[str],
+    hp: AttributeDict,
+    heads: dict,
+    tokenizer: PreTrainedTokenizerBase,
+    out: os.PathLike,
+) -> None:
+    """Tokenize each split's usable rows with their labels, authors and source rows, and save them to `out`
+    with the messages on dropped and pooled rows."""
+    workers = hp.preprocessing_workers
+    if workers is None:
+        kept = sum(len(parts[name][0]) for name in ("train", "validation"))
+        workers = min(os.cpu_count() or 1, 8) if kept > 50_000 else 1
+    splits = DatasetDict()
+    for name, (ds, arrays) in parts.items():
+        columns = ds.select_columns([hp.text_column])
+        labels = arrays["labels"] if len(heads) > 1 else arrays["labels"][:, 0]
+        columns = columns.add_column("labels", labels.tolist())
+        for key in ("author", "source_row"):
+            columns = columns.add_column(key, arrays[key].tolist())
+        splits[name] = columns.map(
+            tokenize,
+            batched=True,
+            remove_columns=[hp.text_column],
+            desc=f"tokenizing {name}",
+            num_proc=workers if workers > 1 else None,
+            fn_kwargs=tokenize_kwargs(tokenizer, hp),
+        )
+    splits.save_to_disk(out)
+    (Path(out) / "dropped.json").write_text(json.dumps(messages))
