@@ -6,7 +6,8 @@
 # plain compensated path, the fused kernel), then the variants. Writes $OUT/gpu_tests.txt,
 # $OUT/optimizer_step.txt, $OUT/throughput.json and $OUT/log.txt.
 #   bash bench/gpu_check.sh            # the five variants below (five took about 7 minutes on an H100)
-#   bash bench/gpu_check.sh seed configs/phi3_jp_lora.yaml ...   # or any variants
+#   bash bench/gpu_check.sh seed configs/phi3_jp_lora.yaml ...   # or any variants ("peer configs/phi3_jp.yaml":
+#                                      HF Trainer with that preset's settings, for the same-settings ratio)
 set -uo pipefail
 # Defaults: the seed; the 80 GB and 40 GB presets; and the candidates for 4x (bench/RESULTS.md: eager
 # forward+backward caps the preset near 3.9x even with no optimizer cost): compiled decoder blocks, with

@@ -147,7 +147,7 @@ def model_card(
         origin=f"random initialisation with the architecture of `{base}`"
         if model_hp.get("from_scratch")
         else f"`{base}`",
-        dataset=data_hp.get("dataset", "unknown"),
+        dataset=_dataset_name(data_hp),
         adapter=adapter,
         example=EXAMPLES[0],
         n_val=n_val,

@@ -30,6 +30,7 @@ from mbti_lightning.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 
+# Over 200 lines with its docstring, which documents every option for `--help`; the code is about 160.
 class MBTIDataModule(L.LightningDataModule):
     """MBTI posts -> cleaned, labelled, split and tokenized train / validation / test splits.
 
@@ -43,6 +44,9 @@ class MBTIDataModule(L.LightningDataModule):
       so no author has posts on both sides; see `author_split`.
     - ``predefined``: the data set's own ``train``, ``validation`` (or ``valid``/``val``/``dev``) and
       ``test`` splits.
+
+    Types too rare to stratify are pooled by their target letters, with a warning (see
+    `splits.stratified_split`).
 
     Training batches group rows of similar length (see `LengthGroupedSampler`) unless
     `group_by_length` is false; evaluation batches are sorted by length and carry their row numbers
