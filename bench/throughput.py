@@ -161,9 +161,21 @@ class SyncCounter:
 # --------------------------------------------------------------------------- (a) the seed recipe
 
 
-def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
-    """The seed's CustomTrainer and TrainingArguments (seed/tutorial.md), with eval and saving off."""
-    from torch import nn
+def run_hf_trainer(
+    args: argparse.Namespace,
+    name: str,
+    dm,
+    model_dir: Path,
+    batch: int,
+    accumulation: int,
+    dtype: torch.dtype = torch.float32,
+    skip_padding_mask: bool = False,
+    use_cache: bool = True,
+    pad_to_multiple_of: int | None = None,
+    **training_args,
+) -> dict:
+    """HF Trainer on the workload's training rows with the seed's class-weighted loss (its CustomTrainer),
+    timed from the first optimizer step after `args.warmup` samples; `training_args` go to TrainingArguments."""
     from transformers import (
         AutoConfig,
         AutoModelForSequenceClassification,
@@ -173,112 +185,8 @@ def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
         TrainingArguments,
     )
 
-    dm = datamodule(model_dir, corpus)
-    rows = [
-        {"input_ids": ids, "labels": y}
-        for ids, y in zip(dm.splits["train"]["input_ids"][:], dm.splits["train"]["labels"][:])
-    ]
-    batch, accumulation = 4, 2
-    steps, warmup_steps = args.samples // (batch * accumulation), args.warmup // (batch * accumulation)
-    counts = {"samples": 0, "real": torch.zeros((), dtype=torch.long, device=device()), "padded": 0}
-    clock, syncs = {}, SyncCounter()
-
-    class CustomTrainer(Trainer):  # the seed's class-weighted loss
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs.get("labels")
-            outputs = model(**inputs)
-            logits = outputs.get("logits")
-            loss_fct = nn.CrossEntropyLoss(weight=torch.tensor([0.6, 0.4]).to(logits.device))
-            loss = loss_fct(logits.view(-1, self.model.config.num_labels), labels.view(-1))
-            if clock:
-                counts["samples"] += len(labels)
-                counts["real"] += inputs["attention_mask"].sum()
-                counts["padded"] += inputs["attention_mask"].numel()
-            return (loss, outputs) if return_outputs else loss
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args_, state, control, **kwargs):
-            if state.global_step == warmup_steps:
-                sync()
-                clock["start"] = time.perf_counter()
-                syncs.start()
-
-    config = AutoConfig.from_pretrained(
-        model_dir,
-        num_labels=2,
-        id2label={0: "J", 1: "P"},
-        label2id={"J": 0, "P": 1},
-        pad_token_id=dm.tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    with torch.device(device()):
-        model = AutoModelForSequenceClassification.from_config(config)
-    training_args = TrainingArguments(
-        output_dir=str(REPO / "bench/out/seed"),
-        learning_rate=2e-5,
-        per_device_train_batch_size=batch,
-        per_device_eval_batch_size=batch,
-        weight_decay=0.01,
-        gradient_accumulation_steps=accumulation,
-        optim="adamw_bnb_8bit",
-        tf32=torch.cuda.is_available(),
-        max_steps=steps,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_steps=10**6,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=42,
-    )
-    trainer = CustomTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=rows,
-        data_collator=DataCollatorWithPadding(dm.tokenizer),
-        callbacks=[Clock()],
-    )
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    sync_count = syncs.stop()
-    sync()
-    return measurement(
-        "seed: HF Trainer, fp32 + tf32, bnb AdamW8bit, batch 4 x accumulation 2",
-        args,
-        config,
-        time.perf_counter() - clock["start"],
-        counts["samples"],
-        int(counts["real"]),
-        counts["padded"],
-        sync_count,
-        counts["samples"] // batch,
-    )
-
-
-def run_peer(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Path) -> dict:
-    """HF Trainer with the settings of the project's `variant` (a config and overrides), as a user of
-    transformers alone would set them: same rows, batch size, accumulation, length grouping, optimizer,
-    precision and padding mask; the seed's weighted loss."""
-    from torch import nn
-    from transformers import (
-        AutoConfig,
-        AutoModelForSequenceClassification,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
-
-    cli = project_cli(args, variant, model_dir, corpus)
-    dm, hp, precision = cli.datamodule, cli.model.hparams, str(cli.trainer.precision)
-    dm.setup("fit")
-    batch, accumulation = dm.hparams.batch_size, cli.trainer.accumulate_grad_batches
-    rows = [
-        {"input_ids": ids, "labels": y}
-        for ids, y in zip(dm.splits["train"]["input_ids"][:], dm.splits["train"]["labels"][:])
-    ]
+    train = dm.splits["train"]
+    rows = [{"input_ids": ids, "labels": y} for ids, y in zip(train["input_ids"][:], train["labels"][:])]
     steps, warmup_steps = args.samples // (batch * accumulation), -(-args.warmup // (batch * accumulation))
     counts = {"samples": 0, "real": torch.zeros((), dtype=torch.long, device=device()), "padded": 0}
     clock, syncs = {}, SyncCounter()
@@ -290,11 +198,10 @@ def run_peer(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Pa
                 counts["samples"] += len(labels)
                 counts["real"] += mask.sum()
                 counts["padded"] += mask.numel()
-            # As the project's variant: without the mask, pooling finds the last real token from the ids.
-            outputs = model(**inputs, attention_mask=None if hp.skip_padding_mask else mask)
-            loss = nn.functional.cross_entropy(
-                outputs.logits.float(), labels, weight=torch.tensor([0.6, 0.4], device=labels.device)
-            )
+            # As the project's option: without the mask, pooling finds the last real token from the ids.
+            outputs = model(**inputs, attention_mask=None if skip_padding_mask else mask)
+            weight = torch.tensor([0.6, 0.4], device=labels.device)
+            loss = torch.nn.functional.cross_entropy(outputs.logits.float(), labels, weight=weight)
             return (loss, outputs) if return_outputs else loss
 
     class Clock(TrainerCallback):
@@ -310,36 +217,27 @@ def run_peer(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Pa
         id2label={0: "J", 1: "P"},
         label2id={"J": 0, "P": 1},
         pad_token_id=dm.tokenizer.pad_token_id,
-        use_cache=False,
+        use_cache=use_cache,
     )
     torch.manual_seed(0)
     with torch.device(device()):
-        model = AutoModelForSequenceClassification.from_config(
-            config, dtype=torch.bfloat16 if precision == "bf16-true" else torch.float32
-        )
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
     training_args = TrainingArguments(
-        output_dir=str(REPO / "bench/out/peer"),
-        learning_rate=hp.learning_rate,
-        weight_decay=hp.weight_decay,
+        output_dir=str(REPO / "bench/out/hf_trainer"),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
-        train_sampling_strategy="group_by_length" if dm.hparams.group_by_length else "random",
-        optim="adamw_bnb_8bit" if hp.optimizer == "adamw8bit" else "adamw_torch",
-        bf16=precision == "bf16-mixed",
-        tf32=torch.cuda.is_available() and hp.tf32,
-        max_grad_norm=cli.trainer.gradient_clip_val or 0.0,
         max_steps=steps,
         eval_strategy="no",
         save_strategy="no",
         logging_steps=10**6,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=dm.hparams.num_workers,
         disable_tqdm=True,
         seed=42,
         remove_unused_columns=False,
+        **training_args,
     )
-    collate = DataCollatorWithPadding(dm.tokenizer, pad_to_multiple_of=dm.hparams.pad_to_multiple_of)
+    collate = DataCollatorWithPadding(dm.tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     trainer = WeightedTrainer(
         model=model, args=training_args, train_dataset=rows, data_collator=collate, callbacks=[Clock()]
     )
@@ -348,18 +246,58 @@ def run_peer(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Pa
     trainer.train()
     sync_count = syncs.stop()
     sync()
-    name = f"{PEER} as {variant}: {precision}, batch {batch} x accumulation {accumulation}"
     seconds = time.perf_counter() - clock["start"]
+    real = int(counts["real"])
     return measurement(
-        name,
+        name, args, config, seconds, counts["samples"], real, counts["padded"], sync_count, counts["samples"] // batch
+    )
+
+
+def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
+    """The seed's CustomTrainer and TrainingArguments (seed/tutorial.md), with eval and saving off."""
+    return run_hf_trainer(
         args,
-        config,
-        seconds,
-        counts["samples"],
-        int(counts["real"]),
-        counts["padded"],
-        sync_count,
-        counts["samples"] // batch,
+        "seed: HF Trainer, fp32 + tf32, bnb AdamW8bit, batch 4 x accumulation 2",
+        datamodule(model_dir, corpus),
+        model_dir,
+        batch=4,
+        accumulation=2,
+        learning_rate=2e-5,
+        weight_decay=0.01,
+        optim="adamw_bnb_8bit",
+        tf32=torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+
+
+def run_peer(args: argparse.Namespace, variant: str, model_dir: Path, corpus: Path) -> dict:
+    """HF Trainer with the settings of the project's `variant` (a config and overrides), as a user of
+    transformers alone would set them: same rows, batch size, accumulation, length grouping, optimizer,
+    precision and padding mask; the seed's weighted loss."""
+    cli = project_cli(args, variant, model_dir, corpus)
+    dm, hp, precision = cli.datamodule, cli.model.hparams, str(cli.trainer.precision)
+    dm.setup("fit")
+    batch, accumulation = dm.hparams.batch_size, cli.trainer.accumulate_grad_batches
+    name = f"{PEER} as {variant}: {precision}, batch {batch} x accumulation {accumulation}"
+    return run_hf_trainer(
+        args,
+        name,
+        dm,
+        model_dir,
+        batch,
+        accumulation,
+        dtype=torch.bfloat16 if precision == "bf16-true" else torch.float32,
+        skip_padding_mask=hp.skip_padding_mask,
+        use_cache=False,  # as the project's model config
+        pad_to_multiple_of=dm.hparams.pad_to_multiple_of,
+        learning_rate=hp.learning_rate,
+        weight_decay=hp.weight_decay,
+        train_sampling_strategy="group_by_length" if dm.hparams.group_by_length else "random",
+        optim="adamw_bnb_8bit" if hp.optimizer == "adamw8bit" else "adamw_torch",
+        bf16=precision == "bf16-mixed",
+        tf32=torch.cuda.is_available() and hp.tf32,
+        max_grad_norm=cli.trainer.gradient_clip_val or 0.0,
+        dataloader_num_workers=dm.hparams.num_workers,
     ) | {"peer_of": variant}
 
 

@@ -39,6 +39,21 @@ def kaggle_file(path: Path, num_rows: int = 8000) -> Path:
     return write_csv(path, ["type", "posts"], [[t, "|||".join(posts)] for t, posts in users.values()])
 
 
+def kaggle_args(path: Path) -> list[str]:
+    """The config keys for a Kaggle-shaped file: posts exploded, type mentions masked, authors split."""
+    keys = {
+        "dataset": "csv",
+        "data_files": str(path),
+        "text_column": "posts",
+        "type_column": "type",
+        "author_column": "null",
+        "explode_separator": "|||",
+        "mask_type_mentions": "true",
+        "split": "author",
+    }
+    return [arg for key, value in keys.items() for arg in (f"--data.{key}", value)]
+
+
 def axis_letter_file(path: Path, num_rows: int = 3000) -> Path:
     """One letter column per axis under other names (P/J ...) and the text in `Comment`."""
     rows = generate_rows(num_rows=num_rows, seed=4)
@@ -194,24 +209,7 @@ def test_other_file_shapes_train_through_the_cli(shape, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
     if shape == "kaggle":
-        data = [
-            "--data.dataset",
-            "csv",
-            "--data.data_files",
-            str(kaggle_file(tmp_path / "mbti_1.csv")),
-            "--data.text_column",
-            "posts",
-            "--data.type_column",
-            "type",
-            "--data.author_column",
-            "null",
-            "--data.explode_separator",
-            "|||",
-            "--data.mask_type_mentions",
-            "true",
-            "--data.split",
-            "author",
-        ]
+        data = kaggle_args(kaggle_file(tmp_path / "mbti_1.csv"))
     else:
         data = [
             "--data.dataset",
@@ -282,28 +280,7 @@ def test_a_small_skewed_kaggle_file_trains_by_author_and_predicts_a_type_per_per
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
     path = small_kaggle_file(tmp_path / "users.csv")
-    data = [
-        "--config",
-        str(REPO / "configs/demo.yaml"),
-        "--data.dataset",
-        "csv",
-        "--data.data_files",
-        str(path),
-        "--data.text_column",
-        "posts",
-        "--data.type_column",
-        "type",
-        "--data.author_column",
-        "null",
-        "--data.explode_separator",
-        "|||",
-        "--data.mask_type_mentions",
-        "true",
-        "--data.split",
-        "author",
-        "--data.keep_fraction",
-        "1.0",
-    ]
+    data = ["--config", str(REPO / "configs/demo.yaml"), *kaggle_args(path), "--data.keep_fraction", "1.0"]
     with pytest.warns(
         UserWarning, match=r"because these classes have fewer than 2 rows \(or authors\): .*'ISTJ' \(1\)"
     ):
