@@ -284,9 +284,9 @@ class MBTIClassifier(L.LightningModule):
         self._log_eval_metrics("test", self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Row numbers, and per head the (batch, classes) logits and probabilities in class-id order."""
-        logits = dict(zip(self.heads, self.head_logits(self(batch["input_ids"], batch["attention_mask"]))))
-        return {"row": batch["row"], "logits": logits, "probs": {head: x.softmax(-1) for head, x in logits.items()}}
+        """Row numbers, and per head the (batch, classes) logits in class-id order."""
+        logits = self.head_logits(self(batch["input_ids"], batch["attention_mask"]))
+        return {"row": batch["row"], "logits": dict(zip(self.heads, logits))}
 
     def configure_optimizers(self) -> dict:
         from mbti_lightning.optim import configure_optimizers  # bitsandbytes, imported only when training
