@@ -34,7 +34,7 @@ class Collator:
     def __call__(self, rows: dict[str, list]) -> dict:
         batch = self.pad(rows)
         batch["num_tokens"] = int(batch["attention_mask"].sum())  # a Python int: no GPU sync to read it
-        batch["padded"] = min(rows.get("row", [0]), default=0) < 0  # holds copies that only keep ranks in step
+        batch["padded"] = min(rows["row"]) < 0  # holds copies that only keep ranks in step (sampling.PADDING)
         return batch
 
 
