@@ -306,9 +306,15 @@ def export(
 def upload(
     folder: Path, repo_id: str, token: str, private: bool, revision: str | None, create_pr: bool, message: str
 ) -> None:
-    """Create the repo (and branch `revision`) if needed and upload `folder` as one commit (or pull request)."""
+    """Create the repo (and branch `revision`) if needed and upload `folder` as one commit (or pull request)
+    that makes the repo's files those of `folder`: files an earlier export left there and this one lacks
+    (an adapter's ``adapter_config.json`` under a merged model, say) are deleted, or they would be served
+    with it. The Hub keeps ``.gitattributes``."""
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    # None: a new repo gets the account's default visibility (an organisation's may be private).
+    api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+    if private:  # create_repo leaves an existing repo's visibility as it is
+        api.update_repo_settings(repo_id, private=True, repo_type="model")
     if revision:
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     api.upload_folder(
@@ -318,6 +324,7 @@ def upload(
         revision=revision,
         create_pr=create_pr,
         commit_message=message,
+        delete_patterns="*",
     )
 
 
@@ -326,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt", type=Path, required=True, help="a checkpoint written by `mbti-lightning fit`")
     parser.add_argument("--out", type=Path, required=True, help="the model folder to write")
     parser.add_argument("--push-to-hub", metavar="OWNER/NAME", help="also upload the folder to this hub repo")
-    parser.add_argument("--private", action="store_true", help="create the hub repo as private")
+    parser.add_argument("--private", action="store_true", help="make the hub repo private (an existing one too)")
     parser.add_argument("--revision", metavar="BRANCH", help="upload to this branch (created if missing)")
     parser.add_argument("--create-pr", action="store_true", help="upload as a pull request instead of a commit")
     parser.add_argument("--license", help="the card's license, a hub license id such as mit or apache-2.0")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from fake_hub import FakeHfApi
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
@@ -183,30 +184,11 @@ def test_dtype_choice_is_saved(trained, tmp_path):
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
-class FakeHfApi:
-    """huggingface_hub.HfApi at the network boundary: records what would be sent."""
-
-    calls: list = []
-
-    def __init__(self, token=None):
-        self.calls.append(("token", token))
-
-    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
-        self.calls.append(("create_repo", repo_id, private))
-
-    def create_branch(self, repo_id, branch, exist_ok=False, repo_type=None):
-        self.calls.append(("create_branch", repo_id, branch))
-
-    def upload_folder(self, repo_id, folder_path, repo_type=None, revision=None, create_pr=None, commit_message=None):
-        files = sorted(p.name for p in Path(folder_path).iterdir())
-        self.calls.append(("upload_folder", repo_id, files, revision, create_pr, commit_message))
-
-
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
     """The HfApi mock, no token in the environment, and an empty temporary HF_HOME (no saved login)."""
     monkeypatch.setattr("mbti_lightning.export.HfApi", FakeHfApi)
-    FakeHfApi.calls = []
+    FakeHfApi.reset()
     for name in ("HF_TOKEN", "HF_HUB_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "hf_home"
@@ -222,7 +204,8 @@ def test_push_sends_the_folder_with_the_env_token_and_never_writes_it(trained, t
 
     assert FakeHfApi.calls[0] == ("token", TOKEN)
     assert FakeHfApi.calls[1] == ("create_repo", "me/mbti-jp", True)
-    _, repo, files, revision, create_pr, message = FakeHfApi.calls[2]
+    assert FakeHfApi.calls[2] == ("update_repo_settings", "me/mbti-jp", True)
+    _, repo, files, revision, create_pr, message = FakeHfApi.calls[3]
     assert repo == "me/mbti-jp" and revision is None and not create_pr
     assert re.fullmatch(r"mbti-lightning: J-P classifier from demo, validation MCC 0\.\d{4}", message)
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "confusion_matrix.png"} <= set(files)
@@ -238,7 +221,7 @@ def test_a_user_logged_in_with_hf_auth_login_can_push_to_a_branch_or_a_pull_requ
     out = tmp_path / "model"
     export("--ckpt", trained, "--out", out, "--push-to-hub", "me/mbti-jp", "--revision", "v2", "--create-pr")
     assert FakeHfApi.calls[0] == ("token", TOKEN)
-    assert FakeHfApi.calls[1] == ("create_repo", "me/mbti-jp", False)
+    assert FakeHfApi.calls[1] == ("create_repo", "me/mbti-jp", None)  # the account's default visibility
     assert FakeHfApi.calls[2] == ("create_branch", "me/mbti-jp", "v2")
     assert FakeHfApi.calls[3][3:5] == ("v2", True)
     printed = capsys.readouterr()
@@ -251,7 +234,14 @@ def test_token_can_come_from_a_dotenv_file(trained, tmp_path, hub, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text(f"# hub\nHF_HUB_TOKEN='{TOKEN}'\n")
     export("--ckpt", trained, "--out", tmp_path / "model", "--push-to-hub", "me/mbti-jp")
-    assert FakeHfApi.calls[0] == ("token", TOKEN) and FakeHfApi.calls[1][2] is False
+    assert FakeHfApi.calls[0] == ("token", TOKEN) and FakeHfApi.calls[1][2] is None
+
+
+def test_private_makes_an_existing_public_repo_private(trained, tmp_path, hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    FakeHfApi.repos["me/mbti-jp"] = {"private": False, "files": {".gitattributes", "README.md"}}
+    export("--ckpt", trained, "--out", tmp_path / "model", "--push-to-hub", "me/mbti-jp", "--private")
+    assert FakeHfApi.repos["me/mbti-jp"]["private"] is True
 
 
 def expect_error(capsys, message: str, *args) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, fit_demo
+from fake_hub import FakeHfApi
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
 from mbti_lightning.cli import cli_main
@@ -72,6 +73,21 @@ def test_lora_reload_gives_identical_logits_and_both_exports_match_pipeline(lora
         for text, probs in zip(TEXTS, expected):
             scores = {d["label"]: d["score"] for d in classifier([text])[0]}
             assert scores == pytest.approx({"J": probs[0].item(), "P": probs[1].item()}, abs=1e-5), how
+
+
+@pytest.mark.slow
+def test_a_merged_push_after_an_adapter_push_leaves_no_adapter_on_the_hub(lora_run, tmp_path, monkeypatch):
+    """With the adapter's files left on the Hub, transformers (with peft installed) would load the base plus
+    the old adapter and ignore the new merged weights."""
+    monkeypatch.setattr("mbti_lightning.export.HfApi", FakeHfApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
+    FakeHfApi.reset()
+    for how in (["--adapter"], []):
+        out = tmp_path / f"export{len(how)}"
+        export_main(["--ckpt", str(lora_run / "last.ckpt"), "--out", str(out), "--push-to-hub", "me/m", *how])
+        local = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+        assert FakeHfApi.repos["me/m"]["files"] == local | {".gitattributes"}, how
+    assert "adapter_config.json" not in FakeHfApi.repos["me/m"]["files"]
 
 
 @pytest.mark.slow

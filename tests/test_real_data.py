@@ -15,7 +15,7 @@ from conftest import REPO
 from mbti_lightning.cli import cli_main
 from mbti_lightning.data import MBTIDataModule, author_split
 from mbti_lightning.demo import generate_rows
-from mbti_lightning.labels import AXES
+from mbti_lightning.labels import AXES, TYPES
 from mbti_lightning.predict import per_author, prediction_records
 
 
@@ -105,6 +105,19 @@ def test_a_type_too_rare_to_stratify_is_pooled_and_a_class_that_cannot_be_split_
     path = write_csv(tmp_path / "one_p.csv", ["body", "mbti"], [["a", "INTJ"]] * 10 + [["b", "ESFP"]])
     with pytest.raises(ValueError, match=r"split of csv .*one_p.csv has no rows of class \['P'\] \(J-P\)"):
         make_dm(path, "csv").setup("fit")
+
+
+@pytest.mark.parametrize("target", ["all", "mbti"])
+def test_rare_types_are_pooled_by_coarser_keys_when_the_target_is_the_type(tmp_path, target):
+    """For four axes or the 16-way type, the target's letters are the type itself: pooling by them only
+    renamed the types and the split still stopped. Coarser keys are tried until the split works."""
+    rows = [[f"text {i}", TYPES[i % 16]] for i in range(40)] + [[f"more {i}", "INTJ"] for i in range(40)]
+    dm = make_dm(write_csv(tmp_path / "types.csv", ["body", "mbti"], rows), "csv", target=target, val_fraction=0.1)
+    with pytest.warns(
+        UserWarning, match=r"types.csv: a stratified split of 80 rows .* were pooled by their first letter"
+    ):
+        dm.setup("fit")
+    assert len(dm.splits["train"]) + len(dm.splits["validation"]) == 80
 
 
 def test_a_class_missing_from_a_split_is_named(tmp_path):
@@ -308,3 +321,17 @@ def test_a_small_skewed_kaggle_file_trains_by_author_and_predicts_a_type_per_per
         prob_p = torch.sigmoid(torch.log(p / (1 - p)).mean()).item()
         assert float(person["J-P_prob"]) == pytest.approx(max(prob_p, 1 - prob_p), abs=2e-3)
         assert person["J-P"] == ("P" if prob_p > 0.5 else "J")
+
+
+def test_a_split_that_fails_says_which_rows_were_dropped_first(tmp_path):
+    path = write_csv(tmp_path / "typos.csv", ["body", "mbti"], [["a", "XXXX"], ["b", "QQQQ"], ["c", "INTJ"]])
+    with pytest.raises(ValueError, match=r"cannot make a stratified split.*typos.csv: 2 of 3 rows are unusable"):
+        make_dm(path, "csv").setup("fit")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".txt"])
+def test_a_predict_file_that_is_not_utf8_is_named_as_a_training_file_is(tmp_path, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes("body\ncaf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"could not read .*latin1{suffix} as .*UnicodeDecodeError"):
+        make_dm(path, "csv", predict_file=str(path)).setup("predict")

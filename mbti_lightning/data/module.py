@@ -174,7 +174,6 @@ class MBTIDataModule(L.LightningDataModule):
 
     def _build(self, raw: Dataset | DatasetDict, out: os.PathLike) -> None:
         parts, messages = splits.split(raw, self.hparams, self.heads)
-        splits.check_classes(parts, self.hparams, self.heads)
         tokenized.build(parts, messages, self.hparams, self.heads, self.tokenizer, out)
 
     def setup(self, stage: str) -> None:

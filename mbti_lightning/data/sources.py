@@ -17,11 +17,11 @@ def where(hp: AttributeDict) -> str:
     return " ".join(str(x) for x in (hp.dataset, hp.data_files) if x)
 
 
-def load_raw(hp: AttributeDict) -> Dataset | DatasetDict:
-    """The source data (`data.dataset`, `data.data_files`, or the demo corpus), checked for its columns."""
-    builder, files = ("parquet", str(demo.corpus_path())) if hp.dataset == demo.DEMO else (hp.dataset, hp.data_files)
+def read(builder: str, files, split: str | None) -> Dataset | DatasetDict:
+    """`load_dataset(builder, data_files=files, split=split)`; a local file that cannot be parsed (not UTF-8,
+    not the format) is named in a ValueError. Every file the project reads as a table comes through here."""
     try:
-        raw = load_dataset(builder, data_files=files, split=None if hp.split == "predefined" else hp.dataset_split)
+        return load_dataset(builder, data_files=files, split=split)
     except FileNotFoundError:
         raise
     except Exception as err:  # datasets wraps a parser's error in its own
@@ -29,6 +29,12 @@ def load_raw(hp: AttributeDict) -> Dataset | DatasetDict:
             raise
         cause = err.__cause__ or err
         raise ValueError(f"could not read {files} as {builder}: {type(cause).__name__}: {cause}") from err
+
+
+def load_raw(hp: AttributeDict) -> Dataset | DatasetDict:
+    """The source data (`data.dataset`, `data.data_files`, or the demo corpus), checked for its columns."""
+    builder, files = ("parquet", str(demo.corpus_path())) if hp.dataset == demo.DEMO else (hp.dataset, hp.data_files)
+    raw = read(builder, files, None if hp.split == "predefined" else hp.dataset_split)
     for part in raw.values() if isinstance(raw, DatasetDict) else [raw]:
         label_columns = [hp.type_column] if hp.type_column else list(hp.axis_columns.values())
         for column in (hp.text_column, *label_columns):
@@ -48,10 +54,13 @@ def read_predict_file(hp: AttributeDict, heads: dict, tokenize_kwargs: dict) -> 
     if not path.is_file():
         raise FileNotFoundError(f"data.predict_file {path} not found")
     if path.suffix == ".txt":
-        texts: list = path.read_text().splitlines()
+        try:
+            texts: list = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"could not read {path} as text: {type(err).__name__}: {err}") from None
         ids = authors = list(range(1, len(texts) + 1))
     elif path.suffix in (".csv", ".jsonl", ".json"):
-        ds = load_dataset("csv" if path.suffix == ".csv" else "json", data_files=str(path), split="train")
+        ds = read("csv" if path.suffix == ".csv" else "json", str(path), "train")
         if hp.text_column not in ds.column_names:
             raise ValueError(
                 f"column {hp.text_column!r} not found in {path}; it has {ds.column_names}. Set data.text_column."

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from mbti_lightning.data.cleaning import clean, target_letters
 from mbti_lightning.data.sources import where
+from mbti_lightning.labels import AXES
 
 #: Names a data set's own validation split may have, for `split: predefined`.
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
@@ -34,10 +35,13 @@ def _unsplittable(strata: np.ndarray, n_train: int, n_test: int) -> str | None:
     return None
 
 
+#: A coarse key: how it is described in the note, and each row's value.
+Coarse = list[tuple[str, np.ndarray]]
+
+
 def _pool(strata: np.ndarray, coarse: np.ndarray, n_train: int, n_test: int) -> tuple[np.ndarray, dict[str, int]]:
-    """`strata` with its rarest classes pooled by their `coarse` value (the target's letters), rarest first,
-    until a stratified split works; then any pool still of one joins the largest class. Also returns the
-    pooled classes and their sizes."""
+    """`strata` with its rarest classes pooled by their `coarse` value, rarest first, until a stratified split
+    works; then any pool still of one joins the largest class. Also returns the pooled classes and their sizes."""
     strata, pooled = strata.astype(object), {}
     names, counts = np.unique(strata, return_counts=True)
     for name, count in sorted(zip(names, counts), key=lambda item: item[1]):
@@ -51,27 +55,42 @@ def _pool(strata: np.ndarray, coarse: np.ndarray, n_train: int, n_test: int) -> 
     return strata, pooled
 
 
+def coarse_keys(heads: dict, labels: np.ndarray, strata: np.ndarray) -> Coarse:
+    """What rare types are pooled by, finest first: the target's letters (for one axis, J or P); with
+    several axes or the 16-way type, where those are the types themselves, also the first letter; last,
+    one pool for all."""
+    keys: Coarse = []
+    if any(head in AXES for head in heads):
+        keys.append(("their target letters", target_letters(heads, labels)))
+    if len(heads) > 1 or "mbti" in heads:
+        keys.append(("their first letter", np.asarray(strata, dtype=str).astype("U1")))
+    return [*keys, ("one pool for all of them", np.full(len(strata), ""))]
+
+
 def stratified_split(
-    strata: np.ndarray, test_size: float, seed: int, coarse: np.ndarray | None = None, notes: list[str] | None = None
+    strata: np.ndarray, test_size: float, seed: int, coarse: Coarse | None = None, notes: list[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """`Dataset.train_test_split(test_size, stratify_by_column=..., seed)` on per-row classes `strata`, as indices.
 
     The same sizes, generator and stratification routine as datasets uses, over the classes present
     (as datasets does), without its reading the label column one row at a time (minutes at 2.3M rows).
-    Where datasets would fail, classes too rare to stratify are pooled by `coarse` (see `_pool`) and
-    a note saying so is added to `notes`; without `coarse` the error names them.
+    Where datasets would fail, classes too rare to stratify are pooled by the first of the `coarse` keys
+    with which the split works (see `_pool`), and a note saying so is added to `notes`; without `coarse`
+    the error names them.
     """
     n_test = math.ceil(test_size * len(strata))
     n_train = len(strata) - n_test
     problem = _unsplittable(strata, n_train, n_test)
-    if problem and coarse is not None:
-        strata, pooled = _pool(strata, coarse, n_train, n_test)
-        shown = ", ".join(f"{name!r} ({count})" for name, count in pooled.items())
-        notes.append(
-            f"a stratified split of {n_train + n_test} rows (or authors) into {n_train} and {n_test} failed because "
-            f"{problem}; so {shown} were pooled by their target letters for that split"
-        )
-        problem = _unsplittable(strata, n_train, n_test)
+    for described, key in coarse if problem else ():
+        pooled_strata, pooled = _pool(strata, key, n_train, n_test)
+        if _unsplittable(pooled_strata, n_train, n_test) is None:
+            shown = ", ".join(f"{name!r} ({count})" for name, count in pooled.items())
+            notes.append(
+                f"a stratified split of {n_train + n_test} rows (or authors) into {n_train} and {n_test} failed "
+                f"because {problem}; so {shown} were pooled by {described} for that split"
+            )
+            strata, problem = pooled_strata, None
+            break
     if problem:
         raise ValueError(f"cannot make a stratified split: {problem}. Use more data or other fractions.")
     y = np.unique(np.asarray(strata, dtype=str), return_inverse=True)[1]
@@ -79,7 +98,7 @@ def stratified_split(
 
 
 def _keep(
-    strata: np.ndarray, keep_fraction: float, keep_seed: int, coarse: np.ndarray | None, notes: list[str]
+    strata: np.ndarray, keep_fraction: float, keep_seed: int, coarse: Coarse | None, notes: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(kept, discarded): the seed keeps the `test` part of a stratified split of size `keep_fraction`."""
     if keep_fraction == 1:
@@ -94,7 +113,7 @@ def seed_split(
     keep_seed: int,
     val_fraction: float,
     val_seed: int,
-    coarse: np.ndarray | None = None,
+    coarse: Coarse | None = None,
     notes: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The seed recipe's two stratified splits, as row numbers: (train, validation, discarded).
@@ -110,8 +129,8 @@ def seed_split(
     return kept[train], kept[val], discarded
 
 
-def _at(values: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
-    return None if values is None else values[rows]
+def _at(coarse: Coarse | None, rows: np.ndarray) -> Coarse | None:
+    return None if coarse is None else [(described, key[rows]) for described, key in coarse]
 
 
 def author_split(
@@ -122,7 +141,7 @@ def author_split(
     val_fraction: float,
     val_seed: int,
     test_fraction: float = 0.0,
-    coarse: np.ndarray | None = None,
+    coarse: Coarse | None = None,
     notes: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Author-disjoint (train, validation, test) row numbers, stratified by each author's type.
@@ -152,7 +171,19 @@ def author_split(
 def split(
     raw: Dataset | DatasetDict, hp: AttributeDict, heads: dict
 ) -> tuple[dict[str, tuple[Dataset, dict]], list[str]]:
-    """{split name: (usable rows, their arrays)} for train / validation / test, and the drop messages."""
+    """{split name: (usable rows, their arrays)} for train / validation / test, and the messages on dropped and
+    pooled rows. A split that cannot be made says which rows were dropped first: they may be why."""
+    parts, messages = _split(raw, hp, heads)
+    try:
+        check_classes(parts, hp, heads)
+    except ValueError as err:
+        raise ValueError(" ".join([str(err), *messages])) from None
+    return parts, messages
+
+
+def _split(
+    raw: Dataset | DatasetDict, hp: AttributeDict, heads: dict
+) -> tuple[dict[str, tuple[Dataset, dict]], list[str]]:
     if hp.split == "predefined":
         names = {"train": "train", "validation": next((n for n in VALIDATION_NAMES if n in raw), None), "test": "test"}
         if names["validation"] is None or "train" not in raw:
@@ -163,8 +194,23 @@ def split(
         messages = [message for _, _, split_messages in cleaned.values() for message in split_messages]
         return {name: (ds, arrays) for name, (ds, arrays, _) in cleaned.items()}, messages
     ds, arrays, messages = clean(raw, hp, heads)
+    try:
+        train, val, test, notes = _split_rows(arrays, hp, heads)
+    except ValueError as err:
+        raise ValueError(" ".join([str(err), *messages])) from None
+    messages += [f"data.split {hp.split!r} on {where(hp)}: {note}" for note in notes]
+    rows = {"train": train, "validation": val, "test": test}
+    return {
+        name: (ds.select(idx), {k: v[idx] for k, v in arrays.items()}) for name, idx in rows.items() if len(idx)
+    }, messages
+
+
+def _split_rows(
+    arrays: dict[str, np.ndarray], hp: AttributeDict, heads: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Train, validation and test row numbers for `hp.split` (seed or author), and notes on pooled types."""
     notes: list[str] = []
-    coarse = target_letters(heads, arrays["labels"])
+    coarse = coarse_keys(heads, arrays["labels"], arrays["strata"])
     if hp.split == "seed":
         train, val, discarded = seed_split(
             arrays["strata"], hp.keep_fraction, hp.keep_seed, hp.val_fraction, hp.val_seed, coarse, notes
@@ -182,11 +228,7 @@ def split(
             coarse,
             notes,
         )
-    messages += [f"data.split {hp.split!r} on {where(hp)}: {note}" for note in notes]
-    rows = {"train": train, "validation": val, "test": test}
-    return {
-        name: (ds.select(idx), {k: v[idx] for k, v in arrays.items()}) for name, idx in rows.items() if len(idx)
-    }, messages
+    return train, val, test, notes
 
 
 def check_classes(parts: dict[str, tuple[Dataset, dict]], hp: AttributeDict, heads: dict) -> None:

@@ -1,0 +1,49 @@
+"""huggingface_hub.HfApi at the network boundary: records what would be sent and keeps each repo's files."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+from pathlib import Path
+
+
+class FakeHfApi:
+    calls: list = []
+    repos: dict[str, dict] = {}  # repo id -> {"private": bool, "files": set of paths}
+
+    def __init__(self, token=None):
+        self.calls.append(("token", token))
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.calls, cls.repos = [], {}
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+        self.calls.append(("create_repo", repo_id, private))
+        # A new repo starts with .gitattributes, private if asked, else as the account's default (public here).
+        self.repos.setdefault(repo_id, {"private": bool(private), "files": {".gitattributes"}})
+
+    def update_repo_settings(self, repo_id, private=None, repo_type=None):
+        self.calls.append(("update_repo_settings", repo_id, private))
+        self.repos[repo_id]["private"] = private
+
+    def create_branch(self, repo_id, branch, exist_ok=False, repo_type=None):
+        self.calls.append(("create_branch", repo_id, branch))
+
+    def upload_folder(
+        self,
+        repo_id,
+        folder_path,
+        repo_type=None,
+        revision=None,
+        create_pr=None,
+        commit_message=None,
+        delete_patterns=None,
+    ):
+        folder = Path(folder_path)
+        files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+        self.calls.append(("upload_folder", repo_id, sorted(files), revision, create_pr, commit_message))
+        patterns = [delete_patterns] if isinstance(delete_patterns, str) else delete_patterns or []
+        remote = self.repos[repo_id]["files"]
+        # As the Hub does: matching remote files are deleted in the same commit, .gitattributes never.
+        kept = {f for f in remote if f == ".gitattributes" or not any(fnmatch(f, p) for p in patterns)}
+        self.repos[repo_id]["files"] = kept | files
