@@ -15,7 +15,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from mbti_lightning import baseline, demo
+from mbti_lightning import baseline, calibration, demo
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 #: Metric key -> (name in the card's table, the Hub's metric type).
@@ -115,7 +115,7 @@ def model_card(
     data_hp: dict,
     meta: dict,
     results: dict[str, dict],
-    calibration: dict[str, dict[str, float]],
+    calibration_figures: dict[str, dict],
     *,
     n_val: int,
     calibrated: bool,
@@ -123,10 +123,11 @@ def model_card(
     has_training_plot: bool,
     adapter: bool = False,
     license: str | None = None,
+    data_changed: bool = False,
 ) -> ModelCard:
     """The card of an export from a checkpoint's model and data hyperparameters and its ``mbti_lightning``
     entry (`meta`). `results` per head hold the ``model``, ``majority`` (and ``baseline``) scores and
-    ``majority_class``; `calibration` per head the temperature, and ECE and NLL before and after."""
+    ``majority_class``; `calibration_figures` per head what `export.calibration_figures` returns."""
     heads = meta["heads"]
     base = model_hp["model_name_or_path"]
     recipe = meta.get("config") or {"model": model_hp, "data": data_hp}
@@ -154,10 +155,14 @@ def model_card(
         results=rendered,
         has_baseline=all(result.get("baseline") for result in results.values()),
         baseline_name=baseline.NAME,
+        baseline_cap=baseline.MAX_TRAIN_ROWS,
         calibrated=calibrated,
-        calibration=calibration,
+        calibration=calibration_figures,
+        t_bounds=(calibration.T_MIN, calibration.T_MAX),
+        bins=calibration.BINS,
         has_training_plot=has_training_plot,
         confusion_files=confusion_files,
         data=data_hp,
+        data_changed=data_changed,
         recipe=yaml.safe_dump(recipe, sort_keys=False).strip(),
     )

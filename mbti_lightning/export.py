@@ -27,6 +27,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from mbti_lightning import baseline, calibration
 from mbti_lightning.card import METRICS, model_card
 from mbti_lightning.data import MBTIDataModule
+from mbti_lightning.data.sources import where
 from mbti_lightning.metrics import score_predictions
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.tokenizer import load_tokenizer
@@ -96,19 +97,40 @@ def score(
     }
 
 
-def calibrate(logits: dict[str, torch.Tensor], labels: torch.Tensor, fit: bool) -> dict[str, dict[str, float]]:
-    """Per head: the fitted temperature (1 unless `fit`), and ECE and NLL before and after it."""
+def calibrate(
+    model: MBTIClassifier, logits: dict[str, torch.Tensor], labels: torch.Tensor, fit: bool
+) -> dict[str, calibration.Calibration]:
+    """Per head, the calibration fitted on the validation `logits` (none unless `fit`): a temperature and class
+    offsets where the model's head has a bias to carry them, else the temperature alone."""
+    has_bias = calibration.classification_head(model.model).bias is not None
+    return {
+        head: calibration.fit(x, labels[:, h], offsets=has_bias, name=head) if fit else calibration.Calibration()
+        for h, (head, x) in enumerate(logits.items())
+    }
+
+
+def calibration_figures(
+    fitted: dict[str, calibration.Calibration],
+    raw: dict[str, torch.Tensor],
+    saved: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    heads: dict,
+) -> dict[str, dict]:
+    """Per head: what was fitted, and ECE, NLL and the largest class-share gap of the checkpoint's scores
+    (`raw`) and of the exported model's (`saved`)."""
     out = {}
-    for h, (head, x) in enumerate(logits.items()):
+    for h, (head, cal) in enumerate(fitted.items()):
         y = labels[:, h]
-        t = calibration.fit_temperature(x, y) if fit else 1.0
         out[head] = {
-            "temperature": t,
-            "ece_before": calibration.ece(x, y),
-            "ece_after": calibration.ece(x, y, t),
-            "nll_before": calibration.nll(x, y),
-            "nll_after": calibration.nll(x, y, t),
+            "temperature": cal.temperature,
+            "offsets": dict(zip(heads[head], cal.offsets)) if cal.offsets else None,
         }
+        for when, x in (("before", raw[head]), ("after", saved[head])):
+            out[head] |= {
+                f"ece_{when}": calibration.ece(x, y),
+                f"nll_{when}": calibration.nll(x, y),
+                f"gap_{when}": calibration.prior_gap(x, y),
+            }
     return out
 
 
@@ -163,22 +185,37 @@ def replace_folder(new: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+def saved_dtype(checkpoint: dict) -> str:
+    """The backbone's dtype as trained: a 4-bit (QLoRA) base computed in bf16; otherwise that of the first
+    backbone weight the checkpoint holds (not the first tensor: that is the fp32 class-weight buffer)."""
+    if hyperparameters(checkpoint).get("quantize"):
+        return "bfloat16"
+    weights = checkpoint["state_dict"].items()
+    weight = next(v for k, v in weights if k.startswith("model.") and v.is_floating_point())
+    return str(weight.dtype).removeprefix("torch.")
+
+
 def transformers_model(
-    model: MBTIClassifier, checkpoint: dict, calibrated: dict[str, dict], adapter: bool, dtype: str
+    model: MBTIClassifier, checkpoint: dict, fitted: dict[str, calibration.Calibration], adapter: bool, dtype: str
 ) -> torch.nn.Module:
-    """The model to save: LoRA merged (unless `adapter`), the temperatures folded into its head, in `dtype`."""
+    """The model to save: LoRA merged (unless `adapter`), the calibration folded into its head, in `dtype`."""
     hf_model = model.model.cpu()
     if model.hparams.peft is not None and not adapter:
         hf_model = hf_model.merge_and_unload()
-    temperatures = [c["temperature"] for c in calibrated.values()]
-    calibration.fold_temperatures(hf_model, temperatures * (hf_model.config.num_labels // len(temperatures)))
-    # Recorded in config.json, so that anyone can undo it: raw logits = calibrated logits x temperature.
-    (hf_model.get_base_model() if adapter else hf_model).config.calibration_temperatures = {
-        head: c["temperature"] for head, c in calibrated.items()
+    if len(fitted) == 1:  # one output per class
+        ((head, cal),) = fitted.items()
+        scales, shifts = [cal.temperature] * len(model.heads[head]), list(cal.offsets or [0.0] * len(model.heads[head]))
+    else:  # one output per axis: the log-odds of its second letter
+        scales = [cal.temperature for cal in fitted.values()]
+        shifts = [cal.offsets[1] - cal.offsets[0] if cal.offsets else 0.0 for cal in fitted.values()]
+    calibration.fold(hf_model, scales, shifts)
+    # Recorded in config.json, so that anyone can undo it: raw logits = (calibrated logits - offset) x temperature.
+    config = (hf_model.get_base_model() if adapter else hf_model).config
+    config.calibration_temperatures = {head: cal.temperature for head, cal in fitted.items()}
+    config.calibration_offsets = {
+        head: dict(zip(model.heads[head], cal.offsets)) for head, cal in fitted.items() if cal.offsets
     }
-    if dtype == "auto":
-        dtype = str(next(v for v in checkpoint["state_dict"].values() if v.is_floating_point()).dtype).split(".")[1]
-    return hf_model.to(DTYPES[dtype])
+    return hf_model.to(DTYPES[saved_dtype(checkpoint) if dtype == "auto" else dtype])
 
 
 def plot_validation(
@@ -186,17 +223,16 @@ def plot_validation(
     heads: dict,
     logits: dict[str, torch.Tensor],
     labels: torch.Tensor,
-    calibrated: dict[str, dict] | None,
+    raw: dict[str, torch.Tensor] | None,
 ) -> dict[str, str]:
-    """A confusion matrix per head (and, if `calibrated`, the reliability diagram) into `folder`; returns
-    the confusion matrices' file names per head."""
+    """A confusion matrix per head of the exported model's `logits` (and, given the checkpoint's `raw` logits,
+    the reliability diagram before and after calibration) into `folder`; returns the confusion matrices' file
+    names per head."""
     files = {h: "confusion_matrix.png" if len(heads) == 1 else f"confusion_matrix_{h}.png" for h in heads}
     for h, (head, classes) in enumerate(heads.items()):
         plot_confusion(logits[head], labels[:, h], list(classes), folder / files[head])
-    if calibrated:
-        curves = {
-            head: (logits[head], labels[:, h], c["temperature"]) for h, (head, c) in enumerate(calibrated.items())
-        }
+    if raw:
+        curves = {head: (labels[:, h], raw[head], logits[head]) for h, head in enumerate(heads)}
         calibration.reliability_plot(curves, folder / "reliability.png")
     return files
 
@@ -229,6 +265,20 @@ def _check_arguments(out: Path, overwrite: bool, push_to_hub: str | None) -> str
     return token
 
 
+def _check_splits(dm: MBTIDataModule, recorded: str | None, allow: bool) -> bool:
+    """Whether the splits rebuilt from today's data differ from those the checkpoint recorded at fit time; an
+    error unless `allow`: the card's figures would be on rows the model may have trained on."""
+    changed = recorded is not None and dm.split_fingerprint() != recorded
+    if changed and not allow:
+        raise ExportError(
+            f"the data ({where(dm.hparams)}) no longer gives the train / validation / test rows this model was "
+            "trained with: a hub data set read without data.revision has changed, or a local file was edited. "
+            "Its figures could include training rows. Restore the data (or pin data.revision), or pass "
+            "--allow-changed-data to export anyway (the card then says so)"
+        )
+    return changed
+
+
 def load_model(checkpoint: dict) -> MBTIClassifier:
     """The checkpoint's model, built as load_from_checkpoint does but from the mapped checkpoint (Lightning
     would read the whole file again). A 4-bit (QLoRA) base is rebuilt in full precision: merging needs it,
@@ -252,6 +302,7 @@ def export(
     license: str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
+    allow_changed_data: bool = False,
 ) -> Path:
     """Write the model folder at `out` (and upload it if `push_to_hub`); return `out`.
 
@@ -264,18 +315,23 @@ def export(
         raise ExportError(f"--adapter needs a LoRA checkpoint (model.peft); {ckpt} was fully fine-tuned")
     dm = MBTIDataModule(**hyperparameters(checkpoint, "datamodule_hyper_parameters"))
     dm.setup("validate")
-    logits, labels = evaluate(model, dm)
-    results = score(dm, logits, labels, with_baseline=baseline.available())
-    calibrated = calibrate(logits, labels, fit=calibrate_scores)
+    data_changed = _check_splits(dm, checkpoint["mbti_lightning"].get("splits"), allow_changed_data)
+    raw, labels = evaluate(model, dm)
+    fitted = calibrate(model, raw, labels, fit=calibrate_scores)
 
-    hf_model = transformers_model(model, checkpoint, calibrated, adapter, dtype)
+    hf_model = transformers_model(model, checkpoint, fitted, adapter, dtype)
+    # Every figure is of the model as written: calibrated and cast, through the forward pass pipeline runs.
+    model.model = hf_model
+    logits, _ = evaluate(model, dm)
+    results = score(dm, logits, labels, with_baseline=baseline.available())
+    calibrated = calibration_figures(fitted, raw, logits, labels, model.heads)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
     meta = checkpoint["mbti_lightning"]
     try:
         has_plot = _write_folder(tmp, model, hf_model, adapter, meta.get("log_dir"))
-        confusion_files = plot_validation(tmp, model.heads, logits, labels, calibrated if calibrate_scores else None)
+        confusion_files = plot_validation(tmp, model.heads, logits, labels, raw if calibrate_scores else None)
         card = model_card(
             hyperparameters(checkpoint),
             hyperparameters(checkpoint, "datamodule_hyper_parameters"),
@@ -288,6 +344,7 @@ def export(
             has_training_plot=has_plot,
             adapter=adapter,
             license=license,
+            data_changed=data_changed,
         )
         card.save(tmp / "README.md")
         replace_folder(tmp, out)
@@ -342,6 +399,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument(
+        "--allow-changed-data",
+        action="store_true",
+        help="export even if the data no longer gives the splits the model was trained with (the card says so)",
+    )
+    parser.add_argument(
         "--adapter",
         action="store_true",
         help="LoRA models: save the adapter (and head) alone instead of merging it into the base",
@@ -366,6 +428,7 @@ def main(argv: list[str] | None = None) -> None:
             args.license,
             args.revision,
             args.create_pr,
+            args.allow_changed_data,
         )
     except ExportError as err:
         parser.exit(2, f"mbti-lightning-export: error: {err}\n")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, fit_demo
 from fake_hub import FakeHfApi
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
@@ -86,16 +86,18 @@ def test_pipeline_gives_the_lightning_models_scores(trained, tmp_path):
     assert "exported with `--no-calibrate`" in (out / "README.md").read_text()
 
 
-def test_calibrated_export_scales_the_logits_by_a_temperature_that_lowers_the_nll(trained, tmp_path):
+def test_calibrated_export_scales_the_logits_by_the_temperature_of_its_card(trained, tmp_path):
+    """The demo's head (Phi-3's `score`) has no bias: the temperature alone is folded into it."""
     out = tmp_path / "model"
     export("--ckpt", trained, "--out", out)
-    (temperature,) = AutoConfig.from_pretrained(out).calibration_temperatures.values()
-    assert temperature != 1.0
+    config = AutoConfig.from_pretrained(out)
+    (temperature,) = config.calibration_temperatures.values()
+    assert temperature != 1.0 and config.calibration_offsets == {}
     assert_pipeline_scores(out, (lightning_logits(trained) / temperature).softmax(-1))
     card = (out / "README.md").read_text()
-    row = re.search(r"\| J-P \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", card)
+    row = re.search(r"\| J-P \| ([\d.]+) \| none \|", card)
     assert float(row[1]) == pytest.approx(temperature, abs=1e-4)
-    assert float(row[5]) <= float(row[4])  # validation NLL after <= before
+    assert "head has no bias, so it cannot carry class offsets" in card
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG" and "](reliability.png)" in card
 
 
@@ -104,14 +106,80 @@ def test_temperature_scaling_fixes_an_overconfident_model():
     labels = torch.randint(0, 2, (2000,))
     x = torch.randn(2000) + (2 * labels - 1)  # N(-1, 1) or N(1, 1): the calibrated log-odds are 2x
     logits = torch.stack([torch.zeros(2000), 4 * 2 * x], 1)  # four times too sure
-    t = calibration.fit_temperature(logits, labels)
-    assert t == pytest.approx(4.0, rel=0.1)
-    assert calibration.nll(logits, labels, t) < calibration.nll(logits, labels)
-    assert calibration.ece(logits, labels, t) < calibration.ece(logits, labels) / 3
-    # A calibrated model keeps T = 1 unless another value lowers the NLL.
-    assert calibration.nll(logits / 4, labels, calibration.fit_temperature(logits / 4, labels)) <= calibration.nll(
-        logits / 4, labels
+    cal = calibration.fit(logits, labels, offsets=False)
+    assert cal.temperature == pytest.approx(4.0, rel=0.1)
+    assert calibration.ece(logits, labels, cal) < calibration.ece(logits, labels) / 3
+
+
+def weak_class_weighted_logits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a weak model trained with balanced class weights scores on data where P is 70% of rows: log-odds
+    centred on an equal prior (the weights took the 70/30 out), with little signal."""
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, generator=g) < 0.7).long()
+    log_odds = 0.4 * (2 * labels - 1) + torch.randn(n, generator=g) - 0.4 * (2 * 0.7 - 1)
+    return torch.stack([torch.zeros(n), log_odds], 1), labels
+
+
+def test_offsets_restore_the_prior_that_a_temperature_cannot_on_rows_not_fitted_on():
+    fit_logits, fit_labels = weak_class_weighted_logits(4000, seed=0)
+    logits, labels = weak_class_weighted_logits(4000, seed=1)  # held out
+    share = labels.float().mean().item()
+    temperature_only = calibration.fit(fit_logits, fit_labels, offsets=False)
+    both = calibration.fit(fit_logits, fit_labels)
+    assert abs(temperature_only(logits).softmax(-1)[:, 1].mean().item() - share) > 0.1  # stays near 0.5
+    assert both(logits).softmax(-1)[:, 1].mean().item() == pytest.approx(share, abs=0.05)
+    assert calibration.prior_gap(logits, labels, both) < 0.05 < calibration.prior_gap(logits, labels)
+    assert calibration.ece(logits, labels, both) < calibration.ece(logits, labels)
+
+
+def test_a_temperature_out_of_bounds_is_held_with_a_warning():
+    labels = torch.arange(200) % 2
+    noise = torch.stack([torch.zeros(200), torch.randn(200, generator=torch.Generator().manual_seed(0))], 1)
+    with pytest.warns(UserWarning, match=r"calibration of J-P: the best temperature, .* is held at 20.0"):
+        assert calibration.fit(noise, labels, name="J-P").temperature == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_folding_gives_the_calibrated_scores_with_or_without_a_head_bias(bias):
+    from transformers import BertConfig, BertForSequenceClassification, Phi3Config, Phi3ForSequenceClassification
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    model = (
+        BertForSequenceClassification(BertConfig(**small))
+        if bias
+        else Phi3ForSequenceClassification(Phi3Config(**small, pad_token_id=0))
+    ).eval()
+    ids = torch.randint(1, 100, (4, 7))
+    with torch.no_grad():
+        raw = model(ids).logits.double()
+        cal = calibration.Calibration(2.5, (0.0, 0.8))
+        assert calibration.fold(model, [2.5, 2.5], list(cal.offsets)) == bias
+        expected = cal(raw) if bias else raw / 2.5
+        assert torch.allclose(model(ids).logits.double(), expected, atol=1e-5)
+
+
+def test_the_head_is_found_by_name_even_where_lora_matrices_have_as_many_outputs():
+    from transformers import Phi3Config, Phi3ForSequenceClassification
+
+    peft = pytest.importorskip("peft")
+    config = Phi3Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100, pad_token_id=0
     )
+    model = Phi3ForSequenceClassification(config)
+    # r == num_labels: every lora_A is a Linear with num_labels outputs, registered before... or after the head.
+    lora = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["qkv_proj"]))
+    assert calibration.classification_head(lora) is lora.base_model.model.score.modules_to_save["default"]
+
+
+def test_the_dtype_as_trained_is_a_backbone_weights_not_the_class_weight_buffers():
+    from mbti_lightning.export import saved_dtype
+
+    state = {"class_weight": torch.ones(1, 2), "model.score.weight": torch.ones(2, 4, dtype=torch.bfloat16)}
+    assert saved_dtype({"state_dict": state, "hyper_parameters": {}}) == "bfloat16"
+    qlora = {"state_dict": {"class_weight": torch.ones(1, 2), "model.lora_A": torch.ones(2, 2)}}
+    assert (
+        saved_dtype(qlora | {"hyper_parameters": {"quantize": "nf4"}}) == "bfloat16"
+    )  # the 4-bit base's compute dtype
 
 
 def test_card_has_metrics_baseline_split_and_plots(trained, tmp_path):
@@ -342,3 +410,42 @@ def test_an_exported_model_predicts_through_the_cli_as_its_checkpoint_does(train
 
     with pytest.raises(ValueError, match=r"outputs are J, P, but this run's target \(E-I\) has E, I; set data.target"):
         cli_main([*predict, *published, "--data.target", "E-I"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_cards_table_is_the_exported_folders_own_metrics_through_pipeline(trained, tmp_path, dtype):
+    from mbti_lightning.data import MBTIDataModule
+    from mbti_lightning.export import hyperparameters, read_checkpoint
+    from mbti_lightning.metrics import score_predictions
+
+    out = tmp_path / "model"
+    export("--ckpt", trained, "--out", out, "--dtype", dtype)
+    dm = MBTIDataModule(**hyperparameters(read_checkpoint(trained), "datamodule_hyper_parameters"))
+    dm.setup("validate")
+    rows = dm.splits["validation"]
+    texts = dm.tokenizer.batch_decode(rows["input_ids"][:], skip_special_tokens=True)
+    classifier = pipeline("text-classification", model=str(out), dtype="auto")
+    letters = [result["label"] for result in classifier(texts, batch_size=64)]
+    preds = torch.tensor([[("J", "P").index(letter)] for letter in letters])
+    scores = score_predictions({"J-P": ("J", "P")}, preds, torch.tensor(rows["labels"][:])[:, None])["J-P"]
+    card = (out / "README.md").read_text()
+    table = dict(re.findall(r"^\| (accuracy|MCC|balanced accuracy) \| ([\d.]+) \|", card, re.M))
+    assert {name: float(value) for name, value in table.items()} == pytest.approx(
+        {"accuracy": scores["acc"], "MCC": scores["mcc"], "balanced accuracy": scores["bal_acc"]}, abs=6e-5
+    )
+
+
+def test_an_export_after_the_data_changed_stops_unless_allowed_and_the_card_says_so(corpus_file, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    data = ["--data.dataset", "parquet", "--data.data_files", str(corpus_file), "--data.keep_fraction", "1.0"]
+    ckpt = fit_demo(tmp_path, *data, "--trainer.max_steps", "4", "--trainer.val_check_interval", "4") / "last.ckpt"
+    table = pq.read_table(corpus_file)
+    pq.write_table(table.slice(100), corpus_file)  # a user's file, edited since: every split moves
+    expect_error(capsys, "no longer gives the train / validation / test rows", "--ckpt", ckpt, "--out", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    export("--ckpt", ckpt, "--out", tmp_path / "m", "--allow-changed-data")
+    assert "**The data changed after training**" in (tmp_path / "m/README.md").read_text()
+    pq.write_table(table, corpus_file)  # the data as trained: no complaint, no note
+    export("--ckpt", ckpt, "--out", tmp_path / "m2")
+    assert "The data changed" not in (tmp_path / "m2/README.md").read_text()

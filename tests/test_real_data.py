@@ -1,6 +1,7 @@
 """Real-world data: local files in other shapes, bad rows, author-disjoint and predefined splits."""
 
 import csv
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -294,13 +295,19 @@ def test_a_small_skewed_kaggle_file_trains_by_author_and_predicts_a_type_per_per
     monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
     path = small_kaggle_file(tmp_path / "users.csv")
     data = ["--config", str(REPO / "configs/demo.yaml"), *kaggle_args(path), "--data.keep_fraction", "1.0"]
-    with pytest.warns(
-        UserWarning, match=r"because these classes have fewer than 2 rows \(or authors\): .*'ISTJ' \(1\)"
-    ):
-        cli_main(["fit", *data, "--trainer.max_epochs", "2", "--trainer.val_check_interval", "10"])
+    with pytest.warns(UserWarning) as warned:  # the demo's val_check_interval (100) is longer than an epoch here
+        cli_main(["fit", *data, "--trainer.max_epochs", "2"])
+    messages = "\n".join(str(w.message) for w in warned)
+    assert re.search(r"because these classes have fewer than 2 rows \(or authors\): .*'ISTJ' \(1\)", messages)
+    assert re.search(
+        r"val_check_interval \(100\) is longer than an epoch \(23 training batches\); validating at", messages
+    )
     (metrics,) = (tmp_path / "logs/demo").glob("version_*/metrics.csv")
-    final = [row for row in csv.DictReader(metrics.open()) if row["val/mcc"]][-1]
+    validated = [row for row in csv.DictReader(metrics.open()) if row["val/mcc"]]
+    assert [int(row["epoch"]) for row in validated] == [0, 1]
+    final = validated[-1]
     assert float(final["val/author/count"]) == 20 and final["val/author/mcc"] and final["val/author/majority_acc"]
+    assert list(Path("checkpoints/demo").glob("best-*.ckpt"))
 
     predict = ["predict", *data, "--ckpt_path", "checkpoints/demo/last.ckpt", "--data.predict_file", str(path)]
     cli_main([*predict, "--predictions.output", "posts.csv"])
@@ -335,3 +342,37 @@ def test_a_predict_file_that_is_not_utf8_is_named_as_a_training_file_is(tmp_path
     path.write_bytes("body\ncaf\xe9 au lait\n".encode("latin-1"))
     with pytest.raises(ValueError, match=rf"could not read .*latin1{suffix} as .*UnicodeDecodeError"):
         make_dm(path, "csv", predict_file=str(path)).setup("predict")
+
+
+def test_a_hub_data_sets_revision_reaches_load_dataset_and_the_cache_key(monkeypatch):
+    from mbti_lightning.data.sources import load_raw
+    from mbti_lightning.data.tokenized import preprocessing_args
+
+    seen = {}
+
+    def fake_load_dataset(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise FileNotFoundError("stop here")
+
+    monkeypatch.setattr("mbti_lightning.data.sources.load_dataset", fake_load_dataset)
+    dm = MBTIDataModule(dataset="minhaozhang/mbti", revision="abc123", tokenizer="demo")
+    with pytest.raises(FileNotFoundError):
+        load_raw(dm.hparams)
+    assert seen["name"] == "minhaozhang/mbti" and seen["revision"] == "abc123"
+    assert preprocessing_args(dm.hparams)["revision"] == "abc123"
+
+
+def test_the_baseline_decodes_in_batches_and_caps_its_training_rows(corpus_file, monkeypatch, caplog):
+    from mbti_lightning import baseline
+
+    dm = make_dm(corpus_file, "parquet")
+    dm.setup("fit")
+    ids = dm.splits["validation"]["input_ids"][:]
+    assert list(baseline._texts(dm, "validation", batch_size=7)) == dm.tokenizer.batch_decode(
+        ids, skip_special_tokens=True
+    )
+    monkeypatch.setattr(baseline, "MAX_TRAIN_ROWS", 500)
+    with caplog.at_level("INFO"):
+        preds = baseline.fit_predict(dm, ("validation",))["validation"]
+    assert f"fitted on a random 500 of the {len(dm.splits['train']):,} training rows" in caplog.text
+    assert preds.shape == (len(ids), 1)

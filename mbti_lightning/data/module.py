@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
+from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -59,6 +60,8 @@ class MBTIDataModule(L.LightningDataModule):
             ``parquet``) used with `data_files`, or ``demo`` for the generated offline corpus.
         data_files: Path, glob, list or ``{split: path}`` mapping for local files.
         dataset_split: Which split of `dataset` to read (all of them for ``split: predefined``).
+        revision: The hub data set's revision (a commit hash, tag or branch) to read; pin it so that
+            the data cannot change under a run (the export checks that the splits are the same).
         text_column: Column with the text.
         type_column: Column with the 4-letter type (any case), or null when `axis_columns` is used.
         author_column: Column with the author id. Null, or a column the data lacks, makes each source
@@ -101,6 +104,7 @@ class MBTIDataModule(L.LightningDataModule):
         dataset: str = "minhaozhang/mbti",
         data_files: str | list[str] | dict[str, str] | None = None,
         dataset_split: str = "train",
+        revision: str | None = None,
         text_column: str = "body",
         type_column: str | None = "mbti",
         author_column: str | None = "author",
@@ -196,6 +200,13 @@ class MBTIDataModule(L.LightningDataModule):
             rank_zero_info(summary)
         log.info("tokenized splits from %s", path)
 
+    def split_fingerprint(self) -> str:
+        """A hash of which source rows are in which split, with their labels, authors and token counts: what the
+        checkpoint records at fit time and the export checks, so that edited data cannot slip training rows
+        into its figures."""
+        columns = ("source_row", "labels", "author", "length")
+        return Hasher.hash({name: [np.asarray(part[c][:]) for c in columns] for name, part in self.splits.items()})
+
     def train_label_counts(self) -> list[torch.Tensor]:
         """How many training rows each class has, per head, in class-id order."""
         labels = np.asarray(self.splits["train"]["labels"][:]).reshape(len(self.splits["train"]), -1)
@@ -232,6 +243,7 @@ class MBTIDataModule(L.LightningDataModule):
             "persistent_workers": hp.num_workers > 0,
         }
         if train and self.trainer:
+            self._validate_within_epochs(len(sampler))
             loop = self.trainer.fit_loop.epoch_loop
             self._train_loader = _ResumableLoader(
                 _Rows(rows), sampler=sampler, batches_done=lambda: loop.batch_progress.current.processed, **kwargs
@@ -241,6 +253,20 @@ class MBTIDataModule(L.LightningDataModule):
                 self._resume_at = None
             return self._train_loader
         return DataLoader(_Rows(rows), sampler=sampler, **kwargs)
+
+    def _validate_within_epochs(self, batches: int) -> None:
+        """A `trainer.val_check_interval` (in batches) longer than an epoch of `batches` makes Lightning stop;
+        a shipped config with a user's smaller file must still run, so validation moves to each epoch's end."""
+        trainer = self.trainer
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        interval = trainer.val_check_interval
+        if isinstance(interval, int) and interval > batches > 0 and trainer.check_val_every_n_epoch is not None:
+            rank_zero_warn(
+                f"trainer.val_check_interval ({interval}) is longer than an epoch ({batches} training batches); "
+                "validating at the end of each epoch instead"
+            )
+            trainer.val_check_interval = 1.0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

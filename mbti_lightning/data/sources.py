@@ -17,11 +17,11 @@ def where(hp: AttributeDict) -> str:
     return " ".join(str(x) for x in (hp.dataset, hp.data_files) if x)
 
 
-def read(builder: str, files, split: str | None) -> Dataset | DatasetDict:
-    """`load_dataset(builder, data_files=files, split=split)`; a local file that cannot be parsed (not UTF-8,
+def read(builder: str, files, split: str | None, revision: str | None = None) -> Dataset | DatasetDict:
+    """`load_dataset(builder, data_files=files, split=split, revision=revision)`; a local file that cannot be parsed (not UTF-8,
     not the format) is named in a ValueError. Every file the project reads as a table comes through here."""
     try:
-        return load_dataset(builder, data_files=files, split=split)
+        return load_dataset(builder, data_files=files, split=split, revision=revision)
     except FileNotFoundError:
         raise
     except Exception as err:  # datasets wraps a parser's error in its own
@@ -34,7 +34,7 @@ def read(builder: str, files, split: str | None) -> Dataset | DatasetDict:
 def load_raw(hp: AttributeDict) -> Dataset | DatasetDict:
     """The source data (`data.dataset`, `data.data_files`, or the demo corpus), checked for its columns."""
     builder, files = ("parquet", str(demo.corpus_path())) if hp.dataset == demo.DEMO else (hp.dataset, hp.data_files)
-    raw = read(builder, files, None if hp.split == "predefined" else hp.dataset_split)
+    raw = read(builder, files, None if hp.split == "predefined" else hp.dataset_split, hp.revision)
     for part in raw.values() if isinstance(raw, DatasetDict) else [raw]:
         label_columns = [hp.type_column] if hp.type_column else list(hp.axis_columns.values())
         for column in (hp.text_column, *label_columns):

@@ -41,6 +41,7 @@ def preprocessing_args(hp: AttributeDict) -> dict:
         "dataset",
         "data_files",
         "dataset_split",
+        "revision",
         "text_column",
         "type_column",
         "author_column",
