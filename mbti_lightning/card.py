@@ -45,10 +45,13 @@ def hub_dataset(data_hp: dict) -> str | None:
     return dataset if not data_hp.get("data_files") and is_hub_id(dataset) else None
 
 
-def base_model(model_hp: dict) -> str | None:
-    """The hub model that was fine-tuned; None for a local folder or a model trained from scratch."""
+def base_model(model_hp: dict, local: bool | None = None) -> str | None:
+    """The hub model that was fine-tuned; None for a local folder or a model trained from scratch. `local` is
+    whether the name was a path where the run was made (recorded at fit time): a relative folder name such as
+    ``models/phi3`` reads as a hub id, someone else's repository, from anywhere else."""
     name = model_hp["model_name_or_path"]
-    return None if model_hp.get("from_scratch") or not is_hub_id(name) else name
+    local = not is_hub_id(name) if local is None else local or name == demo.DEMO
+    return None if model_hp.get("from_scratch") or local else name
 
 
 def _dataset_name(data_hp: dict) -> str:
@@ -79,9 +82,15 @@ def eval_results(heads: dict, results: dict[str, dict], data_hp: dict) -> list[E
 
 
 def card_data(
-    model_hp: dict, data_hp: dict, heads: dict, results: dict[str, dict], adapter: bool, license: str | None
+    model_hp: dict,
+    data_hp: dict,
+    heads: dict,
+    results: dict[str, dict],
+    adapter: bool,
+    license: str | None,
+    local_model: bool | None = None,
 ) -> ModelCardData:
-    dataset, base = hub_dataset(data_hp), base_model(model_hp)
+    dataset, base = hub_dataset(data_hp), base_model(model_hp, local_model)
     return ModelCardData(
         base_model=base,
         datasets=[dataset] if dataset else None,
@@ -142,7 +151,7 @@ def model_card(
         for head, result in results.items()
     }
     return ModelCard.from_template(
-        card_data(model_hp, data_hp, heads, results, adapter, license),
+        card_data(model_hp, data_hp, heads, results, adapter, license, meta.get("local_model")),
         template_path=str(TEMPLATE),
         heads=heads,
         origin=f"random initialisation with the architecture of `{base}`"

@@ -75,6 +75,7 @@ def run_metadata(module: Any) -> dict[str, Any]:
     fingerprint = getattr(module.trainer.datamodule, "split_fingerprint", None)
     return {
         "splits": fingerprint() if fingerprint else None,
+        "local_model": Path(module.hparams.model_name_or_path).exists(),
         "id2label": module.id2label,
         "heads": module.heads,
         "log_dir": str(log_dir) if log_dir else None,

@@ -15,7 +15,7 @@ import csv
 import importlib.util
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import lightning as L
@@ -238,13 +238,15 @@ def plot_validation(
 
 
 def _write_folder(
-    folder: Path, model: MBTIClassifier, hf_model: torch.nn.Module, adapter: bool, log_dir: str | None
+    folder: Path, model: MBTIClassifier, hf_model: torch.nn.Module, adapter: bool, log_dir: str | None, max_length: int
 ) -> bool:
     """Weights, config, tokenizer and training plot into `folder`; whether there was a training log to plot."""
     hf_model.save_pretrained(folder)
     if adapter:  # not config.json, or transformers would take the folder for a whole model
         hf_model.get_base_model().config.save_pretrained(folder / "classifier_config")
-    load_tokenizer(model.hparams.model_name_or_path).save_pretrained(folder)
+    tokenizer = load_tokenizer(model.hparams.model_name_or_path)
+    tokenizer.model_max_length = max_length  # `truncation=True` then truncates as training did
+    tokenizer.save_pretrained(folder)
     return plot_training(Path(log_dir) / "metrics.csv" if log_dir else None, folder / "val_metrics.png")
 
 
@@ -326,11 +328,11 @@ def export(
     results = score(dm, logits, labels, with_baseline=baseline.available())
     calibrated = calibration_figures(fitted, raw, logits, labels, model.heads)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}")
+    tmp.mkdir()  # with the umask's permissions, as the result is meant to be shared (mkdtemp's are private)
     meta = checkpoint["mbti_lightning"]
     try:
-        has_plot = _write_folder(tmp, model, hf_model, adapter, meta.get("log_dir"))
+        has_plot = _write_folder(tmp, model, hf_model, adapter, meta.get("log_dir"), dm.hparams.max_length)
         confusion_files = plot_validation(tmp, model.heads, logits, labels, raw if calibrate_scores else None)
         card = model_card(
             hyperparameters(checkpoint),

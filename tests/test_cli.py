@@ -82,10 +82,12 @@ def read_metrics(log_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_demo_fit_learns_and_validate_reproduces_the_best_checkpoint(tmp_path, monkeypatch):
-    """The README's demo: fit, then validate the best checkpoint; same numbers as logged."""
+def test_demo_fit_learns_and_validate_reproduces_the_best_checkpoint(tmp_path, monkeypatch, caplog):
+    """The README's demo: fit, then validate the best checkpoint (whose name the fit printed); same numbers as
+    logged."""
     monkeypatch.chdir(tmp_path)
-    cli_main(["fit", "--config", str(REPO / "configs/demo.yaml")])
+    with caplog.at_level("INFO"):
+        cli_main(["fit", "--config", str(REPO / "configs/demo.yaml")])
 
     rows = [row for row in read_metrics(tmp_path / "logs") if row["val/mcc"]]
     best = max(rows, key=lambda row: float(row["val/mcc"]))
@@ -101,6 +103,9 @@ def test_demo_fit_learns_and_validate_reproduces_the_best_checkpoint(tmp_path, m
     (ckpt,) = (tmp_path / "checkpoints/demo").glob("best-*.ckpt")
     assert (tmp_path / "checkpoints/demo/last.ckpt").exists()
     assert f"step{int(best['step']) + 1}-" in ckpt.name
+    assert f"best checkpoint: {ckpt} (val/mcc {float(best['val/mcc']):.4f}); last: {ckpt.parent / 'last.ckpt'}" in (
+        caplog.text
+    )
 
     cli = cli_main(["validate", "--config", str(REPO / "configs/demo.yaml"), "--ckpt_path", str(ckpt)])
     for key in ("val/mcc", "val/acc", "val/f1", "val/bal_acc", "val/loss"):

@@ -449,3 +449,27 @@ def test_an_export_after_the_data_changed_stops_unless_allowed_and_the_card_says
     pq.write_table(table, corpus_file)  # the data as trained: no complaint, no note
     export("--ckpt", ckpt, "--out", tmp_path / "m2")
     assert "The data changed" not in (tmp_path / "m2/README.md").read_text()
+
+
+def test_a_relative_local_model_path_is_not_taken_for_someone_elses_hub_repo():
+    results = {"J-P": {"model": dict.fromkeys(("acc", "f1", "mcc", "bal_acc"), 0.5)}}
+    local = {"model_name_or_path": "models/phi3", "from_scratch": False}  # a folder where the run was made
+    assert card_data(local, {"dataset": "demo"}, {"J-P": ("J", "P")}, results, False, None, True).base_model is None
+    assert card_data(local, {"dataset": "demo"}, {"J-P": ("J", "P")}, results, False, None, False).base_model == (
+        "models/phi3"
+    )
+
+
+def test_the_folder_follows_the_umask_and_the_snippet_truncates_as_training_did(trained, tmp_path):
+    old = os.umask(0o027)
+    try:
+        export("--ckpt", trained, "--out", tmp_path / "model")
+    finally:
+        os.umask(old)
+    out = tmp_path / "model"
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert load_tokenizer(str(out)).model_max_length == 128  # configs/demo.yaml's data.max_length
+    card = (out / "README.md").read_text()
+    assert "truncation=True)  # at 128 tokens, as in training" in card
+    classifier = pipeline("text-classification", model=str(out))
+    assert classifier("word " * 1000, truncation=True)[0]["label"] in {"J", "P"}

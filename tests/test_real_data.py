@@ -376,3 +376,11 @@ def test_the_baseline_decodes_in_batches_and_caps_its_training_rows(corpus_file,
         preds = baseline.fit_predict(dm, ("validation",))["validation"]
     assert f"fitted on a random 500 of the {len(dm.splits['train']):,} training rows" in caplog.text
     assert preds.shape == (len(ids), 1)
+
+
+def test_dropped_posts_of_one_row_are_counted_not_listed(tmp_path):
+    users = [["INTJ", "a plan|||a list"], ["ENFP", "||||||||||||"], ["INTP", "x|||y"], ["ENTP", "z|||w"]] * 5
+    path = write_csv(tmp_path / "users.csv", ["type", "posts"], users)
+    args = dict(text_column="posts", type_column="type", author_column=None, explode_separator="|||", val_fraction=0.5)
+    with pytest.warns(UserWarning, match=r"25 rows with an empty 'posts': rows 1 \(5 posts\), 5 \(5 posts\)"):
+        make_dm(path, "csv", **args).setup("fit")

@@ -95,11 +95,16 @@ def clean(ds: Dataset, hp: AttributeDict, heads: dict) -> tuple[Dataset, dict[st
     messages = []
     for what, bad, values in problems:
         if bad.any():
+            # One entry per source row: the posts of an exploded row are counted, not listed ("55 (5 posts)").
+            rows, first, posts = np.unique(source[bad], return_index=True, return_counts=True)
+            order = np.argsort(first)[:5]
             shown = [
-                f"{source[i]}" + (f" ({str(values[i])!r})" if values is not None else "")
-                for i in np.flatnonzero(bad)[:5]
+                f"{rows[k]}"
+                + (f" ({str(values[np.flatnonzero(bad)[first[k]]])!r})" if values is not None else "")
+                + (f" ({posts[k]} posts)" if posts[k] > 1 else "")
+                for k in order
             ]
-            more = f" and {bad.sum() - 5} more" if bad.sum() > 5 else ""
+            more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
             messages.append(f"{bad.sum()} rows {what}: rows {', '.join(shown)}{more}")
     if messages:
         summary = f"{where(hp)}: {invalid.sum()} of {len(invalid)} rows are unusable; " + "; ".join(messages)
