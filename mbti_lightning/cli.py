@@ -93,12 +93,12 @@ class MBTILightningCLI(LightningCLI):
     def after_fit(self) -> None:
         """Name the checkpoints the fit wrote, for `validate`, `test` and the export."""
         callback = self.trainer.checkpoint_callback
-        if callback is not None and callback.dirpath:
-            best = f"{callback.best_model_path} ({callback.monitor} {float(callback.best_model_score):.4f})"
-            rank_zero_info(
-                f"best checkpoint: {best if callback.best_model_path else 'none'}; "
-                f"last: {callback.last_model_path or 'none'}"
-            )
+        if callback is None:
+            return
+        best, score = callback.best_model_path, callback.best_model_score
+        if best and score is not None:
+            best += f" ({callback.monitor} {float(score):.4f})"
+        rank_zero_info(f"best checkpoint: {best or 'none'}; last: {callback.last_model_path or 'none'}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Lightning refuses a progress bar callback with `trainer.enable_progress_bar: false`.

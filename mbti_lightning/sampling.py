@@ -47,7 +47,9 @@ class LengthGroupedSampler(DistributedSampler):
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches to skip)
 
     def resume(self, epoch: int, batches_done: int) -> None:
-        """Make the next iteration over `epoch` start after its first `batches_done` batches."""
+        """Make the next iteration over `epoch` start after its first `batches_done` batches. The epoch is set here
+        too: Lightning makes the iterator of a resumed fit before it calls `set_epoch`, and uses that one."""
+        self.set_epoch(epoch)
         self._resume_at = (epoch, batches_done)
 
     def _batches(self) -> list[list[int]]:
