@@ -10,10 +10,11 @@ Needs scikit-learn (``pip install "mbti-lightning[baseline]"``).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
+
+from mbti_lightning.data.tokenized import decode
 
 NAME = "TF-IDF + logistic regression"
 #: At most this many training rows are fitted on (a random subset, named in the log and the card): on the full
@@ -28,14 +29,6 @@ def available() -> bool:
 def split_labels(dm, split: str) -> np.ndarray:
     """(rows, heads) class ids of a tokenized split."""
     return np.asarray(dm.splits[split]["labels"][:]).reshape(len(dm.splits[split]), -1)
-
-
-def _texts(dm, split: str, rows: np.ndarray | None = None, batch_size: int = 10_000) -> Iterator[str]:
-    """The texts of a tokenized split (or of its `rows`), decoded a batch at a time: never all token ids as
-    Python lists at once (hundreds of millions of ints at full scale)."""
-    part = dm.splits[split] if rows is None else dm.splits[split].select(rows)
-    for batch in part.select_columns(["input_ids"]).iter(batch_size=batch_size):
-        yield from dm.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
 
 
 def fit_predict(dm, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -53,7 +46,7 @@ def fit_predict(dm, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
         rank_zero_info(f"{NAME}: fitted on a random {MAX_TRAIN_ROWS:,} of the {n:,} training rows")
     # min_df 2 keeps a large corpus's vocabulary (and memory) in bounds; a tiny one needs every word.
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2 if n > 1000 else 1)
-    features = vectorizer.fit_transform(_texts(dm, "train", rows))
+    features = vectorizer.fit_transform(decode(dm.splits["train"], dm.tokenizer, rows))
     labels = split_labels(dm, "train")[slice(None) if rows is None else rows]
     models = [
         LogisticRegression(class_weight="balanced", max_iter=1000).fit(features, labels[:, h])
@@ -62,7 +55,7 @@ def fit_predict(dm, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
     out = {}
     for split in splits:
         if split in dm.splits:
-            x = vectorizer.transform(_texts(dm, split))
+            x = vectorizer.transform(decode(dm.splits[split], dm.tokenizer))
             out[split] = np.stack([model.predict(x) for model in models], 1)
     return out
 

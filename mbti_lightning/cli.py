@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -89,6 +90,22 @@ class MBTILightningCLI(LightningCLI):
             name = f"{self.config.subcommand}.model.{key}"
             if name in parsed:
                 self.config[name] = parsed[name]
+
+    def before_fit(self) -> None:
+        """Stop before training where `checkpoint.dirpath` holds another target's run: its `last.ckpt` would stay
+        beside this run's `last-v1.ckpt`, and commands that name `last.ckpt` would load the wrong model."""
+        callback = self.trainer.checkpoint_callback
+        last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
+        if self.config.fit.get("ckpt_path") or last is None or not last.is_file():
+            return
+        heads = (
+            torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("mbti_lightning", {}).get("heads")
+        )
+        if heads is not None and list(heads) != list(self.model.heads):
+            raise ValueError(
+                f"{last.parent} holds checkpoints of a {', '.join(heads)} model and this run predicts "
+                f"{', '.join(self.model.heads)}; set --checkpoint.dirpath to a folder of its own"
+            )
 
     def after_fit(self) -> None:
         """Name the checkpoints the fit wrote, for `validate`, `test` and the export."""

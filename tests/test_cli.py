@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, fit_demo
 
 from mbti_lightning.cli import cli_main
 
@@ -146,3 +146,14 @@ def test_compiled_decoder_blocks_train_and_their_checkpoint_validates_the_same_w
     )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
     assert cli.trainer.callback_metrics["val/loss"].item() == pytest.approx(float(logged["val/loss"]), rel=1e-4)
+
+
+def test_a_run_of_another_target_does_not_shadow_the_checkpoints_in_its_folder(tmp_path):
+    quick = ["--data.keep_fraction", "0.05", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"]
+    folder = fit_demo(tmp_path, *quick)
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(ValueError, match=r"holds checkpoints of a J-P model and this run predicts E-I, N-S, F-T, J-P"):
+        fit_demo(tmp_path, *quick, "--data.target", "all")
+    assert sorted(p.name for p in folder.iterdir()) == before
+    fit_demo(tmp_path, *quick, "--data.target", "all", "--checkpoint.dirpath", "checkpoints/demo_all")
+    assert (tmp_path / "checkpoints/demo_all/last.ckpt").is_file()

@@ -163,3 +163,15 @@ def test_multi_axis_export_works_with_pipeline(all_axes, tmp_path):
     assert scores == pytest.approx(
         {"I": expected[0].item(), "S": expected[1].item(), "T": expected[2].item(), "P": expected[3].item()}, abs=1e-5
     )
+
+
+def test_predicting_the_test_split_writes_its_texts_as_the_model_saw_them(all_axes, tmp_path, monkeypatch):
+    monkeypatch.chdir(all_axes.parents[2])
+    monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
+    args = ["predict", "--config", str(REPO / "configs/demo.yaml"), "--data.target", "all", "--ckpt_path"]
+    for text in ("text", "hash"):
+        out = tmp_path / f"{text}.csv"
+        cli_main([*args, str(all_axes), "--predictions.output", str(out), "--predictions.text", text])
+        rows = list(csv.DictReader(out.open()))
+        column = "text" if text == "text" else "text_sha256"
+        assert rows and all(row[column] for row in rows), text

@@ -364,11 +364,12 @@ def test_a_hub_data_sets_revision_reaches_load_dataset_and_the_cache_key(monkeyp
 
 def test_the_baseline_decodes_in_batches_and_caps_its_training_rows(corpus_file, monkeypatch, caplog):
     from mbti_lightning import baseline
+    from mbti_lightning.data.tokenized import decode
 
     dm = make_dm(corpus_file, "parquet")
     dm.setup("fit")
     ids = dm.splits["validation"]["input_ids"][:]
-    assert list(baseline._texts(dm, "validation", batch_size=7)) == dm.tokenizer.batch_decode(
+    assert list(decode(dm.splits["validation"], dm.tokenizer, batch_size=7)) == dm.tokenizer.batch_decode(
         ids, skip_special_tokens=True
     )
     monkeypatch.setattr(baseline, "MAX_TRAIN_ROWS", 500)
@@ -384,3 +385,14 @@ def test_dropped_posts_of_one_row_are_counted_not_listed(tmp_path):
     args = dict(text_column="posts", type_column="type", author_column=None, explode_separator="|||", val_fraction=0.5)
     with pytest.warns(UserWarning, match=r"25 rows with an empty 'posts': rows 1 \(5 posts\), 5 \(5 posts\)"):
         make_dm(path, "csv", **args).setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("split", "fix"),
+    [("seed", "rows the seed split discards: set data.keep_fraction below 1"), ("author", "set data.test_fraction")],
+)
+def test_a_missing_test_split_says_what_to_do_for_the_split_in_use(corpus_file, split, fix):
+    dm = make_dm(corpus_file, "parquet", split=split)  # keep_fraction 1.0: nothing is left over for testing
+    dm.setup("test")
+    with pytest.raises(ValueError, match=rf"has no test split with data.split '{split}'; .*{fix}"):
+        dm.test_dataloader()

@@ -219,10 +219,12 @@ class MBTIDataModule(L.LightningDataModule):
         hp = self.hparams
         rows = self.predict_rows if split == "predict" else self.splits.get(split)
         if rows is None:
-            raise ValueError(
-                f"{where(self.hparams)} has no {split} split with data.split {hp.split!r}; "
-                "for split 'author' set data.test_fraction or data.keep_fraction below 1"
-            )
+            fix = {
+                "seed": "its test rows are rows the seed split discards: set data.keep_fraction below 1",
+                "author": "set data.test_fraction, or data.keep_fraction below 1",
+                "predefined": "the data set has no such split",
+            }[hp.split]
+            raise ValueError(f"{where(self.hparams)} has no {split} split with data.split {hp.split!r}; {fix}")
         sampler = LengthGroupedSampler(
             rows["length"][:],
             batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
@@ -280,6 +282,7 @@ class MBTIDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.hparams.predict_file:
             return self._loader("predict")
-        test = self.splits["test"]  # ids are rows of the source data; authors are numbered
-        self.predict_inputs = {"id": test["source_row"][:], "author": test["author"][:]}
+        test = self.splits["test"]  # ids are rows of the source data; authors are numbered; texts as the model saw them
+        text = list(tokenized.decode(test, self.tokenizer))
+        self.predict_inputs = {"id": test["source_row"][:], "author": test["author"][:], "text": text}
         return self._loader("test")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from datasets import Dataset, DatasetDict
 from datasets.fingerprint import Hasher
 from lightning.fabric.utilities.data import AttributeDict
@@ -24,6 +26,16 @@ def tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, column: str, max_l
         texts, out["mentions"] = [text for text, _ in masked], [n for _, n in masked]
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     return out | {"input_ids": ids, "length": [len(x) for x in ids]}
+
+
+def decode(
+    split: Dataset, tokenizer: PreTrainedTokenizerBase, rows: np.ndarray | None = None, batch_size: int = 10_000
+) -> Iterator[str]:
+    """The texts of a tokenized split (or of its `rows`) as the model sees them (masked, truncated), decoded a
+    batch at a time: never all token ids as Python lists at once (hundreds of millions of ints at full scale)."""
+    part = split if rows is None else split.select(rows)
+    for batch in part.select_columns(["input_ids"]).iter(batch_size=batch_size):
+        yield from tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
 
 
 def tokenize_kwargs(tokenizer: PreTrainedTokenizerBase, hp: AttributeDict) -> dict:
