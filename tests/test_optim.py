@@ -120,3 +120,11 @@ def test_a_kernel_that_cannot_run_falls_back_to_the_plain_step_with_one_warning(
     train(plain, AdamW8bit([plain], lr=1e-3, fused=False), grads)
     torch.testing.assert_close(automatic.detach(), plain.detach(), rtol=0, atol=0)
     assert optimizer.state[automatic]["step"] == 3
+
+
+def test_importing_the_optimizer_prints_no_warning_about_a_4bit_cpu_kernel():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import mbti_lightning.optim"], capture_output=True, text=True)
+    assert done.returncode == 0 and "gemm_4bit_forward" not in done.stderr + done.stdout
