@@ -350,6 +350,10 @@ def export(
             data_changed=data_changed,
         )
         card.save(tmp / "README.md")
+        # Some writers (safetensors') make private files; every file gets the mode the umask gives a new one.
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(tmp.stat().st_mode & 0o666)
         replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -468,6 +468,8 @@ def test_the_folder_follows_the_umask_and_the_snippet_truncates_as_training_did(
         os.umask(old)
     out = tmp_path / "model"
     assert out.stat().st_mode & 0o777 == 0o750
+    assert {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()}["model.safetensors"] == 0o640
+    assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {0o640}
     assert load_tokenizer(str(out)).model_max_length == 128  # configs/demo.yaml's data.max_length
     card = (out / "README.md").read_text()
     assert "truncation=True)  # at 128 tokens, as in training" in card
