@@ -3,6 +3,7 @@ that change how it is built (loaded or random, LoRA, 4 bits, gradient checkpoint
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -48,14 +49,20 @@ def _with_lora(model: torch.nn.Module, settings: dict[str, Any], quantized: bool
     return get_peft_model(model, config)
 
 
+def _weights(p: torch.nn.Parameter) -> int:
+    """How many weights `p` holds: a packed 4-bit tensor (bitsandbytes' Params4bit) holds two per element."""
+    state = getattr(p, "quant_state", None)
+    return math.prod(state.shape) if state is not None else p.numel()
+
+
 def training_flops_per_token(model: torch.nn.Module) -> int:
-    """Training FLOPs per token without attention scores (anchors.md), over the non-embedding parameters:
-    6 per trained one (forward 2, gradients of the activations 2 and of the weight 2) and 4 per frozen
-    one (LoRA's base: no weight gradient)."""
+    """Training FLOPs per token without attention scores (anchors.md), over the non-embedding weights that the
+    forward pass uses: 6 per trained one (forward 2, gradients of the activations 2 and of the weight 2) and 4
+    per frozen one (LoRA's base: no weight gradient). Not peft's untouched copy of the head (`original_module`)."""
     embedding = model.get_input_embeddings().weight
-    params = [p for p in model.parameters() if p is not embedding]
-    trained = sum(p.numel() for p in params if p.requires_grad)
-    return 6 * trained + 4 * (sum(p.numel() for p in params) - trained)
+    used = [p for name, p in model.named_parameters() if p is not embedding and "original_module" not in name]
+    trained = sum(_weights(p) for p in used if p.requires_grad)
+    return 6 * trained + 4 * (sum(_weights(p) for p in used) - trained)
 
 
 def _repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

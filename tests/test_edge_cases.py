@@ -8,7 +8,7 @@ import torch
 import yaml
 from conftest import REPO
 
-from mbti_lightning import cache, checkpoint
+from mbti_lightning import backbone, cache, checkpoint
 from mbti_lightning.cli import cli_main, model_keys_given
 from mbti_lightning.data import Collator, MBTIDataModule, _Rows
 from mbti_lightning.model import MBTIClassifier
@@ -81,15 +81,32 @@ def test_compile_finds_the_decoder_blocks_of_a_model_that_does_not_name_them(mon
     assert model.model.score._compiled_call_impl is None
 
 
-def test_flops_count_four_per_frozen_and_six_per_trained_parameter():
-    model = MBTIClassifier(model_name_or_path="demo", from_scratch=True, peft={"r": 4, "target_modules": ["qkv_proj"]})
+def phi3_weights_from_config(config, num_labels: int) -> tuple[int, int]:
+    """(decoder weights, head weights) of a Phi-3 classifier, counted from its config: no embedding, no biases."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * h // config.num_attention_heads
+    per_layer = h * (h + 2 * kv) + h * h + h * 2 * i + i * h + 2 * h  # qkv, o, gate_up, down, two norms
+    return layers * per_layer + h, h * num_labels  # the final norm; the score head
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_flops_count_six_per_trained_and_four_per_frozen_weight_of_the_config(four_bit):
+    """Counted from the config, not from the parameters: a packed 4-bit weight holds two weights per element."""
+    import bitsandbytes as bnb
+
+    model = MBTIClassifier(model_name_or_path="demo", from_scratch=True, peft={"r": 4, "target_modules": ["o_proj"]})
     model.configure_model()
-    embedding = model.model.get_input_embeddings().weight
-    params = [p for p in model.model.parameters() if p is not embedding]
-    trained = sum(p.numel() for p in params if p.requires_grad)
-    frozen = sum(p.numel() for p in params if not p.requires_grad)
-    assert 0 < trained < frozen
-    assert model._flops_per_token == 6 * trained + 4 * frozen
+    decoder, head = phi3_weights_from_config(model.model.config, num_labels=2)
+    r, h = 4, model.model.config.hidden_size
+    lora = model.model.config.num_hidden_layers * 2 * r * h  # A (r x h) and B (h x r) per o_proj
+    if four_bit:  # QLoRA's base: every frozen qkv_proj stored in 4 bits (quantized as it moves to a device)
+        for layer in model.model.base_model.model.model.layers:
+            old = layer.self_attn.qkv_proj
+            packed = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False, quant_type="nf4")
+            packed.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, quant_type="nf4")
+            layer.self_attn.qkv_proj = packed.to("cpu")
+        assert layer.self_attn.qkv_proj.weight.numel() * 2 == old.weight.numel()
+    assert backbone.training_flops_per_token(model.model) == 6 * (lora + head) + 4 * decoder
 
 
 def test_atomic_files_get_the_usual_mode_without_touching_the_umask(tmp_path, monkeypatch):

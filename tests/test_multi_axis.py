@@ -3,12 +3,15 @@
 import csv
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, fit_demo
+from huggingface_hub import metadata_load
+from huggingface_hub.repocard_data import model_index_to_eval_results
 from transformers import pipeline
 
 from mbti_lightning.cli import cli_main
@@ -67,10 +70,34 @@ def test_all_axes_log_per_axis_metrics_their_mean_and_type_accuracy(all_axes):
     assert model.model.config.problem_type == "multi_label_classification"
 
 
-def test_sixteen_way_type_head(tmp_path):
-    final = metrics_of(fit(tmp_path, "--data.target", "mbti", "--trainer.limit_train_batches", "200"))
+def assert_card_metadata_equals_its_tables(out: Path, heads: list[str]) -> None:
+    """Every head's table row has its `model-index` result, with the same value, on the validation split."""
+    _, results = model_index_to_eval_results(metadata_load(out / "README.md")["model-index"])
+    assert {r.dataset_split for r in results} == {"validation"}
+    from_metadata = {
+        (r.metric_config, r.metric_name.removeprefix(f"{r.metric_config} ")): r.metric_value for r in results
+    }
+    card = (out / "README.md").read_text()
+    sections = dict(zip(heads, card.split("### ")[1:])) if len(heads) > 1 else {heads[0]: card}
+    table = {
+        (head, name): float(value)
+        for head, text in sections.items()
+        for name, value in re.findall(r"^\| (accuracy|F1|MCC|balanced accuracy) \| ([\d.]+) \|", text, re.M)
+    }
+    assert len(table) == 4 * len(heads) and from_metadata == table
+
+
+def test_sixteen_way_type_head_trains_and_exports(tmp_path):
+    ckpt = fit(tmp_path, "--data.target", "mbti", "--trainer.limit_train_batches", "200")
+    final = metrics_of(ckpt)
     assert float(final["val/type_acc"]) == pytest.approx(float(final["val/acc"]))
     assert float(final["val/mcc"]) > 0.05  # well above chance for 16 classes
+    out = tmp_path / "model"
+    export_main(["--ckpt", str(ckpt), "--out", str(out)])
+    assert_card_metadata_equals_its_tables(out, ["mbti"])
+    assert "balanced accuracy 1 / classes\n(1/16 here)" in (out / "README.md").read_text()
+    (scores,) = pipeline("text-classification", model=str(out), top_k=None)([TEXTS[0]])
+    assert {d["label"] for d in scores} == set(TYPES) and sum(d["score"] for d in scores) == pytest.approx(1)
 
 
 @pytest.mark.parametrize("suffix, text", [(".csv", "text"), (".jsonl", "hash")])
@@ -153,6 +180,7 @@ def test_multi_axis_export_works_with_pipeline(all_axes, tmp_path):
     card = (out / "README.md").read_text()
     assert "Predicts 4 axes" in card and all(f"### {axis}" in card for axis in AXES)
     assert all((out / f"confusion_matrix_{axis}.png").is_file() for axis in AXES)
+    assert_card_metadata_equals_its_tables(out, list(AXES))
 
     classifier = pipeline("text-classification", model=str(out), top_k=None)
     scores = {d["label"]: d["score"] for d in classifier([TEXTS[0]])[0]}
