@@ -2,9 +2,11 @@
 
 A synthetic workload with the shapes of the real one: random-init Phi-3-mini (from `Phi3Config`, no
 download; `--tiny` uses a 2-layer model on CPU) and rows of 150-290 tokens, like minhaozhang/mbti.
-Every variant trains on the same tokenized rows and sees the same number of samples; the first
-`--warmup` samples are not timed. Each variant runs in its own process, so peak memory is its own
-and an out-of-memory ends only that variant.
+Every variant trains on one fixed subset of the tokenized rows (`--samples` rows): one whole pass to
+warm up, not timed, then `--passes` whole passes, timed. So every variant times exactly the same rows
+and real tokens (the JSON records them, and a ratio whose two sides timed different tokens says so):
+a ratio of real tokens/s is a ratio of times for the same work. Each variant runs in its own process,
+so peak memory is its own and an out-of-memory ends only that variant.
 
     python bench/throughput.py                 # GPU: seed vs configs/phi3_jp.yaml and phi3_jp_40gb.yaml
     python bench/throughput.py --tiny          # CPU smoke run, a few minutes
@@ -53,15 +55,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_VARIANTS,
         help="'seed' or a config path, optionally followed by CLI overrides in one string",
     )
-    parser.add_argument("--samples", type=int, help="samples each variant trains on (default 1024; tiny 256)")
-    parser.add_argument("--warmup", type=int, help="leading samples not timed (default 256; tiny 64)")
+    parser.add_argument(
+        "--samples", type=int, help="rows in the subset every variant trains on (default 1024; tiny 256)"
+    )
+    parser.add_argument("--passes", type=int, default=2, help="timed passes over the subset, after one untimed pass")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak for MFU (anchors.md)")
     parser.add_argument("--out", type=Path, default=REPO / "bench/out/throughput.json")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per variant")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = parser.parse_args(argv)
     args.samples = args.samples or (256 if args.tiny else 1024)
-    args.warmup = args.warmup or (64 if args.tiny else 256)
     return args
 
 
@@ -174,8 +177,8 @@ def run_hf_trainer(
     pad_to_multiple_of: int | None = None,
     **training_args,
 ) -> dict:
-    """HF Trainer on the workload's training rows with the seed's class-weighted loss (its CustomTrainer),
-    timed from the first optimizer step after `args.warmup` samples; `training_args` go to TrainingArguments."""
+    """HF Trainer on the subset's rows with the seed's class-weighted loss (its CustomTrainer), timed over the
+    passes after the first; `training_args` go to TrainingArguments."""
     from transformers import (
         AutoConfig,
         AutoModelForSequenceClassification,
@@ -185,9 +188,8 @@ def run_hf_trainer(
         TrainingArguments,
     )
 
-    train = dm.splits["train"]
+    train = subset(dm, args)
     rows = [{"input_ids": ids, "labels": y} for ids, y in zip(train["input_ids"][:], train["labels"][:])]
-    steps, warmup_steps = args.samples // (batch * accumulation), -(-args.warmup // (batch * accumulation))
     counts = {"samples": 0, "real": torch.zeros((), dtype=torch.long, device=device()), "padded": 0}
     clock, syncs = {}, SyncCounter()
 
@@ -205,8 +207,8 @@ def run_hf_trainer(
             return (loss, outputs) if return_outputs else loss
 
     class Clock(TrainerCallback):
-        def on_step_end(self, args_, state, control, **kwargs):
-            if state.global_step == warmup_steps:
+        def on_epoch_begin(self, args_, state, control, **kwargs):
+            if round(state.epoch) == 1:  # the second pass: the first warmed up
                 sync()
                 clock["start"] = time.perf_counter()
                 syncs.start()
@@ -226,7 +228,7 @@ def run_hf_trainer(
         output_dir=str(REPO / "bench/out/hf_trainer"),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
-        max_steps=steps,
+        num_train_epochs=1 + args.passes,
         eval_strategy="no",
         save_strategy="no",
         logging_steps=10**6,
@@ -251,6 +253,14 @@ def run_hf_trainer(
     return measurement(
         name, args, config, seconds, counts["samples"], real, counts["padded"], sync_count, counts["samples"] // batch
     )
+
+
+def subset(dm, args: argparse.Namespace):
+    """The fixed rows every variant trains on: the first `--samples` rows of the training split."""
+    train = dm.splits["train"]
+    if len(train) < args.samples:
+        raise ValueError(f"--samples {args.samples} is more than the {len(train)} training rows")
+    return train.select(range(args.samples))
 
 
 def run_seed(args: argparse.Namespace, model_dir: Path, corpus: Path) -> dict:
@@ -353,11 +363,10 @@ def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: 
     """DataModule + LightningModule + Lightning Trainer, built by the CLI from a config file."""
     cli = project_cli(args, variant, model_dir, corpus)
     dm, trainer = cli.datamodule, cli.trainer
-    per_step = dm.hparams.batch_size * trainer.accumulate_grad_batches
-    trainer.fit_loop.epoch_loop.max_steps = args.samples // per_step
-    clock = Clock(
-        warmup_batches=-(-args.warmup // per_step) * trainer.accumulate_grad_batches
-    )  # whole steps, at least one
+    dm.setup("fit")  # fit's own setup then keeps the subset
+    dm.splits["train"] = subset(dm, args)
+    trainer.fit_loop.max_epochs = 1 + args.passes
+    clock = Clock()
     trainer.callbacks.append(clock)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -374,24 +383,25 @@ def run_config(args: argparse.Namespace, variant: str, model_dir: Path, corpus: 
         clock.real,
         clock.padded,
         sync_count,
-        clock.batches - clock.warmup_batches,
+        clock.batches,
     ) | {"config": variant}
 
 
 class Clock(L.Callback):
-    """Times training from micro-batch `warmup_batches` on, counting samples and real/padded tokens."""
+    """Times the passes after the first, counting micro-batches, samples and real/padded tokens."""
 
-    def __init__(self, warmup_batches: int) -> None:
-        self.warmup_batches = warmup_batches
+    def __init__(self) -> None:
         self.start, self.batches, self.samples, self.real, self.padded = None, 0, 0, 0, 0
         self.syncs = SyncCounter()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.batches == self.warmup_batches:
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:  # the second pass: the first warmed up
             sync()
             self.start = time.perf_counter()
             self.syncs.start()
-        self.batches += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches += self.start is not None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.start is not None:
@@ -407,6 +417,7 @@ def measurement(
     return {
         "variant": name,
         "timed_samples": samples,
+        "timed_real_tokens": real,
         "seconds": round(seconds, 3),
         "samples_per_s": round(samples / seconds, 2),
         "real_tokens_per_s": round(real / seconds, 1),
@@ -425,14 +436,23 @@ def measurement(
 
 def same_settings_ratios(results: list[dict]) -> dict[str, list[float]]:
     """Per config: the project's real tokens/s over its HF Trainer peer's, for each peer and the run of its
-    config that follows it (list `peer X, X` repeatedly to get several pairs: this machine is noisy)."""
+    config that follows it (list `peer X, X` repeatedly to get several pairs: a machine is noisy). Both sides
+    timed the same rows; a pair that timed different real tokens is left out, with a warning."""
     ratios: dict[str, list[float]] = {}
     for i, peer in enumerate(results):
-        if "peer_of" not in peer:
+        if "peer_of" not in peer or "error" in peer:
             continue
-        later = [r for r in results[i + 1 :] + results[:i] if r.get("config") == peer["peer_of"]]
-        if later:
-            ratios.setdefault(peer["peer_of"], []).append(later[0]["real_tokens_per_s"] / peer["real_tokens_per_s"])
+        later = [r for r in results[i + 1 :] + results[:i] if r.get("config") == peer["peer_of"] and "error" not in r]
+        if not later:
+            continue
+        if later[0]["timed_real_tokens"] != peer["timed_real_tokens"]:
+            warnings.warn(
+                f"{peer['peer_of']}: the project timed {later[0]['timed_real_tokens']} real tokens and its peer "
+                f"{peer['timed_real_tokens']}; that pair is left out",
+                stacklevel=2,
+            )
+            continue
+        ratios.setdefault(peer["peer_of"], []).append(later[0]["real_tokens_per_s"] / peer["real_tokens_per_s"])
     return ratios
 
 
@@ -460,8 +480,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             variant,
             "--samples",
             str(args.samples),
-            "--warmup",
-            str(args.warmup),
+            "--passes",
+            str(args.passes),
             "--peak-tflops",
             str(args.peak_tflops),
         ] + (["--tiny"] if args.tiny else [])
@@ -484,7 +504,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "samples": args.samples,
-        "warmup": args.warmup,
+        "passes": args.passes,
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -502,7 +522,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{r.get('ratio_vs_seed', '-'):>6}"
             )
     for config, ratios in same_settings_ratios(results).items():
-        pairs = f"; pairs: {', '.join(f'{r:.2f}' for r in ratios)}" if len(ratios) > 1 else ""
+        pairs = f"; pairs: {', '.join(f'{r:.2f}' for r in ratios)}, spread {max(ratios) - min(ratios):.2f}"
         print(f"same-settings ratio: {statistics.median(ratios):.2f} ({config} / {PEER}, real tokens/s{pairs})")
     print(f"written to {args.out}")
     return results

@@ -11,13 +11,14 @@ def test_throughput_bench_smoke_runs_and_reports_ratios(tmp_path, monkeypatch, c
     import throughput
 
     out = tmp_path / "throughput.json"
-    throughput.main(["--tiny", "--samples", "128", "--warmup", "32", "--out", str(out)])
+    throughput.main(["--tiny", "--samples", "128", "--passes", "1", "--out", str(out)])
     summary = json.loads(out.read_text())
     names = [r["variant"].split(":")[0] for r in summary["results"]]
     assert names == [v.replace("peer ", f"{throughput.PEER} as ") for v in throughput.DEFAULT_VARIANTS]
     for result in summary["results"]:
         assert "error" not in result, result.get("error")
         assert result["real_tokens_per_s"] > 0 and 0 <= result["pad_share"] < 0.5 and result["ratio_vs_seed"] > 0
+    assert len({result["timed_real_tokens"] for result in summary["results"]}) == 1  # the same rows, every variant
     assert "same-settings ratio: " in capsys.readouterr().out
 
 
