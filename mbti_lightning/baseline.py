@@ -10,6 +10,8 @@ Needs scikit-learn (``pip install "mbti-lightning[baseline]"``).
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
@@ -31,9 +33,36 @@ def split_labels(dm, split: str) -> np.ndarray:
     return np.asarray(dm.splits[split]["labels"][:]).reshape(len(dm.splits[split]), -1)
 
 
-def fit_predict(dm, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Fit one classifier per head on `dm`'s training split (a random `MAX_TRAIN_ROWS` of it beyond that size);
-    (rows, heads) predicted class ids per split in `splits`."""
+@dataclass
+class Baseline:
+    """The fitted vectorizer and one logistic regression per head."""
+
+    vectorizer: Any
+    models: list
+
+    def log_probs(self, dm, split: str) -> list[np.ndarray]:
+        """Per head, the (rows, classes) log-probabilities of a split's rows."""
+        x = self.vectorizer.transform(decode(dm.splits[split], dm.tokenizer))
+        return [model.predict_log_proba(x) for model in self.models]
+
+    def top_features(self, heads: dict, n: int) -> dict[str, dict[str, list[tuple[str, float]]]]:
+        """Per head and class, the `n` n-grams that weigh most towards it, with their weights. (A binary model has
+        one weight per n-gram: positive towards the second class, negative towards the first.)"""
+        names = self.vectorizer.get_feature_names_out()
+        out = {}
+        for (head, classes), model in zip(heads.items(), self.models):
+            coef = model.coef_
+            if len(classes) == 2:
+                coef = np.stack([-coef[0], coef[0]])
+            out[head] = {
+                letter: [(str(names[i]), float(row[i])) for i in np.argsort(-row)[:n]]
+                for letter, row in zip(classes, coef)
+            }
+        return out
+
+
+def fit(dm) -> Baseline:
+    """Fit one classifier per head on `dm`'s training split (a random `MAX_TRAIN_ROWS` of it beyond that size)."""
     if not available():
         raise ImportError('the baseline needs scikit-learn: pip install "mbti-lightning[baseline]"')
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -52,12 +81,17 @@ def fit_predict(dm, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
         LogisticRegression(class_weight="balanced", max_iter=1000).fit(features, labels[:, h])
         for h in range(labels.shape[1])
     ]
-    out = {}
-    for split in splits:
-        if split in dm.splits:
-            x = vectorizer.transform(decode(dm.splits[split], dm.tokenizer))
-            out[split] = np.stack([model.predict(x) for model in models], 1)
-    return out
+    return Baseline(vectorizer, models)
+
+
+def fit_predict(dm, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """(rows, heads) predicted class ids of the baseline (see `fit`) per split in `splits` that `dm` has."""
+    fitted = fit(dm)
+    return {
+        split: np.stack([lp.argmax(-1) for lp in fitted.log_probs(dm, split)], 1)
+        for split in splits
+        if split in dm.splits
+    }
 
 
 def log_keys(stage: str, scores: dict[str, dict[str, float]]) -> dict[str, float]:

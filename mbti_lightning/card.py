@@ -16,15 +16,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from mbti_lightning import baseline, calibration, demo
+from mbti_lightning.evaluation import METRICS
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
-#: Metric key -> (name in the card's table, the Hub's metric type).
-METRICS = {
-    "acc": ("accuracy", "accuracy"),
-    "f1": ("F1", "f1"),
-    "mcc": ("MCC", "matthews_correlation"),
-    "bal_acc": ("balanced accuracy", "balanced_accuracy"),
-}
 EXAMPLES = ["i already made a packing list for the trip next month", "whatever lol lets just improvise this weekend"]
 
 
@@ -62,17 +56,17 @@ def _dataset_name(data_hp: dict) -> str:
     return f"{data_hp['dataset']} files " + ", ".join(Path(str(name)).name for name in names)
 
 
-def eval_results(heads: dict, results: dict[str, dict], data_hp: dict) -> list[EvalResult]:
-    """One result per metric and head, on the validation split, rounded as the card's table shows them."""
+def eval_results(heads: dict, results: dict[str, dict], data_hp: dict, split: str) -> list[EvalResult]:
+    """One result per metric and head, per post on `split`, rounded as the card's table shows them."""
     dataset = hub_dataset(data_hp)
     return [
         EvalResult(
             task_type="text-classification",
             dataset_type=dataset or data_hp.get("dataset", "unknown"),
             dataset_name=dataset or _dataset_name(data_hp),
-            dataset_split="validation",
+            dataset_split=split,
             metric_type=metric_type,
-            metric_value=round(results[head]["model"][key], 4),
+            metric_value=round(results[head]["posts"]["model"][key]["value"], 4),
             metric_name=f"{head} {name}",
             metric_config=head,
         )
@@ -89,6 +83,7 @@ def card_data(
     adapter: bool,
     license: str | None,
     local_model: bool | None = None,
+    split: str = "test",
 ) -> ModelCardData:
     dataset, base = hub_dataset(data_hp), base_model(model_hp, local_model)
     return ModelCardData(
@@ -105,18 +100,18 @@ def card_data(
             "mbti-lightning",
             *(["lora"] if model_hp.get("peft") else []),
         ],
-        eval_results=eval_results(heads, results, data_hp),
+        eval_results=eval_results(heads, results, data_hp, split),
         model_name=f"MBTI {', '.join(heads)} classifier",
         widget=[{"text": text} for text in EXAMPLES],
     )
 
 
-def _table_rows(result: dict) -> list[dict[str, Any]]:
-    return [
-        {"name": name, "model": result["model"][key], "majority": result["majority"][key]}
-        | ({"baseline": result["baseline"][key]} if result.get("baseline") else {})
-        for key, (name, _) in METRICS.items()
-    ]
+def _table(figures: dict) -> dict[str, Any]:
+    """A `evaluation.scored` block as rows of the card's table: per metric, each system's value and interval."""
+    return {
+        "systems": list(figures),
+        "rows": [(name, [figures[s][key] for s in figures]) for key, (name, _) in METRICS.items()],
+    }
 
 
 def model_card(
@@ -126,7 +121,8 @@ def model_card(
     results: dict[str, dict],
     calibration_figures: dict[str, dict],
     *,
-    n_val: int,
+    split: str,
+    majority: dict[str, str],
     calibrated: bool,
     confusion_files: dict[str, str],
     has_training_plot: bool,
@@ -135,23 +131,17 @@ def model_card(
     data_changed: bool = False,
 ) -> ModelCard:
     """The card of an export from a checkpoint's model and data hyperparameters and its ``mbti_lightning``
-    entry (`meta`). `results` per head hold the ``model``, ``majority`` (and ``baseline``) scores and
-    ``majority_class``; `calibration_figures` per head what `export.calibration_figures` returns."""
+    entry (`meta`). `results` per head are `evaluation.figures` on `split`, `majority` the training split's most
+    common class per head, `calibration_figures` per head what `evaluation.calibration_figures` returns."""
     heads = meta["heads"]
     base = model_hp["model_name_or_path"]
     recipe = meta.get("config") or {"model": model_hp, "data": data_hp}
     rendered = {
-        head: {
-            "rows": _table_rows(result),
-            "majority_class": result["majority_class"],
-            "f1_note": f"F1 is that of class `{heads[head][1]}`"
-            if len(heads[head]) == 2
-            else "F1 is the macro average over the types",
-        }
+        head: {"posts": _table(result["posts"])} | ({"people": _table(result["people"])} if "people" in result else {})
         for head, result in results.items()
     }
     return ModelCard.from_template(
-        card_data(model_hp, data_hp, heads, results, adapter, license, meta.get("local_model")),
+        card_data(model_hp, data_hp, heads, results, adapter, license, meta.get("local_model"), split),
         template_path=str(TEMPLATE),
         heads=heads,
         origin=f"random initialisation with the architecture of `{base}`"
@@ -160,9 +150,12 @@ def model_card(
         dataset=_dataset_name(data_hp),
         adapter=adapter,
         example=EXAMPLES[0],
-        n_val=n_val,
+        split=split,
+        rows=next(iter(results.values()))["rows"],
+        persons=next(iter(results.values()))["persons"],
+        majority=majority,
         results=rendered,
-        has_baseline=all(result.get("baseline") for result in results.values()),
+        has_baseline=all("baseline" in result["posts"] for result in results.values()),
         baseline_name=baseline.NAME,
         baseline_cap=baseline.MAX_TRAIN_ROWS,
         calibrated=calibrated,

@@ -22,7 +22,7 @@ from mbti_lightning.predict import PredictionWriter
 
 
 class MBTITrainer(Trainer):
-    """Lightning's Trainer with one more subcommand, `baseline`."""
+    """Lightning's Trainer with two more subcommands, `baseline` and `report`."""
 
     def baseline(self, model: MBTIClassifier, datamodule: MBTIDataModule) -> dict[str, float]:
         """Fit TF-IDF + logistic regression on the training split and score it on validation and test.
@@ -43,6 +43,32 @@ class MBTITrainer(Trainer):
             logger.save()
         rank_zero_info("\n".join(f"{name}: {value:.4f}" for name, value in metrics.items()))
         return metrics
+
+    def report(
+        self,
+        model: MBTIClassifier,
+        datamodule: MBTIDataModule,
+        ckpt_path: str,
+        out: str | None = None,
+        resamples: int = 1000,
+        draws: int = 10,
+    ) -> dict:
+        """Write the test-split report of a checkpoint: ``report.md``, ``report.json`` and plots.
+
+        Args:
+            ckpt_path: A checkpoint written by ``fit``.
+            out: The report's folder; default ``reports/<checkpoint folder>-<checkpoint name>``.
+            resamples: Bootstrap resamples of the persons for every interval.
+            draws: Random draws of each person's posts per point of the how-much-text curve.
+        """
+        from mbti_lightning import export, report  # matplotlib and scipy, only for this command
+
+        checkpoint = export.read_checkpoint(Path(ckpt_path))
+        datamodule.prepare_data()
+        datamodule.setup("test")
+        export.check_splits(datamodule, checkpoint["mbti_lightning"].get("splits"), allow=False)
+        folder = Path(out) if out else Path("reports") / f"{Path(ckpt_path).parent.name}-{Path(ckpt_path).stem}"
+        return report.build(export.load_model(checkpoint), datamodule, folder, resamples, draws)
 
 
 class MBTILightningCLI(LightningCLI):
@@ -71,7 +97,10 @@ class MBTILightningCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return LightningCLI.subcommands() | {"baseline": {"model", "datamodule"}}
+        return LightningCLI.subcommands() | {
+            "baseline": {"model", "datamodule"},
+            "report": {"model", "datamodule"},
+        }
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         self._args = sys.argv[1:] if args is None else args

@@ -19,22 +19,23 @@ import shutil
 import uuid
 from pathlib import Path
 
-import lightning as L
 import torch
 from dotenv import dotenv_values
 from huggingface_hub import HfApi, get_token
-from torchmetrics.classification import MulticlassConfusionMatrix
 
-from mbti_lightning import baseline, calibration
-from mbti_lightning.card import METRICS, model_card
+from mbti_lightning import baseline, calibration, evaluation, report
+from mbti_lightning.card import model_card
 from mbti_lightning.data import MBTIDataModule
 from mbti_lightning.data.sources import where
-from mbti_lightning.metrics import score_predictions
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKEN_NAMES = ("HF_TOKEN", "HF_HUB_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+#: The validation metrics logged during training, for the card's plot of them.
+LOGGED = {"acc": "accuracy", "f1": "F1", "mcc": "MCC", "bal_acc": "balanced accuracy"}
+#: Bootstrap resamples of the persons behind the card's intervals.
+RESAMPLES = 1000
 
 
 class ExportError(ValueError):
@@ -69,72 +70,6 @@ def hyperparameters(checkpoint: dict, key: str = "hyper_parameters") -> dict:
     return {k: v for k, v in checkpoint.get(key, {}).items() if not k.startswith("_")}
 
 
-def evaluate(model: MBTIClassifier, dm: MBTIDataModule) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Per head the (rows, classes) validation logits of the weights being exported, and the (rows, heads)
-    labels, in the split's row order."""
-    trainer = L.Trainer(
-        accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
-    )
-    outputs = trainer.predict(model, dataloaders=dm.val_dataloader())
-    order = torch.cat([o["row"] for o in outputs]).cpu().argsort()
-    logits = {head: torch.cat([o["logits"][head] for o in outputs]).float().cpu()[order] for head in model.heads}
-    return logits, torch.as_tensor(baseline.split_labels(dm, "validation"))
-
-
-def score(
-    dm: MBTIDataModule, logits: dict[str, torch.Tensor], labels: torch.Tensor, with_baseline: bool
-) -> dict[str, dict]:
-    """Per head: the model's, the majority class's and (`with_baseline`) the TF-IDF baseline's metrics."""
-    heads = dm.heads
-    majority = torch.stack([counts.argmax() for counts in dm.train_label_counts()]).expand_as(labels)
-    preds = torch.stack([logits[head].argmax(-1) for head in heads], 1)
-    scores = {"model": score_predictions(heads, preds, labels), "majority": score_predictions(heads, majority, labels)}
-    if with_baseline:
-        fitted = baseline.fit_predict(dm, ("validation",))["validation"]
-        scores["baseline"] = score_predictions(heads, fitted, labels)
-    return {
-        head: {name: values[head] for name, values in scores.items()} | {"majority_class": classes[int(majority[0, h])]}
-        for h, (head, classes) in enumerate(heads.items())
-    }
-
-
-def calibrate(
-    model: MBTIClassifier, logits: dict[str, torch.Tensor], labels: torch.Tensor, fit: bool
-) -> dict[str, calibration.Calibration]:
-    """Per head, the calibration fitted on the validation `logits` (none unless `fit`): a temperature and class
-    offsets where the model's head has a bias to carry them, else the temperature alone."""
-    has_bias = calibration.classification_head(model.model).bias is not None
-    return {
-        head: calibration.fit(x, labels[:, h], offsets=has_bias, name=head) if fit else calibration.Calibration()
-        for h, (head, x) in enumerate(logits.items())
-    }
-
-
-def calibration_figures(
-    fitted: dict[str, calibration.Calibration],
-    raw: dict[str, torch.Tensor],
-    saved: dict[str, torch.Tensor],
-    labels: torch.Tensor,
-    heads: dict,
-) -> dict[str, dict]:
-    """Per head: what was fitted, and ECE, NLL and the largest class-share gap of the checkpoint's scores
-    (`raw`) and of the exported model's (`saved`)."""
-    out = {}
-    for h, (head, cal) in enumerate(fitted.items()):
-        y = labels[:, h]
-        out[head] = {
-            "temperature": cal.temperature,
-            "offsets": dict(zip(heads[head], cal.offsets)) if cal.offsets else None,
-        }
-        for when, x in (("before", raw[head]), ("after", saved[head])):
-            out[head] |= {
-                f"ece_{when}": calibration.ece(x, y),
-                f"nll_{when}": calibration.nll(x, y),
-                f"gap_{when}": calibration.prior_gap(x, y),
-            }
-    return out
-
-
 def plot_training(metrics_csv: Path | None, out: Path) -> bool:
     """Validation metrics over training steps, from Lightning's CSV log; False if there is no log."""
     if metrics_csv is None or not metrics_csv.is_file():
@@ -146,7 +81,7 @@ def plot_training(metrics_csv: Path | None, out: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [int(r["step"]) for r in rows]
-    for key, (name, _) in METRICS.items():
+    for key, name in LOGGED.items():
         if f"val/{key}" in rows[0]:
             ax.plot(steps, [float(r[f"val/{key}"]) for r in rows], marker="o", label=name)
     ax.set(xlabel="optimizer step", ylabel="validation metric", title="Validation during training")
@@ -156,17 +91,6 @@ def plot_training(metrics_csv: Path | None, out: Path) -> bool:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return True
-
-
-def plot_confusion(logits: torch.Tensor, labels: torch.Tensor, letters: list[str], out: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    confusion = MulticlassConfusionMatrix(len(letters))
-    confusion.update(logits.argmax(-1), labels)
-    fig, ax = confusion.plot(labels=letters)
-    ax.set_title("Validation confusion matrix")
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def replace_folder(new: Path, out: Path) -> None:
@@ -219,21 +143,21 @@ def transformers_model(
     return hf_model.to(DTYPES[saved_dtype(checkpoint) if dtype == "auto" else dtype])
 
 
-def plot_validation(
-    folder: Path,
-    heads: dict,
-    logits: dict[str, torch.Tensor],
-    labels: torch.Tensor,
-    raw: dict[str, torch.Tensor] | None,
+def plot_evaluation(
+    folder: Path, heads: dict, outputs: evaluation.SplitOutputs, split: str, raw: dict[str, torch.Tensor] | None
 ) -> dict[str, str]:
-    """A confusion matrix per head of the exported model's `logits` (and, given the checkpoint's `raw` logits,
-    the reliability diagram before and after calibration) into `folder`; returns the confusion matrices' file
-    names per head."""
+    """A confusion matrix per head of the exported model's `outputs` on `split` (and, given the checkpoint's `raw`
+    logits there, the reliability diagram before and after calibration) into `folder`; returns the confusion
+    matrices' file names per head."""
     files = {h: "confusion_matrix.png" if len(heads) == 1 else f"confusion_matrix_{h}.png" for h in heads}
     for h, (head, classes) in enumerate(heads.items()):
-        plot_confusion(logits[head], labels[:, h], list(classes), folder / files[head])
+        title = f"{split.capitalize()} confusion matrix, {head}"
+        evaluation.plot_confusion(
+            outputs.logits[head], outputs.labels[:, h], list(classes), title, folder / files[head]
+        )
     if raw:
-        curves = {head: (labels[:, h], raw[head], logits[head]) for h, head in enumerate(heads)}
+        labels = torch.as_tensor(outputs.labels)
+        curves = {head: (labels[:, h], raw[head], outputs.logits[head]) for h, head in enumerate(heads)}
         calibration.reliability_plot(curves, folder / "reliability.png")
     return files
 
@@ -268,7 +192,7 @@ def _check_arguments(out: Path, overwrite: bool, push_to_hub: str | None) -> str
     return token
 
 
-def _check_splits(dm: MBTIDataModule, recorded: str | None, allow: bool) -> bool:
+def check_splits(dm: MBTIDataModule, recorded: str | None, allow: bool) -> bool:
     """Whether the splits rebuilt from today's data differ from those the checkpoint recorded at fit time; an
     error unless `allow`: the card's figures would be on rows the model may have trained on."""
     changed = recorded is not None and dm.split_fingerprint() != recorded
@@ -317,31 +241,40 @@ def export(
     if adapter and model.hparams.peft is None:
         raise ExportError(f"--adapter needs a LoRA checkpoint (model.peft); {ckpt} was fully fine-tuned")
     dm = MBTIDataModule(**hyperparameters(checkpoint, "datamodule_hyper_parameters"))
-    dm.setup("validate")
-    data_changed = _check_splits(dm, checkpoint["mbti_lightning"].get("splits"), allow_changed_data)
-    raw, labels = evaluate(model, dm)
-    fitted = calibrate(model, raw, labels, fit=calibrate_scores)
+    dm.setup("test")
+    data_changed = check_splits(dm, checkpoint["mbti_lightning"].get("splits"), allow_changed_data)
+    # Calibration is fitted on validation; the card's figures are on test, rows that chose nothing, if there is one.
+    split = "test" if "test" in dm.splits else "validation"
+    raw_val = evaluation.split_outputs(model, dm, "validation")
+    fitted = evaluation.calibrate(model, raw_val.logits, raw_val.labels, fit=calibrate_scores)
+    raw = raw_val if split == "validation" else evaluation.split_outputs(model, dm, split)
 
     hf_model = transformers_model(model, checkpoint, fitted, adapter, dtype)
     # Every figure is of the model as written: calibrated and cast, through the forward pass pipeline runs.
     model.model = hf_model
-    logits, _ = evaluate(model, dm)
-    results = score(dm, logits, labels, with_baseline=baseline.available())
-    calibrated = calibration_figures(fitted, raw, logits, labels, model.heads)
+    saved = evaluation.split_outputs(model, dm, split)
+    counts = dm.train_label_counts()
+    others = {"majority": report.majority_log_probs(counts, len(saved.labels))}
+    if baseline.available():
+        others = {"baseline": baseline.fit(dm).log_probs(dm, split)} | others
+    results = evaluation.figures(model.heads, saved, others, RESAMPLES)
+    calibrated = evaluation.calibration_figures(fitted, raw.logits, saved.logits, saved.labels, model.heads)
+    majority = {head: classes[int(c.argmax())] for (head, classes), c in zip(model.heads.items(), counts)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}")
     tmp.mkdir()  # with the umask's permissions, as the result is meant to be shared (mkdtemp's are private)
     meta = checkpoint["mbti_lightning"]
     try:
         has_plot = _write_folder(tmp, model, hf_model, adapter, meta.get("log_dir"), dm.hparams.max_length)
-        confusion_files = plot_validation(tmp, model.heads, logits, labels, raw if calibrate_scores else None)
+        confusion_files = plot_evaluation(tmp, model.heads, saved, split, raw.logits if calibrate_scores else None)
         card = model_card(
             hyperparameters(checkpoint),
             hyperparameters(checkpoint, "datamodule_hyper_parameters"),
             meta,
             results,
             calibrated,
-            n_val=len(labels),
+            split=split,
+            majority=majority,
             calibrated=calibrate_scores,
             confusion_files=confusion_files,
             has_training_plot=has_plot,
@@ -359,10 +292,8 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
 
     if push_to_hub:
-        mcc = sum(r["model"]["mcc"] for r in results.values()) / len(results)
-        message = (
-            f"{', '.join(model.heads)} classifier from {model.hparams.model_name_or_path}, validation MCC {mcc:.4f}"
-        )
+        mcc = sum(r["posts"]["model"]["mcc"]["value"] for r in results.values()) / len(results)
+        message = f"{', '.join(model.heads)} classifier from {model.hparams.model_name_or_path}, {split} MCC {mcc:.4f}"
         upload(out, push_to_hub, token, private, revision, create_pr, f"mbti-lightning: {message}")
     return out
 

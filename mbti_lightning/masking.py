@@ -24,3 +24,45 @@ def mask_type_mentions(text: str) -> tuple[str, int]:
     ('as an [MBTI] (or [MBTI]?) my [MBTI] says the [MBTI] plan is fine', 4)
     """
     return MENTION.subn(PLACEHOLDER, text)
+
+
+#: Words that name types or their parts without being one: what a model must not score by.
+JARGON = {
+    "mbti",  # also the mask's placeholder, [MBTI]: a row that mentioned a type
+    "myers",
+    "briggs",
+    "introvert",
+    "introverts",
+    "introverted",
+    "introversion",
+    "extrovert",
+    "extroverts",
+    "extroverted",
+    "extravert",
+    "extraverts",
+    "extraverted",
+    "extroversion",
+    "extraversion",
+    "intuitive",
+    "intuitives",
+    "sensor",
+    "sensors",
+    "feeler",
+    "feelers",
+    "thinker",
+    "thinkers",
+    "judger",
+    "judgers",
+    "perceiver",
+    "perceivers",
+}
+_WORD = re.compile(rf"(?:{_TYPE}{_SUFFIX}|[nstf][ie](?:['’]s)?)", re.IGNORECASE)
+
+
+def is_type_vocabulary(text: str) -> bool:
+    """Whether a word or n-gram (any case) holds a type, an x-variant, a function code (Ni, fe) or `JARGON`.
+
+    >>> [is_type_vocabulary(w) for w in ("as an intj", "my ni", "introverts", "fine", "plan ahead")]
+    [True, True, True, False, False]
+    """
+    return any(_WORD.fullmatch(word) or word.lower() in JARGON for word in re.findall(r"[\w'’]+", text))

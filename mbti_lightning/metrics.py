@@ -6,6 +6,7 @@ common class, scored on the evaluated split, which is what a deployed constant m
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric, MetricCollection
@@ -187,3 +188,33 @@ class EvalMetrics(torch.nn.Module):
         for metric in self.modules():
             if isinstance(metric, Metric):
                 metric.reset()
+
+
+def confusion(labels: np.ndarray, preds: np.ndarray, groups: np.ndarray, k: int, weights=None) -> np.ndarray:
+    """(groups, k, k) counts of [true class, predicted class] per group (a person, or a row); `weights` per row
+    (default 1) make it a weighted count."""
+    n = int(groups.max()) + 1 if len(groups) else 0
+    flat = (groups * k + labels) * k + preds
+    return np.bincount(flat, weights=weights, minlength=n * k * k).reshape(n, k, k)
+
+
+def confusion_metrics(conf: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy, macro-F1 and MCC of (..., k, k) [true, predicted] counts, over the leading
+    dimensions at once (the bootstrap's resamples). Balanced accuracy and macro-F1 average over the classes
+    present in the labels (and, for F1, the predictions), as scikit-learn does; MCC is 0 when the labels or
+    the predictions are one class."""
+    conf = np.asarray(conf, dtype=np.float64)
+    hits = np.diagonal(conf, axis1=-2, axis2=-1)
+    true, pred = conf.sum(-1), conf.sum(-2)
+    total = true.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(true > 0, hits / true, np.nan)
+        f1 = np.where(true + pred > 0, 2 * hits / (true + pred), np.nan)
+        covariance = hits.sum(-1) * total - (true * pred).sum(-1)
+        scale = np.sqrt((total**2 - (pred**2).sum(-1)) * (total**2 - (true**2).sum(-1)))
+        return {
+            "acc": hits.sum(-1) / total,
+            "bal_acc": np.nanmean(recall, -1),
+            "macro_f1": np.nanmean(f1, -1),
+            "mcc": np.where(scale > 0, covariance / np.where(scale > 0, scale, 1), 0.0),
+        }

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, pipelin
 from mbti_lightning import calibration
 from mbti_lightning.card import card_data
 from mbti_lightning.cli import cli_main
+from mbti_lightning.evaluation import METRICS
 from mbti_lightning.export import main as export_main
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.tokenizer import load_tokenizer
@@ -209,11 +210,13 @@ def test_card_metadata_carries_every_metric_the_table_shows(trained, tmp_path):
     assert card.data.widget and all(example["text"] for example in card.data.widget)
     _, results = model_index_to_eval_results(metadata_load(out / "README.md")["model-index"])
     from_metadata = {(r.metric_config, r.metric_name.removeprefix("J-P ")): r.metric_value for r in results}
-    assert {r.dataset_split for r in results} == {"validation"}
-    table = dict(re.findall(r"^\| (accuracy|F1|MCC|balanced accuracy) \| ([\d.]+) \|", card.text, re.M))
+    assert {r.dataset_split for r in results} == {"test"}  # the demo's seed split leaves test rows
+    posts = card.text.split("Per post:")[1].split("Per person")[0]
+    table = dict(re.findall(r"^\| (accuracy|macro-F1|MCC|balanced accuracy) \| ([\d.]+) \[", posts, re.M))
     assert len(table) == 4
     assert from_metadata == {("J-P", name): float(value) for name, value in table.items()}
-    assert "| metric | this model | TF-IDF + logistic regression | majority class |" in card.text
+    header = "| metric | this model | TF-IDF + logistic regression | majority | model - baseline | model - majority |"
+    assert header in card.text
 
 
 def test_the_baseline_command_logs_the_mcc_the_card_shows(trained, tmp_path, monkeypatch):
@@ -223,16 +226,15 @@ def test_the_baseline_command_logs_the_mcc_the_card_shows(trained, tmp_path, mon
     (logged,) = csv.DictReader(next(Path("logs").rglob("metrics.csv")).open())
     assert float(logged["val/baseline/mcc"]) > 0.3 and float(logged["test/baseline/mcc"]) > 0.3
     export("--ckpt", trained, "--out", tmp_path / "model")
-    (row,) = re.findall(
-        r"^\| MCC \| [\d.]+ \| ([\d.]+) \| 0.0000 \|$", (tmp_path / "model/README.md").read_text(), re.M
-    )
-    assert row == f"{float(logged['val/baseline/mcc']):.4f}"
+    posts = (tmp_path / "model/README.md").read_text().split("Per post:")[1]
+    (row,) = re.findall(r"^\| MCC \| [\d.]+ \[[^]]*\] \| ([\d.]+) \[", posts, re.M)[:1]
+    assert row == f"{float(logged['test/baseline/mcc']):.4f}"  # the card is on the test split
 
 
 def test_base_model_and_datasets_are_set_for_hub_ids_only(tmp_path):
     hub_model = {"model_name_or_path": "microsoft/Phi-3-mini-4k-instruct", "from_scratch": False}
     hub_data = {"dataset": "minhaozhang/mbti", "data_files": None}
-    results = {"J-P": {"model": dict.fromkeys(("acc", "f1", "mcc", "bal_acc"), 0.5)}}
+    results = {"J-P": {"posts": {"model": dict.fromkeys(METRICS, {"value": 0.5, "interval": (0.4, 0.6)})}}}
     data = card_data(hub_model, hub_data, {"J-P": ("J", "P")}, results, adapter=True, license=None)
     assert data.base_model == "microsoft/Phi-3-mini-4k-instruct" and data.datasets == ["minhaozhang/mbti"]
     assert data.library_name == "peft" and data.license is None
@@ -275,7 +277,7 @@ def test_push_sends_the_folder_with_the_env_token_and_never_writes_it(trained, t
     assert FakeHfApi.calls[2] == ("update_repo_settings", "me/mbti-jp", True)
     _, repo, files, revision, create_pr, message = FakeHfApi.calls[3]
     assert repo == "me/mbti-jp" and revision is None and not create_pr
-    assert re.fullmatch(r"mbti-lightning: J-P classifier from demo, validation MCC 0\.\d{4}", message)
+    assert re.fullmatch(r"mbti-lightning: J-P classifier from demo, test MCC 0\.\d{4}", message)
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "confusion_matrix.png"} <= set(files)
     printed = capsys.readouterr()
     assert TOKEN not in printed.out + printed.err
@@ -421,15 +423,21 @@ def test_the_cards_table_is_the_exported_folders_own_metrics_through_pipeline(tr
     out = tmp_path / "model"
     export("--ckpt", trained, "--out", out, "--dtype", dtype)
     dm = MBTIDataModule(**hyperparameters(read_checkpoint(trained), "datamodule_hyper_parameters"))
-    dm.setup("validate")
-    rows = dm.splits["validation"]
+    dm.setup("test")
+    rows = dm.splits["test"]
     texts = dm.tokenizer.batch_decode(rows["input_ids"][:], skip_special_tokens=True)
     classifier = pipeline("text-classification", model=str(out), dtype="auto")
     letters = [result["label"] for result in classifier(texts, batch_size=64)]
     preds = torch.tensor([[("J", "P").index(letter)] for letter in letters])
     scores = score_predictions({"J-P": ("J", "P")}, preds, torch.tensor(rows["labels"][:])[:, None])["J-P"]
     card = (out / "README.md").read_text()
-    table = dict(re.findall(r"^\| (accuracy|MCC|balanced accuracy) \| ([\d.]+) \|", card, re.M))
+    table = dict(
+        re.findall(
+            r"^\| (accuracy|MCC|balanced accuracy) \| ([\d.]+) \[",
+            card.split("Per post:")[1].split("Per person")[0],
+            re.M,
+        )
+    )
     assert {name: float(value) for name, value in table.items()} == pytest.approx(
         {"accuracy": scores["acc"], "MCC": scores["mcc"], "balanced accuracy": scores["bal_acc"]}, abs=6e-5
     )
@@ -452,7 +460,7 @@ def test_an_export_after_the_data_changed_stops_unless_allowed_and_the_card_says
 
 
 def test_a_relative_local_model_path_is_not_taken_for_someone_elses_hub_repo():
-    results = {"J-P": {"model": dict.fromkeys(("acc", "f1", "mcc", "bal_acc"), 0.5)}}
+    results = {"J-P": {"posts": {"model": dict.fromkeys(METRICS, {"value": 0.5, "interval": (0.4, 0.6)})}}}
     local = {"model_name_or_path": "models/phi3", "from_scratch": False}  # a folder where the run was made
     assert card_data(local, {"dataset": "demo"}, {"J-P": ("J", "P")}, results, False, None, True).base_model is None
     assert card_data(local, {"dataset": "demo"}, {"J-P": ("J", "P")}, results, False, None, False).base_model == (

@@ -1,0 +1,172 @@
+"""Scoring a model on a split, once, for the export's card and the report alike.
+
+`split_outputs` runs a model over a split; `figures` turns the outputs into every headline figure
+(accuracy, balanced accuracy, macro-F1 and MCC per post and per person, each with a 95% bootstrap
+interval that resamples persons) for the model, the TF-IDF baseline and the majority class, with the
+paired differences; `calibrate` and `calibration_figures` fit calibration on one split and measure it
+on another. Persons are the split's authors; without authors every row is its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from scipy import stats
+
+from mbti_lightning import calibration
+from mbti_lightning.metrics import confusion, confusion_metrics
+
+#: The headline metrics: key -> (name in tables, the Hub's metric type).
+METRICS = {
+    "acc": ("accuracy", "accuracy"),
+    "bal_acc": ("balanced accuracy", "balanced_accuracy"),
+    "macro_f1": ("macro-F1", "f1"),
+    "mcc": ("MCC", "matthews_correlation"),
+}
+LEVEL = 0.95
+
+
+@dataclass
+class SplitOutputs:
+    """A model's outputs on a split, in the split's row order."""
+
+    logits: dict[str, torch.Tensor]  # per head (rows, classes), fp32
+    labels: np.ndarray  # (rows, heads) class ids
+    persons: np.ndarray  # (rows,) person numbers 0..n-1: the authors, else one per row
+
+
+def split_outputs(model, dm, split: str) -> SplitOutputs:
+    """`model` (an `MBTIClassifier`) over `dm`'s split `split`, through its forward pass (what `pipeline` runs)."""
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
+    )
+    loader = dm.val_dataloader() if split == "validation" else dm.test_dataloader()
+    outputs = trainer.predict(model, dataloaders=loader)
+    order = torch.cat([o["row"] for o in outputs]).cpu().argsort()
+    logits = {head: torch.cat([o["logits"][head] for o in outputs]).float().cpu()[order] for head in model.heads}
+    part = dm.splits[split]
+    labels = np.asarray(part["labels"][:]).reshape(len(part), -1)
+    return SplitOutputs(logits, labels, np.unique(np.asarray(part["author"][:]), return_inverse=True)[1])
+
+
+def person_votes(log_probs: np.ndarray, labels: np.ndarray, persons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per person: the class of the mean of their posts' log-probabilities (for an axis, the mean log-odds), and
+    their label, the most common label of their posts; as ``val/author/*`` and ``predict --predictions.per
+    author`` decide."""
+    n, k = persons.max() + 1, log_probs.shape[1]
+    votes = np.zeros((n, k))
+    np.add.at(votes, persons, log_probs)
+    return votes.argmax(1), confusion(labels, labels, persons, k).sum(2).argmax(1)
+
+
+def _summed(x: np.ndarray, k: int) -> np.ndarray:
+    """scipy's resampled (k*k, batch, persons) per-person confusion counts -> (batch, k, k) sums."""
+    return np.moveaxis(x.sum(-1), 0, -1).reshape(*x.shape[1:-1], k, k)
+
+
+def scored(confusions: dict[str, np.ndarray], resamples: int, seed: int) -> dict[str, dict]:
+    """Every metric of each system's (persons, k, k) confusion counts, and each system's paired difference from
+    the first ("model"), each with its `LEVEL` percentile interval over bootstrap resamples of the persons: one
+    resampling for all of them (scipy's `bootstrap`, paired), so the differences are of the same resamples."""
+    names, k = list(confusions), next(iter(confusions.values())).shape[-1]
+    flat = tuple(c.reshape(len(c), -1) for c in confusions.values())
+
+    def values(*systems: np.ndarray) -> np.ndarray:  # each (..., k, k) -> (figures, ...)
+        m = [confusion_metrics(c) for c in systems]
+        return np.stack(
+            [m[i][key] for i in range(len(m)) for key in METRICS]
+            + [m[0][key] - m[i][key] for i in range(1, len(m)) for key in METRICS]
+        )
+
+    point = values(*(c.sum(0).reshape(k, k) for c in flat))
+    batch = max(1, int(2e7 // (flat[0].size * len(flat))))  # bounds the memory of one batch of resamples
+    result = stats.bootstrap(
+        flat,
+        lambda *xs, axis=-1: values(*(_summed(x, k) for x in xs)),
+        axis=0,
+        vectorized=True,
+        paired=True,
+        n_resamples=resamples,
+        batch=batch,
+        method="percentile",
+        confidence_level=LEVEL,
+        random_state=np.random.default_rng(seed),
+    )
+    low, high = result.confidence_interval
+    labels = [name for name in names] + [f"model - {name}" for name in names[1:]]
+    out: dict[str, dict] = {}
+    for i, (label, key) in enumerate((label, key) for label in labels for key in METRICS):
+        out.setdefault(label, {})[key] = {"value": float(point[i]), "interval": (float(low[i]), float(high[i]))}
+    return out
+
+
+def figures(
+    heads: dict,
+    outputs: SplitOutputs,
+    others: dict[str, list[np.ndarray]],
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Per head, per post and (with several posts to a person) per person: `scored` figures of the model and of
+    each system in `others` (name -> per head (rows, classes) log-probabilities, e.g. the baseline's; a
+    constant answer such as the majority class is a one-hot row), on the same rows and resamples."""
+    persons = outputs.persons
+    several = len(np.unique(persons)) < len(persons)
+    out = {}
+    for h, (head, classes) in enumerate(heads.items()):
+        k, labels = len(classes), outputs.labels[:, h]
+        systems = {"model": outputs.logits[head].log_softmax(-1).numpy()} | {n: lp[h] for n, lp in others.items()}
+        posts = {name: confusion(labels, lp.argmax(1), persons, k) for name, lp in systems.items()}
+        out[head] = {"posts": scored(posts, resamples, seed), "rows": len(labels), "persons": int(persons.max()) + 1}
+        if several:
+            people = {}
+            for name, lp in systems.items():
+                votes, truth = person_votes(lp, labels, persons)
+                people[name] = confusion(truth, votes, np.arange(len(votes)), k)
+            out[head]["people"] = scored(people, resamples, seed)
+    return out
+
+
+def calibrate(model, logits: dict[str, torch.Tensor], labels: np.ndarray, fit: bool) -> dict:
+    """Per head, the calibration fitted on `logits` (none unless `fit`): a temperature and class offsets where the
+    model's head has a bias to carry them, else the temperature alone."""
+    has_bias = calibration.classification_head(model.model).bias is not None
+    return {
+        head: calibration.fit(x, torch.as_tensor(labels[:, h]), offsets=has_bias, name=head)
+        if fit
+        else calibration.Calibration()
+        for h, (head, x) in enumerate(logits.items())
+    }
+
+
+def calibration_figures(
+    fitted: dict, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], labels: np.ndarray, heads: dict
+) -> dict[str, dict]:
+    """Per head: what was fitted, and ECE, NLL and the largest class-share gap of the scores `before` calibration
+    and `after` it, on the rows of `labels`."""
+    out = {}
+    for h, (head, cal) in enumerate(fitted.items()):
+        y = torch.as_tensor(labels[:, h])
+        out[head] = {"temperature": cal.temperature, "offsets": dict(zip(heads[head], cal.offsets)) or None}
+        for when, x in (("before", before[head]), ("after", after[head])):
+            out[head] |= {
+                f"ece_{when}": calibration.ece(x, y),
+                f"nll_{when}": calibration.nll(x, y),
+                f"gap_{when}": calibration.prior_gap(x, y),
+            }
+    return out
+
+
+def plot_confusion(logits: torch.Tensor, labels: np.ndarray, letters: list[str], title: str, out) -> None:
+    import matplotlib.pyplot as plt
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    matrix = MulticlassConfusionMatrix(len(letters))
+    matrix.update(logits.argmax(-1), torch.as_tensor(labels))
+    fig, ax = matrix.plot(labels=letters)
+    ax.set_title(title)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)

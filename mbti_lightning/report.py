@@ -1,0 +1,281 @@
+"""`mbti-lightning report`: the figures a user can publish, on the test split.
+
+Per head, on the test rows (never the rows that chose the checkpoint or fitted the calibration):
+accuracy, balanced accuracy, macro-F1 and MCC per post and per person, each with a 95% bootstrap
+interval that resamples persons, for the model, the TF-IDF baseline and the majority class, with the
+paired differences model - baseline; the four-axis average of macro-F1 per person (the figure
+published results report); how much text a person needs; accuracy against coverage; calibration
+fitted on validation and measured on test; and a leak audit of the baseline's strongest n-grams.
+Writes ``report.md``, ``report.json`` and the plots into one folder (docs/evaluation.md explains
+every figure).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from mbti_lightning import baseline, calibration, evaluation
+from mbti_lightning.labels import AXES
+from mbti_lightning.masking import is_type_vocabulary
+from mbti_lightning.metrics import confusion, confusion_metrics
+
+TEMPLATE = Path(__file__).parent / "templates" / "report.md"
+#: How many posts of each person the how-much-text curve uses (None: all of them).
+POSTS = (1, 2, 5, 10, 25, None)
+COVERAGES = (1.0, 0.75, 0.5, 0.25)
+#: How many of the baseline's strongest n-grams per class the leak audit lists.
+TOP_FEATURES = 20
+
+
+def majority_log_probs(counts: list[torch.Tensor], rows: int) -> list[np.ndarray]:
+    """Per head, the training split's most common class as (rows, classes) log-probabilities (0 and -inf)."""
+    return [np.where(np.arange(len(c)) == int(c.argmax()), 0.0, -np.inf)[None].repeat(rows, 0) for c in counts]
+
+
+def how_much_text(
+    log_probs: dict[str, np.ndarray], labels: np.ndarray, persons: np.ndarray, k: int, draws: int, resamples: int
+) -> list[dict]:
+    """Per number of posts n in `POSTS`: per-person accuracy and macro-F1 (with intervals) when each person's
+    vote uses n of their posts drawn at random (all if they have fewer), averaged over `draws` draws: the
+    confusion counts of the draws are averaged per person, then resampled by person as everywhere."""
+    rng = np.random.default_rng(0)
+    truth = confusion(labels, labels, persons, k).sum(2).argmax(1)
+    people = np.arange(len(truth))
+    out = []
+    for n in POSTS:
+        counts = {name: np.zeros((len(truth), k, k)) for name in log_probs}
+        for _ in range(draws if n else 1):
+            # Each post's rank among its person's posts in a random order; keep ranks below n.
+            order = np.lexsort((rng.random(len(persons)), persons))
+            starts = np.searchsorted(persons[order], persons[order])
+            rank = np.empty(len(persons), dtype=np.int64)
+            rank[order] = np.arange(len(persons)) - starts
+            keep = rank < n if n else np.ones(len(persons), dtype=bool)
+            for name, lp in log_probs.items():
+                votes = np.zeros((len(truth), k))
+                np.add.at(votes, persons[keep], lp[keep])
+                counts[name] += confusion(truth, votes.argmax(1), people, k) / (draws if n else 1)
+        scores = evaluation.scored(counts, resamples, seed=0)
+        out.append(
+            {"posts": n or "all"}
+            | {name: {key: scores[name][key] for key in ("acc", "macro_f1")} for name in log_probs}
+        )
+    return out
+
+
+def coverage_curve(logits: torch.Tensor, labels: np.ndarray) -> dict:
+    """Accuracy of the most confident answers when the least confident are withheld: at every coverage (share of
+    rows answered, from the most confident) and at `COVERAGES`."""
+    confidence, predicted = logits.softmax(-1).max(-1)
+    order = confidence.argsort(descending=True).numpy()
+    right = (predicted.numpy() == labels)[order]
+    accuracy = np.cumsum(right) / np.arange(1, len(right) + 1)
+    coverage = np.arange(1, len(right) + 1) / len(right)
+    at = {f"{c:.0%}": float(accuracy[max(0, int(np.ceil(c * len(right))) - 1)]) for c in COVERAGES}
+    return {"coverage": coverage, "accuracy": accuracy, "at": at}
+
+
+def leak_audit(fitted: baseline.Baseline | None, heads: dict, dm) -> dict:
+    """The baseline's strongest n-grams per class, those that are type vocabulary flagged, and how many test rows
+    the type-mention masking changed (None when masking is off)."""
+    test = dm.splits["test"]
+    masked = int(np.count_nonzero(test["mentions"][:])) if "mentions" in test.column_names else None
+    if fitted is None:
+        return {"masked_rows": masked, "rows": len(test), "features": None, "flagged": []}
+    features = fitted.top_features(heads, TOP_FEATURES)
+    flagged = [
+        {"head": head, "class": letter, "ngram": ngram, "weight": weight}
+        for head, classes in features.items()
+        for letter, top in classes.items()
+        for ngram, weight in top
+        if is_type_vocabulary(ngram)
+    ]
+    return {"masked_rows": masked, "rows": len(test), "features": features, "flagged": flagged}
+
+
+def _plot_curves(curves: dict[str, list[dict]], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 4), squeeze=False)
+    for ax, (head, points) in zip(axes[0], curves.items()):
+        x = np.arange(len(points))
+        for name in (n for n in points[0] if n != "posts"):
+            for key, style in (("acc", "-o"), ("macro_f1", "--s")):
+                y = [p[name][key]["value"] for p in points]
+                low, high = ([p[name][key]["interval"][i] for p in points] for i in (0, 1))
+                ax.errorbar(
+                    x, y, yerr=[np.subtract(y, low), np.subtract(high, y)], fmt=style, capsize=3, label=f"{name} {key}"
+                )
+        ax.set(xticks=x, xticklabels=[str(p["posts"]) for p in points], xlabel="posts per person", title=head)
+        ax.set(ylabel="per person (95% interval)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _plot_coverage(curves: dict[str, dict], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for head, curve in curves.items():
+        ax.plot(curve["coverage"], curve["accuracy"], label=head)
+    ax.set(xlabel="coverage (share of posts answered, most confident first)", ylabel="accuracy", xlim=(1, 0))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def axis_average(people: dict[str, dict[str, np.ndarray]], resamples: int) -> dict:
+    """The mean over the four axes of per-person macro-F1, per system and as model - baseline, with intervals:
+    the persons are resampled once for all four axes."""
+    names = list(next(iter(people.values())))
+    stacked = {name: np.stack([people[axis][name] for axis in AXES], 1) for name in names}  # (persons, 4, 2, 2)
+    flat = tuple(s.reshape(len(s), -1) for s in stacked.values())
+
+    def mean_f1(*xs: np.ndarray, axis: int = -1) -> np.ndarray:
+        per = [
+            confusion_metrics(np.moveaxis(x.sum(-1), 0, -1).reshape(*x.shape[1:-1], 4, 2, 2))["macro_f1"].mean(-1)
+            for x in xs
+        ]
+        return np.stack(per + [per[0] - p for p in per[1:]])
+
+    from scipy import stats
+
+    point = mean_f1(*(f.T[:, None, :] for f in flat))[:, 0]  # scipy's layout: (features, batch, persons)
+    result = stats.bootstrap(
+        flat,
+        mean_f1,
+        axis=0,
+        vectorized=True,
+        paired=True,
+        n_resamples=resamples,
+        method="percentile",
+        random_state=np.random.default_rng(0),
+    )
+    labels = names + [f"model - {name}" for name in names[1:]]
+    low, high = result.confidence_interval
+    return {
+        label: {"value": float(point[i]), "interval": (float(low[i]), float(high[i]))} for i, label in enumerate(labels)
+    }
+
+
+def build(model, dm, out: Path, resamples: int = 1000, draws: int = 10) -> dict:
+    """Every figure of the report for `model` (an `MBTIClassifier`) on `dm`'s test split, written to `out`."""
+    dm.setup("test")
+    dm.test_dataloader()  # a clear error, naming the fix for the split in use, when there is no test split
+    heads = model.heads
+    val = evaluation.split_outputs(model, dm, "validation")
+    test = evaluation.split_outputs(model, dm, "test")
+    fitted = evaluation.calibrate(model, val.logits, val.labels, fit=True)  # validation rows only
+    calibrated = {head: fitted[head](test.logits[head]).float() for head in heads}
+    rows = len(test.labels)
+    others = {"majority": majority_log_probs(dm.train_label_counts(), rows)}
+    fitted_baseline = None
+    if baseline.available():
+        fitted_baseline = baseline.fit(dm)
+        others = {"baseline": fitted_baseline.log_probs(dm, "test")} | others
+    else:
+        rank_zero_warn('the report\'s baseline needs scikit-learn: pip install "mbti-lightning[baseline]"')
+    # The model as exported: calibrated (a class offset can move a letter), so these are the card's figures.
+    exported = evaluation.SplitOutputs(calibrated, test.labels, test.persons)
+    figures = evaluation.figures(heads, exported, others, resamples)
+
+    out.mkdir(parents=True, exist_ok=True)
+    several = "people" in next(iter(figures.values()))
+    systems = ["model", *(["baseline"] if fitted_baseline else [])]
+    curves, coverage = {}, {}
+    for h, (head, classes) in enumerate(heads.items()):
+        log_probs = {"model": calibrated[head].log_softmax(-1).numpy()}
+        if fitted_baseline:
+            log_probs["baseline"] = others["baseline"][h]
+        if several:
+            curves[head] = how_much_text(log_probs, test.labels[:, h], test.persons, len(classes), draws, resamples)
+        coverage[head] = coverage_curve(calibrated[head], test.labels[:, h])
+        evaluation.plot_confusion(
+            test.logits[head],
+            test.labels[:, h],
+            list(classes),
+            f"Test confusion matrix, {head}",
+            out / f"confusion_{head}.png",
+        )
+    if curves:
+        _plot_curves(curves, out / "how_much_text.png")
+    _plot_coverage(coverage, out / "coverage.png")
+    reliability = {
+        head: (torch.as_tensor(test.labels[:, h]), test.logits[head], calibrated[head]) for h, head in enumerate(heads)
+    }
+    calibration.reliability_plot(reliability, out / "reliability_test.png")
+
+    average = None
+    if several and list(heads) == list(AXES):
+        people = {}
+        for h, head in enumerate(heads):
+            k = len(heads[head])
+            people[head] = {}
+            for name in systems + ["majority"]:
+                lp = calibrated[head].log_softmax(-1).numpy() if name == "model" else others[name][h]
+                votes, truth = evaluation.person_votes(lp, test.labels[:, h], test.persons)
+                people[head][name] = confusion(truth, votes, np.arange(len(votes)), k)
+        average = axis_average(people, resamples)
+
+    audit = leak_audit(fitted_baseline, heads, dm)
+    for flag in audit["flagged"]:
+        rank_zero_warn(
+            f"leak audit: the baseline's n-gram {flag['ngram']!r} is type vocabulary and among the {TOP_FEATURES} "
+            f"strongest for {flag['class']} ({flag['head']}); the text may give the label away"
+        )
+    report = {
+        "split": "test",
+        "rows": rows,
+        "persons": int(test.persons.max()) + 1,
+        "resamples": resamples,
+        "interval": f"{evaluation.LEVEL:.0%} percentile bootstrap, resampling persons",
+        "heads": {
+            head: {
+                "figures": figures[head],
+                "how_much_text": curves.get(head),
+                "coverage": coverage[head]["at"],
+                "calibration": evaluation.calibration_figures(
+                    {head: fitted[head]},
+                    {head: test.logits[head]},
+                    {head: calibrated[head]},
+                    test.labels[:, [h]],
+                    heads,
+                )[head],
+            }
+            for h, head in enumerate(heads)
+        },
+        "axis_average_macro_f1_per_person": average,
+        "leak_audit": audit,
+        "selection": "validation (checkpoint by val/mcc; calibration fitted on validation)",
+        "data": {key: value for key, value in dm.hparams.items() if not key.startswith("_")},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    _render(report, heads, out)
+    rank_zero_info(f"report written to {out / 'report.md'}")
+    return report
+
+
+def _render(report: dict, heads: dict, out: Path) -> None:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    env = Environment(loader=FileSystemLoader(TEMPLATE.parent), undefined=StrictUndefined, trim_blocks=True)
+    env.filters["ci"] = lambda f: f"{f['value']:.3f} [{f['interval'][0]:.3f}, {f['interval'][1]:.3f}]"
+    text = env.get_template(TEMPLATE.name).render(
+        report=report,
+        heads=heads,
+        metrics=evaluation.METRICS,
+        posts_plot=(out / "how_much_text.png").exists(),
+        data=yaml.safe_dump(report["data"], sort_keys=False).strip(),
+    )
+    (out / "report.md").write_text(text)
