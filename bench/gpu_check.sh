@@ -5,7 +5,8 @@
 # when pytest is there), times the optimizer step alone (bench/optimizer_step.py: bitsandbytes, the
 # plain compensated path, the fused kernel), then the variants. Writes $OUT/gpu_tests.txt,
 # $OUT/optimizer_step.txt, $OUT/throughput.json and $OUT/log.txt.
-#   bash bench/gpu_check.sh            # the five variants below (five took about 7 minutes on an H100)
+#   bash bench/gpu_check.sh            # the five variants below (five took about 7 minutes on an H100 when
+#                                      each timed 768 samples after 256; now one untimed and one timed pass of 1,024)
 #   bash bench/gpu_check.sh seed configs/phi3_jp_lora.yaml ...   # or any variants ("peer configs/phi3_jp.yaml":
 #                                      HF Trainer with that preset's settings, for the same-settings ratio)
 set -uo pipefail
@@ -29,4 +30,4 @@ if python3 -c 'import pytest' 2>/dev/null; then
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_optim.py 2>&1 | tail -15 | tee "${OUT:-bench/out}/gpu_tests.txt"
 fi
 python3 bench/optimizer_step.py 2>&1 | tee "${OUT:-bench/out}/optimizer_step.txt"
-python3 bench/throughput.py --timeout 240 --out "${OUT:-bench/out}/throughput.json" --variants "$@" 2>&1 | tee "${OUT:-bench/out}/log.txt"
+python3 bench/throughput.py --passes 1 --timeout 240 --out "${OUT:-bench/out}/throughput.json" --variants "$@" 2>&1 | tee "${OUT:-bench/out}/log.txt"
