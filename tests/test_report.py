@@ -186,3 +186,32 @@ def test_report_without_a_test_split_says_what_to_do(tmp_path, corpus_file):
     ckpt = fit_demo(tmp_path, *data, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0") / "last.ckpt"
     with pytest.raises(ValueError, match="no test split with data.split 'seed'.*set data.keep_fraction below 1"):
         run(tmp_path, "report", "--config", str(REPO / "configs/demo.yaml"), *data, "--ckpt_path", str(ckpt))
+
+
+def test_the_leak_audit_flags_type_vocabulary_among_the_baselines_strongest_ngrams():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from mbti_lightning.baseline import Baseline
+    from mbti_lightning.report import leak_audit
+
+    texts = ["as an intj i plan", "my ni says plan", "lists and plans"] * 5 + ["whatever man", "as an enfp lol"] * 5
+    labels = [0] * 15 + [1] * 10
+    vectorizer = TfidfVectorizer()
+    fitted = Baseline(vectorizer, [LogisticRegression().fit(vectorizer.fit_transform(texts), labels)])
+
+    audit = leak_audit(fitted, {"J-P": ("J", "P")}, type("DM", (), {"splits": {"test": _Split()}})())
+    assert {(f["class"], f["ngram"]) for f in audit["flagged"]} >= {("J", "intj"), ("J", "ni"), ("P", "enfp")}
+    assert audit["masked_rows"] == 2 and audit["rows"] == 4
+
+
+class _Split(list):
+    """A test split's `mentions` column: 2 of 4 rows had type mentions masked."""
+
+    column_names = ["mentions"]
+
+    def __init__(self):
+        super().__init__([2, 0, 1, 0])
+
+    def __getitem__(self, key):
+        return list(self) if key == "mentions" else super().__getitem__(key)
