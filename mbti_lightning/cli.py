@@ -202,5 +202,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MBTILightningCL
 
 
 def main() -> None:
-    """The `mbti-lightning` console script."""
+    """The `mbti-lightning` console script; `serve` is a LitServe server, not a Trainer subcommand."""
+    if sys.argv[1:2] == ["serve"]:
+        from mbti_lightning import serve
+
+        return serve.main(sys.argv[2:])
     cli_main()

@@ -250,6 +250,12 @@ def export(
     raw = raw_val if split == "validation" else evaluation.split_outputs(model, dm, split)
 
     hf_model = transformers_model(model, checkpoint, fitted, adapter, dtype)
+    # What a server (or anyone) must do to a text before this model sees it, as training did.
+    (hf_model.get_base_model() if adapter else hf_model).config.mbti_lightning = {
+        "target": list(model.heads),
+        "max_length": dm.hparams.max_length,
+        "mask_type_mentions": dm.hparams.mask_type_mentions,
+    }
     # Every figure is of the model as written: calibrated and cast, through the forward pass pipeline runs.
     model.model = hf_model
     saved = evaluation.split_outputs(model, dm, split)

@@ -1,0 +1,151 @@
+"""`mbti-lightning serve`: the real server, on a loopback port, answering as `predict` does and refusing bad input."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import REPO, fit_demo
+
+from mbti_lightning.cli import cli_main
+from mbti_lightning.export import main as export_main
+
+pytest.importorskip("litserve")
+
+TEXTS = ["i made a list and a schedule for the whole week", "whatever lol lets just improvise", "the the the"] * 3
+KEY = "serve-test-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(port: int, body: bytes | dict, key: str | None = None, path: str = "/predict") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@contextmanager
+def server(model: Path, log: Path, *args: str, env: dict | None = None):
+    """`mbti-lightning serve MODEL` in a subprocess (its own process group: LitServe starts workers)."""
+    port = free_port()
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mbti_lightning", "serve", str(model), "--port", str(port), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ | (env or {}),
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except urllib.error.HTTPError:  # up, but asks for the key
+                break
+            except OSError:
+                assert process.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.5)
+        yield port
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("serve")
+    ckpt = fit_demo(
+        run, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "60", "--trainer.val_check_interval", "30"
+    )
+    return ckpt / "last.ckpt"
+
+
+def predicted(run: Path, per: str, *model_args: str) -> list[dict]:
+    """`mbti-lightning predict` on TEXTS (as one person's posts for `per` author), read back."""
+    path = run / "people.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([["body", "author"], *[[text, "someone"] for text in TEXTS]])
+    out = run / f"predicted-{per}.csv"
+    mp = pytest.MonkeyPatch()
+    mp.chdir(run)
+    mp.setattr(sys, "argv", ["mbti-lightning"])
+    try:
+        cli_main(
+            ["predict", "--config", str(REPO / "configs/demo.yaml"), *model_args, "--data.predict_file", str(path)]
+            + ["--predictions.output", str(out), "--predictions.per", per, "--predictions.text", "none"]
+        )
+    finally:
+        mp.undo()
+    return [{k: float(v) if k.endswith("_prob") else v for k, v in row.items()} for row in csv.DictReader(out.open())]
+
+
+def assert_same_answers(port: int, run: Path, key: str | None, *model_args: str) -> None:
+    status, answer = call(port, {"texts": TEXTS}, key)
+    assert status == 200, answer
+    per_text = predicted(run, "text", *model_args)
+    assert [{k: v for k, v in row.items() if k != "id"} for row in per_text] == answer["predictions"]
+    status, answer = call(port, {"posts": TEXTS}, key)
+    (person,) = predicted(run, "author", *model_args)
+    assert status == 200 and answer["person"] == {k: v for k, v in person.items() if k != "author"} | {"posts": 9}
+    assert answer["truncated"] == [False] * len(TEXTS)
+
+
+@pytest.mark.slow
+def test_a_served_checkpoint_answers_as_predict_refuses_bad_input_and_keeps_its_key_secret(trained, tmp_path):
+    log = tmp_path / "server.log"
+    args = ["--api-key-env", "MBTI_KEY", "--max-texts", "16", "--max-chars", "5000"]
+    with server(trained, log, *args, env={"MBTI_KEY": KEY}) as port:
+        assert call(port, {"texts": "hello"})[0] == 401
+        assert call(port, {"texts": "hello"}, "wrong")[0] == 401
+        assert_same_answers(port, trained.parents[2], KEY, "--ckpt_path", str(trained))
+
+        bad = [
+            (b"not json", 422, "JSON decode error"),
+            (b'{"text": "x"}', 422, "Extra inputs are not permitted"),
+            (b'{"texts": 5}', 422, "Input should be a valid string"),
+            (b"{}", 422, 'send either "texts"'),
+            (b'{"texts": ""}', 422, "texts[0] is empty"),
+            (b'{"posts": []}', 422, '"posts" is empty'),
+            (json.dumps({"texts": ["a"] * 17}).encode(), 413, "17 texts in one request; at most 16 (--max-texts)"),
+            (json.dumps({"texts": "a" * 20_000}).encode(), 413, "texts[0] has 20,000 characters; at most 5,000"),
+            (json.dumps({"texts": "a" * 2_000_000}).encode(), 413, "Payload too large"),  # megabytes: the body cap
+            (b'{"texts": "caf\xe9"}', 400, "error parsing the body"),
+        ]
+        for body, status, message in bad:
+            got, answer = call(port, body, KEY)
+            assert (got, message in str(answer)) == (status, True), (body[:40], got, answer)
+        status, answer = call(port, {"texts": "a plan and a list"}, KEY)  # still answering
+        assert status == 200 and answer["predictions"][0]["J-P"] in {"J", "P"}
+        status, answer = call(port, {"texts": "plan " * 400}, KEY)  # longer than max_length (128 tokens)
+        assert status == 200 and answer["truncated"] == [True]
+    assert KEY not in log.read_text()
+
+
+@pytest.mark.slow
+def test_a_served_export_answers_as_predict_on_the_export(trained, tmp_path):
+    out = tmp_path / "model"
+    export_main(["--ckpt", str(trained), "--out", str(out)])
+    with server(out, tmp_path / "server.log", "--max-batch-size", "4") as port:
+        model = ["--model.model_name_or_path", str(out), "--model.from_scratch", "false"]
+        assert_same_answers(port, tmp_path, None, *model)
+        assert call(port, {"texts": "x"})[1]["model"] == str(out)
