@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from mbti_lightning.data.tokenized import tokenize
 from mbti_lightning.labels import AXES, TYPES
@@ -38,13 +38,40 @@ BEARER = HTTPBearer(auto_error=False)
 CHUNK = 64
 
 
+#: Per-request limits, set by `main` before the server starts: its HTTP processes are forked from this one.
+LIMITS = {"max_texts": 256, "max_chars": 100_000}
+
+
 class PredictRequest(BaseModel):
-    """One text or a list of texts (``texts``), or one person's posts (``posts``)."""
+    """One text or a list of texts (``texts``), or one person's posts (``posts``).
+
+    Checked here, in the HTTP process, so that a bad request is refused alone: LitServe fails every request
+    of a batch when decoding one of them raises.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     texts: str | list[str] | None = None
     posts: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "PredictRequest":
+        if (self.texts is None) == (self.posts is None):
+            raise ValueError('send either "texts" (a text or a list of texts) or "posts" (one person\'s posts)')
+        what, texts = ("posts", self.posts) if self.posts is not None else ("texts", self.texts)
+        texts = [texts] if isinstance(texts, str) else texts
+        if not texts:
+            raise ValueError(f'"{what}" is empty')
+        if len(texts) > LIMITS["max_texts"]:
+            raise ValueError(f"{len(texts)} {what} in one request; at most {LIMITS['max_texts']} (--max-texts)")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ValueError(f"{what}[{i}] is empty")
+            if len(text) > LIMITS["max_chars"]:
+                raise ValueError(
+                    f"{what}[{i}] has {len(text):,} characters; at most {LIMITS['max_chars']:,} (--max-chars)"
+                )
+        return self
 
 
 @dataclass
@@ -133,11 +160,11 @@ def answer(served: Served, requests: list[dict]) -> list[dict]:
 
 class MBTIAPI(ls.LitAPI):
     """LitServe's shape: the model is loaded once per worker in `setup`; requests are checked in
-    `decode_request`, run together in `predict`, and answered one by one."""
+    `PredictRequest`, run together in `predict`, and answered one by one."""
 
-    def __init__(self, source: str, max_texts: int, max_chars: int, api_key: str | None, **kwargs: Any) -> None:
+    def __init__(self, source: str, api_key: str | None, **kwargs: Any) -> None:
         super().__init__(api_path="/predict", **kwargs)
-        self.source, self.max_texts, self.max_chars = source, max_texts, max_chars
+        self.source = source
         self._api_key = api_key  # never logged or written
 
     def setup(self, device: str) -> None:
@@ -151,22 +178,8 @@ class MBTIAPI(ls.LitAPI):
             raise HTTPException(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
 
     def decode_request(self, request: PredictRequest) -> dict:
-        if (request.texts is None) == (request.posts is None):
-            raise HTTPException(422, 'send either "texts" (a text or a list of texts) or "posts" (one person\'s posts)')
         person = request.posts is not None
         texts = request.posts if person else [request.texts] if isinstance(request.texts, str) else request.texts
-        what = "posts" if person else "texts"
-        if not texts:
-            raise HTTPException(422, f'"{what}" is empty')
-        if len(texts) > self.max_texts:
-            raise HTTPException(413, f"{len(texts)} {what} in one request; at most {self.max_texts} (--max-texts)")
-        for i, text in enumerate(texts):
-            if not text.strip():
-                raise HTTPException(422, f"{what}[{i}] is empty")
-            if len(text) > self.max_chars:
-                raise HTTPException(
-                    413, f"{what}[{i}] has {len(text):,} characters; at most {self.max_chars:,} (--max-chars)"
-                )
         return {"texts": texts, "person": person}
 
     def batch(self, inputs: list[dict]) -> list[dict]:
@@ -207,10 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             parser.exit(2, f"mbti-lightning serve: error: environment variable {args.api_key_env} is not set\n")
+    LIMITS.update(max_texts=args.max_texts, max_chars=args.max_chars)
     api = MBTIAPI(
         args.model,
-        args.max_texts,
-        args.max_chars,
         api_key,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,

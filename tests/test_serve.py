@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -126,14 +127,21 @@ def test_a_served_checkpoint_answers_as_predict_refuses_bad_input_and_keeps_its_
             (b"{}", 422, 'send either "texts"'),
             (b'{"texts": ""}', 422, "texts[0] is empty"),
             (b'{"posts": []}', 422, '"posts" is empty'),
-            (json.dumps({"texts": ["a"] * 17}).encode(), 413, "17 texts in one request; at most 16 (--max-texts)"),
-            (json.dumps({"texts": "a" * 20_000}).encode(), 413, "texts[0] has 20,000 characters; at most 5,000"),
+            (json.dumps({"texts": ["a"] * 17}).encode(), 422, "17 texts in one request; at most 16 (--max-texts)"),
+            (json.dumps({"texts": "a" * 20_000}).encode(), 422, "texts[0] has 20,000 characters; at most 5,000"),
             (json.dumps({"texts": "a" * 2_000_000}).encode(), 413, "Payload too large"),  # megabytes: the body cap
             (b'{"texts": "caf\xe9"}', 400, "error parsing the body"),
         ]
         for body, status, message in bad:
             got, answer = call(port, body, KEY)
             assert (got, message in str(answer)) == (status, True), (body[:40], got, answer)
+        # Sent together, so that they share batches: a bad request must not take the good ones with it.
+        mixed = [{"texts": text} for text in TEXTS] * 3 + [{"texts": ""}, {"posts": []}, {}] * 9
+        order = sorted(range(len(mixed)), key=lambda i: (i * 7919) % len(mixed))  # interleaved
+        mixed = [mixed[i] for i in order]
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda body: call(port, body, KEY)[0], mixed))
+        assert statuses == [422 if i >= 27 else 200 for i in order]
         status, answer = call(port, {"texts": "a plan and a list"}, KEY)  # still answering
         assert status == 200 and answer["predictions"][0]["J-P"] in {"J", "P"}
         status, answer = call(port, {"texts": "plan " * 400}, KEY)  # longer than max_length (128 tokens)
@@ -149,3 +157,14 @@ def test_a_served_export_answers_as_predict_on_the_export(trained, tmp_path):
         model = ["--model.model_name_or_path", str(out), "--model.from_scratch", "false"]
         assert_same_answers(port, tmp_path, None, *model)
         assert call(port, {"texts": "x"})[1]["model"] == str(out)
+
+
+@pytest.mark.slow
+def test_the_load_bench_runs_small(trained, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import serve_load
+
+    out = serve_load.main(["--model", str(trained), "--smoke"])
+    soak = out["soak"]
+    assert soak["valid_answered_right"] == soak["valid"] > 0 and soak["malformed_refused_4xx"] == soak["malformed"]
+    assert set(out["ratio"]) == {1, 8, 32} and all(r > 0 for r in out["ratio"].values())
