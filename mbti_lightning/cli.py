@@ -19,10 +19,11 @@ from mbti_lightning.data import MBTIDataModule
 from mbti_lightning.metrics import score_predictions
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.predict import PredictionWriter
+from mbti_lightning.tokenizer import load_tokenizer
 
 
 class MBTITrainer(Trainer):
-    """Lightning's Trainer with two more subcommands, `baseline` and `report`."""
+    """Lightning's Trainer with more subcommands: `baseline`, `report` and `explain`."""
 
     def baseline(self, model: MBTIClassifier, datamodule: MBTIDataModule) -> dict[str, float]:
         """Fit TF-IDF + logistic regression on the training split and score it on validation and test.
@@ -70,6 +71,43 @@ class MBTITrainer(Trainer):
         folder = Path(out) if out else Path("reports") / f"{Path(ckpt_path).parent.name}-{Path(ckpt_path).stem}"
         return report.build(export.load_model(checkpoint), datamodule, folder, resamples, draws)
 
+    def explain(
+        self,
+        model: MBTIClassifier,
+        datamodule: MBTIDataModule,
+        ckpt_path: str | None = None,
+        texts: list[str] | None = None,
+        out: str = "explanations",
+        steps: int = 50,
+    ) -> dict:
+        """Token attributions for texts as a self-contained HTML page and JSON, with faithfulness and leak flags.
+
+        Args:
+            ckpt_path: A checkpoint written by ``fit``; without it, the model of ``--model.*`` (an exported
+                folder or hub id with ``--model.model_name_or_path ... --model.from_scratch false``).
+            texts: Texts to explain; else ``--data.predict_file`` (its author column groups posts by person).
+            out: Folder for ``explanations.html`` and ``explanations.json``.
+            steps: Integrated Gradients steps.
+        """
+        from mbti_lightning import explain, export  # captum, only for this command
+
+        if ckpt_path:
+            model = export.load_model(export.read_checkpoint(Path(ckpt_path)))
+        else:
+            model.configure_model()
+        hp, authors = datamodule.hparams, None
+        if not texts:
+            if not hp.predict_file:
+                raise ValueError('explain needs texts: --texts \'["...", "..."]\' or --data.predict_file FILE')
+            datamodule.setup("predict")
+            texts, authors = datamodule.predict_inputs["text"], datamodule.predict_inputs["author"]
+        if torch.cuda.is_available():
+            model.cuda()
+        tokenizer = load_tokenizer(hp.tokenizer)
+        report = explain.run(model, tokenizer, texts, authors, Path(out), hp.max_length, hp.mask_type_mentions, steps)
+        rank_zero_info(f"explanations written to {Path(out) / 'explanations.html'}")
+        return report
+
 
 class MBTILightningCLI(LightningCLI):
     """Adds the checkpoint callback as `--checkpoint.*`, the prediction writer as `--predictions.*`, and links
@@ -100,6 +138,7 @@ class MBTILightningCLI(LightningCLI):
         return LightningCLI.subcommands() | {
             "baseline": {"model", "datamodule"},
             "report": {"model", "datamodule"},
+            "explain": {"model", "datamodule"},
         }
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:

@@ -1,0 +1,107 @@
+"""`mbti-lightning explain`: attributions that point at the demo's planted cues, add up, beat random removal,
+render in a real browser, and flag a leaking model."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, fit_demo
+
+from mbti_lightning.cli import cli_main
+from mbti_lightning.demo import CUES, generate_rows
+
+pytest.importorskip("captum")
+
+SHORT = ["--trainer.max_epochs", "1", "--trainer.val_check_interval", "100"]
+
+
+def explain(run: Path, ckpt: Path, texts: list[str], *args: str) -> dict:
+    mp = pytest.MonkeyPatch()
+    mp.chdir(run)
+    mp.setattr(sys, "argv", ["mbti-lightning"])
+    try:
+        cli_main(
+            ["explain", "--config", str(REPO / "configs/demo.yaml"), "--ckpt_path", str(ckpt), *args]
+            + ["--texts", json.dumps(texts), "--out", str(run / "explained")]
+        )
+    finally:
+        mp.undo()
+    return json.loads((run / "explained/explanations.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return fit_demo(tmp_path_factory.mktemp("explain"), *SHORT) / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def explained(demo) -> dict:
+    rows = generate_rows(num_rows=80, seed=123)
+    return explain(demo.parents[2], demo, rows["body"][:80]) | {"truth": rows["J-P"][:80]}
+
+
+@pytest.mark.slow
+def test_the_planted_cue_words_are_among_the_top_words_of_right_answers(explained):
+    right = [t for t, truth in zip(explained["texts"], explained["truth"]) if t["heads"]["J-P"]["letter"] == truth]
+    assert len(right) >= 40
+    hits = 0
+    for text in right:
+        head = text["heads"]["J-P"]
+        top = sorted(head["words"], key=lambda w: -w["attribution"])[:3]
+        hits += any(w["word"] in CUES[head["letter"]].split() for w in top)
+    # Measured on this fit (1 epoch of the demo, 80 generated texts): 61 of the 62 right answers (0.98).
+    assert hits / len(right) >= 0.85, hits / len(right)
+
+
+@pytest.mark.slow
+def test_attributions_add_up_and_removing_the_top_words_hurts_more_than_random(explained):
+    for text in explained["texts"]:
+        head = text["heads"]["J-P"]
+        change = head["explained"] - head["at_baseline"]
+        # Captum's completeness check: the sum differs from the change by the reported delta, and that is small.
+        assert abs(head["attribution_sum"] - change - head["delta"]) < 1e-3
+        assert abs(head["delta"]) <= 0.05 * abs(change) + 0.02
+    summary = explained["summary"]["J-P"]
+    assert summary["better_than_random"] and summary["mean_drop_top"] > 2 * max(summary["mean_drop_random"], 0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium), which .ci/run installs"
+)
+def test_the_page_renders_its_shaded_words_and_letters_in_a_real_browser(demo, explained, tmp_path):
+    page = demo.parents[2] / "explained/explanations.html"
+    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    assert dom.count('style="background:rgba(') >= sum(len(t["heads"]["J-P"]["words"]) for t in explained["texts"])
+    assert "Why this letter" in dom and "J-P: <span" in dom.replace("\n", "")
+    shot = tmp_path / "page.png"
+    subprocess.run([*command[:-2], f"--screenshot={shot}", "--window-size=1000,1200", page.as_uri()], timeout=120)
+    assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def leaky_corpus(path: Path) -> Path:
+    """The demo corpus with "as an INTP"-style mentions of the author's own type in half the posts."""
+    rows = generate_rows(num_rows=4000, seed=5)
+    rows["body"] = [f"as an {t} {b}" if i % 2 else b for i, (t, b) in enumerate(zip(rows["mbti"], rows["body"]))]
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_unmasked_type_names_is_flagged_and_a_masked_one_is_not(tmp_path):
+    data = ["--data.dataset", "parquet", "--data.data_files", str(leaky_corpus(tmp_path / "leaky.parquet"))]
+    texts = [f"as an {t} i think it went fine" for t in ("INTJ", "ENFP", "ISTP", "ESFJ")] * 3
+    flags = {}
+    for mask in ("false", "true"):
+        run = tmp_path / mask
+        run.mkdir()
+        args = [*data, "--data.mask_type_mentions", mask, "--data.keep_fraction", "1.0"]
+        ckpt = fit_demo(run, *SHORT, *args) / "last.ckpt"
+        flags[mask] = explain(run, ckpt, texts, *args)["summary"]["J-P"]["texts_with_leaks"]
+    assert flags["false"] >= 6 and flags["true"] == 0, flags
