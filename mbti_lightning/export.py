@@ -1,12 +1,12 @@
 """`mbti-lightning-export`: a `fit` checkpoint -> a Hugging Face model folder with a model card -> the hub.
 
 The folder holds safetensors weights, a config with letter labels, the tokenizer, a model card
-(README.md, from ``templates/model_card.md``) and plots. The scores are calibrated (a temperature and
-class offsets, see `calibration`) unless ``--no-calibrate``, and every figure of the card is computed
-here on the model as written, on the validation split, beside the training split's majority class
-and, with scikit-learn installed, a TF-IDF + logistic regression baseline on the same split. The
-export stops if the data no longer gives the splits the checkpoint recorded. Nothing is half-written:
-the folder is built next to `--out` and swapped into place.
+(README.md, from ``templates/model_card.md``) and plots. The scores are calibrated on the validation
+split (a temperature and class offsets, see `calibration`) unless ``--no-calibrate``. Every figure of
+the card is of the model as written, computed by `evaluation` as `mbti-lightning report` computes it:
+on the test split when the run has one, else on the validation split (which the card then calls
+optimistic). The export stops if the data no longer gives the splits the checkpoint recorded.
+Nothing is half-written: the folder is built next to `--out` and swapped into place.
 """
 
 from __future__ import annotations
