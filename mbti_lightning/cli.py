@@ -196,6 +196,9 @@ class MBTILightningCLI(LightningCLI):
         # Likewise a checkpoint callback (`--checkpoint.*`) with `trainer.enable_checkpointing: false`.
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        # These log no metrics: no logs/<name>/version_N (and its config.yaml) for each call.
+        if self.subcommand in ("predict", "report", "explain"):
+            config, self.save_config_callback = config | {"logger": False}, None
         return super()._instantiate_trainer(config, callbacks)
 
 

@@ -157,3 +157,22 @@ def test_a_run_of_another_target_does_not_shadow_the_checkpoints_in_its_folder(t
     assert sorted(p.name for p in folder.iterdir()) == before
     fit_demo(tmp_path, *quick, "--data.target", "all", "--checkpoint.dirpath", "checkpoints/demo_all")
     assert (tmp_path / "checkpoints/demo_all/last.ckpt").is_file()
+
+
+def test_predicting_leaves_no_log_folder_behind(tmp_path):
+    ckpt = fit_demo(tmp_path, "--data.keep_fraction", "0.05", "--trainer.max_steps", "2") / "last.ckpt"
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "logs").rglob("*"))
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp_path)
+    mp.setattr(sys, "argv", ["mbti-lightning"])
+    try:
+        for _ in range(2):
+            cli_main(
+                ["predict", "--config", str(REPO / "configs/demo.yaml"), "--data.keep_fraction", "0.05"]
+                + ["--ckpt_path", str(ckpt), "--predictions.output", "p.csv"]
+            )
+    finally:
+        mp.undo()
+    assert (tmp_path / "p.csv").is_file()
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "logs").rglob("*")) == before
+    assert not (tmp_path / "config.yaml").exists()
