@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from mbti_lightning.masking import PLACEHOLDER, is_type_vocabulary, mask_type_mentions
 from mbti_lightning.predict import per_author, prediction_records
@@ -73,7 +74,7 @@ class Explainer:
         seen, enc = self.encode(texts)
         out = [{"text": text, "heads": {}} for text in seen]
         device = self.model.device
-        for start in range(0, len(texts), self.batch_size):
+        for start in tqdm(range(0, len(texts), self.batch_size), desc="explaining", unit="batch"):
             rows = range(start, min(start + self.batch_size, len(texts)))
             batch = self.tokenizer.pad({"input_ids": [enc["input_ids"][i] for i in rows]}, return_tensors="pt")
             ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
