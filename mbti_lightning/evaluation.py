@@ -62,15 +62,35 @@ def person_votes(log_probs: np.ndarray, labels: np.ndarray, persons: np.ndarray)
     return votes.argmax(1), confusion(labels, labels, persons, k).sum(2).argmax(1)
 
 
-def _summed(x: np.ndarray, k: int) -> np.ndarray:
-    """scipy's resampled (k*k, batch, persons) per-person confusion counts -> (batch, k, k) sums."""
-    return np.moveaxis(x.sum(-1), 0, -1).reshape(*x.shape[1:-1], k, k)
+def summed(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """scipy's resampled (features, batch, persons) per-person counts -> (batch, *shape) sums over the persons."""
+    return np.moveaxis(x.sum(-1), 0, -1).reshape(*x.shape[1:-1], *shape)
+
+
+def bootstrap(samples: tuple[np.ndarray, ...], statistic, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `LEVEL` percentile interval of a vectorized `statistic` (returning one row per figure) over bootstrap
+    resamples of the persons: the first axis of each of `samples`, drawn together (paired). Percentile intervals
+    keep the cost at one pass over the resamples."""
+    batch = max(1, int(2e7 // (samples[0].size * len(samples))))  # bounds the memory of one batch of resamples
+    result = stats.bootstrap(
+        samples,
+        statistic,
+        axis=0,
+        vectorized=True,
+        paired=True,
+        n_resamples=resamples,
+        batch=batch,
+        method="percentile",
+        confidence_level=LEVEL,
+        random_state=np.random.default_rng(seed),
+    )
+    return result.confidence_interval
 
 
 def scored(confusions: dict[str, np.ndarray], resamples: int, seed: int) -> dict[str, dict]:
     """Every metric of each system's (persons, k, k) confusion counts, and each system's paired difference from
-    the first ("model"), each with its `LEVEL` percentile interval over bootstrap resamples of the persons: one
-    resampling for all of them (scipy's `bootstrap`, paired), so the differences are of the same resamples."""
+    the first ("model"), each with its interval (`bootstrap`): one resampling for all of them, so the
+    differences are of the same resamples."""
     names, k = list(confusions), next(iter(confusions.values())).shape[-1]
     flat = tuple(c.reshape(len(c), -1) for c in confusions.values())
 
@@ -82,21 +102,8 @@ def scored(confusions: dict[str, np.ndarray], resamples: int, seed: int) -> dict
         )
 
     point = values(*(c.sum(0).reshape(k, k) for c in flat))
-    batch = max(1, int(2e7 // (flat[0].size * len(flat))))  # bounds the memory of one batch of resamples
-    result = stats.bootstrap(
-        flat,
-        lambda *xs, axis=-1: values(*(_summed(x, k) for x in xs)),
-        axis=0,
-        vectorized=True,
-        paired=True,
-        n_resamples=resamples,
-        batch=batch,
-        method="percentile",
-        confidence_level=LEVEL,
-        random_state=np.random.default_rng(seed),
-    )
-    low, high = result.confidence_interval
-    labels = [name for name in names] + [f"model - {name}" for name in names[1:]]
+    low, high = bootstrap(flat, lambda *xs, axis=-1: values(*(summed(x, (k, k)) for x in xs)), resamples, seed)
+    labels = [*names, *(f"model - {name}" for name in names[1:])]
     out: dict[str, dict] = {}
     for i, (label, key) in enumerate((label, key) for label in labels for key in METRICS):
         out.setdefault(label, {})[key] = {"value": float(point[i]), "interval": (float(low[i]), float(high[i]))}

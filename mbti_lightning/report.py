@@ -143,27 +143,12 @@ def axis_average(people: dict[str, dict[str, np.ndarray]], resamples: int) -> di
     flat = tuple(s.reshape(len(s), -1) for s in stacked.values())
 
     def mean_f1(*xs: np.ndarray, axis: int = -1) -> np.ndarray:
-        per = [
-            confusion_metrics(np.moveaxis(x.sum(-1), 0, -1).reshape(*x.shape[1:-1], 4, 2, 2))["macro_f1"].mean(-1)
-            for x in xs
-        ]
+        per = [confusion_metrics(evaluation.summed(x, (4, 2, 2)))["macro_f1"].mean(-1) for x in xs]
         return np.stack(per + [per[0] - p for p in per[1:]])
 
-    from scipy import stats
-
     point = mean_f1(*(f.T[:, None, :] for f in flat))[:, 0]  # scipy's layout: (features, batch, persons)
-    result = stats.bootstrap(
-        flat,
-        mean_f1,
-        axis=0,
-        vectorized=True,
-        paired=True,
-        n_resamples=resamples,
-        method="percentile",
-        random_state=np.random.default_rng(0),
-    )
+    low, high = evaluation.bootstrap(flat, mean_f1, resamples, seed=0)
     labels = names + [f"model - {name}" for name in names[1:]]
-    low, high = result.confidence_interval
     return {
         label: {"value": float(point[i]), "interval": (float(low[i]), float(high[i]))} for i, label in enumerate(labels)
     }
