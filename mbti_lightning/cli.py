@@ -62,8 +62,12 @@ class MBTITrainer(Trainer):
             resamples: Bootstrap resamples of the persons for every interval.
             draws: Random draws of each person's posts per point of the how-much-text curve.
         """
-        from mbti_lightning import export, report  # matplotlib and scipy, only for this command
+        import importlib.util
 
+        from mbti_lightning import export, report
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError('the report\'s plots need matplotlib: pip install "mbti-lightning[export]"')
         checkpoint = export.read_checkpoint(Path(ckpt_path))
         datamodule.prepare_data()
         datamodule.setup("test")
