@@ -29,7 +29,10 @@ class MBTITrainer(Trainer):
         """Fit TF-IDF + logistic regression on the training split and score it on validation and test.
 
         The same rows and metrics as the model's (see `mbti_lightning.baseline`), logged as
-        ``val/baseline/*`` and ``test/baseline/*`` by the trainer's loggers, and printed.
+        ``val/baseline/*`` and ``test/baseline/*`` by the trainer's loggers, and printed. It takes the
+        run's own config; of the model's arguments only ``model_name_or_path`` is used (its tokenizer
+        truncates the texts as training does, so the baseline reads what the model read), and no
+        weights are loaded: the others can stay at their defaults.
         """
         datamodule.prepare_data()
         datamodule.setup("fit")
