@@ -9,12 +9,17 @@ every score towards 1 / classes. T is kept within [`T_MIN`, `T_MAX`], with a war
 
 Dividing the classification head's weights by T and adding b to its bias makes plain ``pipeline``
 return the calibrated scores. A head without a bias (Phi-3's ``score``, as every decoder's in
-transformers) cannot carry b: there only T is folded, and b is recorded in ``config.json``.
+transformers, which drops a bias saved for it) carries b on its weights instead: ``b * (c . h)``, where
+h is the head's input and c the `carrier`, the linear function of h closest to 1 on the validation
+rows. There the offsets are only as constant as ``c . h`` is, so they are fitted together with T as
+they will act, and the card measures the result on rows the fit never saw.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,28 +34,40 @@ T_MIN, T_MAX = 0.05, 20.0
 BINS = 15
 #: Where a Hugging Face sequence classifier keeps its output layer (``classifier.out_proj`` for RoBERTa's).
 HEAD_NAMES = ("score", "classifier")
+#: The ridge of the `carrier` fit, relative to the mean squared input feature.
+RIDGE = 1e-2
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """``logits / temperature + offsets`` (offsets per class, in class-id order)."""
+    """``logits / temperature + offsets`` (offsets per class, in class-id order), the offsets scaled per row by
+    ``carrier . h`` (h: the head's input) where the head has no bias to hold them."""
 
     temperature: float = 1.0
     offsets: tuple[float, ...] = field(default=())
+    carrier: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, carried: torch.Tensor | None = None) -> torch.Tensor:
+        """The calibrated `logits`; `carried` is ``carrier . h`` per row, needed when there is a carrier."""
         out = logits.double() / self.temperature
-        return out + torch.tensor(self.offsets, dtype=torch.float64) if self.offsets else out
+        if not self.offsets:
+            return out
+        offsets = torch.tensor(self.offsets, dtype=torch.float64)
+        return out + (offsets if self.carrier is None else carried.double()[:, None] * offsets)
 
 
-def nll(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration = Calibration()) -> float:
+def nll(
+    logits: torch.Tensor, labels: torch.Tensor, cal: Calibration = Calibration(), carried: torch.Tensor | None = None
+) -> float:
     """Mean negative log-likelihood of (rows, classes) `logits` under calibration `cal`."""
-    return float(F.cross_entropy(cal(logits), labels))
+    return float(F.cross_entropy(cal(logits, carried), labels))
 
 
-def _fit(logits: torch.Tensor, labels: torch.Tensor, offsets: bool, log_t: float | None) -> Calibration:
+def _fit(
+    logits: torch.Tensor, labels: torch.Tensor, offsets: bool, log_t: float | None, carried: torch.Tensor
+) -> Calibration:
     """LBFGS on log T (unless fixed at `log_t`) and, with `offsets`, the offsets of classes 1.. (class 0's is 0:
-    a softmax does not change when every logit moves by the same amount)."""
+    a softmax does not change when every logit moves by the same amount), each scaled per row by `carried`."""
     free_t = torch.tensor(0.0 if log_t is None else log_t, dtype=torch.float64, requires_grad=log_t is None)
     shift = torch.zeros(logits.shape[-1] - 1, dtype=torch.float64, requires_grad=offsets)
     params = [p for p in (free_t, shift) if p.requires_grad]
@@ -59,7 +76,7 @@ def _fit(logits: torch.Tensor, labels: torch.Tensor, offsets: bool, log_t: float
     optimizer = torch.optim.LBFGS(params, lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
 
     def calibrated() -> torch.Tensor:
-        return logits / free_t.exp() + F.pad(shift, (1, 0))
+        return logits / free_t.exp() + carried[:, None] * F.pad(shift, (1, 0))
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -72,12 +89,22 @@ def _fit(logits: torch.Tensor, labels: torch.Tensor, offsets: bool, log_t: float
     return Calibration(float(free_t.detach().exp()), tuple(b.tolist()) if offsets else ())
 
 
-def fit(logits: torch.Tensor, labels: torch.Tensor, offsets: bool = True, name: str = "") -> Calibration:
+def fit(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    offsets: bool = True,
+    name: str = "",
+    inputs: torch.Tensor | None = None,
+) -> Calibration:
     """The temperature (and with `offsets` the per-class offsets) that minimise the NLL of `logits` on `labels`;
-    no change unless they lower it. A temperature beyond [`T_MIN`, `T_MAX`] is held at the bound, with a warning
-    naming head `name`: scores that carry almost no information, or that are almost certain."""
+    no change unless they lower it. With the head's `inputs` (rows, features), for a head without a bias, the
+    offsets are fitted as they will act: scaled per row by the `carrier` of those inputs. A temperature beyond
+    [`T_MIN`, `T_MAX`] is held at the bound, with a warning naming head `name`: scores that carry almost no
+    information, or that are almost certain."""
     logits = logits.detach().double()
-    cal = _fit(logits, labels, offsets, None)
+    carrier = None if inputs is None or not offsets else fit_carrier(inputs)
+    carried = torch.ones(len(logits), dtype=torch.float64) if carrier is None else inputs.double() @ carrier
+    cal = _fit(logits, labels, offsets, None, carried)
     if not T_MIN <= cal.temperature <= T_MAX:
         bound = min(max(cal.temperature, T_MIN), T_MAX)
         why = "hardly tells the classes apart" if bound == T_MAX else "separates the classes almost perfectly"
@@ -86,8 +113,18 @@ def fit(logits: torch.Tensor, labels: torch.Tensor, offsets: bool = True, name: 
             f"[{T_MIN}, {T_MAX}], so it is held at {bound} (the model {why} on these rows)",
             stacklevel=2,
         )
-        cal = _fit(logits, labels, offsets, float(np.log(bound)))
-    return cal if nll(logits, labels, cal) < nll(logits, labels) else Calibration()
+        cal = _fit(logits, labels, offsets, float(np.log(bound)), carried)
+    cal = Calibration(cal.temperature, cal.offsets, carrier if cal.offsets else None)
+    return cal if nll(logits, labels, cal, carried) < nll(logits, labels) else Calibration()
+
+
+def fit_carrier(inputs: torch.Tensor) -> torch.Tensor:
+    """The vector c for which ``c . h`` is closest to 1 over the rows h of `inputs` (ridge least squares): the
+    direction along which a head without a bias can add (nearly) the same offset to every text."""
+    h = inputs.double()
+    gram = h.T @ h / len(h)
+    ridge = RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64)
+    return torch.linalg.solve(gram + ridge, h.mean(0))
 
 
 def ece(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration = Calibration()) -> float:
@@ -121,16 +158,46 @@ def classification_head(model: torch.nn.Module) -> torch.nn.Linear:
 
 
 @torch.no_grad()
-def fold(model: torch.nn.Module, scales: list[float], shifts: list[float]) -> bool:
-    """Output i of `model`'s classification head becomes ``output / scales[i] + shifts[i]``; a head without a
-    bias takes the scales only. Returns whether the shifts were folded."""
+def fold(model: torch.nn.Module, scales: list[float], shifts: list[float], carrier: torch.Tensor | None = None) -> bool:
+    """Output i of `model`'s classification head becomes ``output / scales[i] + shifts[i]``, the shifts added to
+    its bias, or without one scaled by ``carrier . input`` (added to its weights); a head with neither takes the
+    scales only. Returns whether the shifts were folded."""
     head = classification_head(model)
     scale = torch.tensor(scales, dtype=torch.float64)
-    head.weight.copy_((head.weight.double() / scale[:, None]).to(head.weight.dtype))
+    shift = torch.tensor(shifts, dtype=torch.float64)
+    weight = head.weight.double() / scale[:, None]
+    if head.bias is None and carrier is not None:
+        weight += shift[:, None] * carrier.double()[None, :]
+    head.weight.copy_(weight.to(head.weight.dtype))
     if head.bias is None:
-        return False
-    head.bias.copy_((head.bias.double() / scale + torch.tensor(shifts, dtype=torch.float64)).to(head.bias.dtype))
+        return carrier is not None
+    head.bias.copy_((head.bias.double() / scale + shift).to(head.bias.dtype))
     return True
+
+
+@contextlib.contextmanager
+def head_inputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects, per forward pass of the Hugging Face classifier `model`, the (rows, features) input of its
+    classification head at the position whose output became the logits (a decoder's head runs on every token;
+    the model returns the last text token's), in fp32 on the CPU."""
+    head, grabbed, collected = classification_head(model), {}, []
+
+    def keep(module, args, output) -> None:
+        grabbed["in"], grabbed["out"] = args[0], output
+
+    def pool(module, args, kwargs, output) -> None:
+        x, out = grabbed.pop("in"), grabbed.pop("out")
+        if x.dim() == 3:  # (rows, positions, features): the position whose head output is the model's
+            position = (out.float() - output.logits.float()[:, None]).abs().sum(-1).argmin(-1)
+            x = x[torch.arange(len(x), device=x.device), position]
+        collected.append(x.float().cpu())
+
+    hooks = [head.register_forward_hook(keep), model.register_forward_hook(pool, with_kwargs=True)]
+    try:
+        yield collected
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def reliability_plot(curves: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], out: Path) -> None:

@@ -9,6 +9,7 @@ on another. Persons are the split's authors; without authors every row is its ow
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import lightning as L
@@ -36,20 +37,28 @@ class SplitOutputs:
     logits: dict[str, torch.Tensor]  # per head (rows, classes), fp32
     labels: np.ndarray  # (rows, heads) class ids
     persons: np.ndarray  # (rows,) person numbers 0..n-1: the authors, else one per row
+    inputs: torch.Tensor | None = None  # (rows, features) the classification head's inputs, where asked for
+
+    def calibrated(self, head: str, cal: calibration.Calibration) -> torch.Tensor:
+        """`head`'s logits under `cal`."""
+        return cal(self.logits[head], None if cal.carrier is None else self.inputs @ cal.carrier.float())
 
 
-def split_outputs(model, dm, split: str) -> SplitOutputs:
-    """`model` (an `MBTIClassifier`) over `dm`'s split `split`, through its forward pass (what `pipeline` runs)."""
+def split_outputs(model, dm, split: str, inputs: bool = False) -> SplitOutputs:
+    """`model` (an `MBTIClassifier`) over `dm`'s split `split`, through its forward pass (what `pipeline` runs);
+    with `inputs`, with its classification head's inputs too."""
     trainer = L.Trainer(
         accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
     )
     loader = dm.val_dataloader() if split == "validation" else dm.test_dataloader()
-    outputs = trainer.predict(model, dataloaders=loader)
+    with calibration.head_inputs(model.model) if inputs else contextlib.nullcontext() as collected:
+        outputs = trainer.predict(model, dataloaders=loader)
     order = torch.cat([o["row"] for o in outputs]).cpu().argsort()
     logits = {head: torch.cat([o["logits"][head] for o in outputs]).float().cpu()[order] for head in model.heads}
     part = dm.splits[split]
     labels = np.asarray(part["labels"][:]).reshape(len(part), -1)
-    return SplitOutputs(logits, labels, np.unique(np.asarray(part["author"][:]), return_inverse=True)[1])
+    persons = np.unique(np.asarray(part["author"][:]), return_inverse=True)[1]
+    return SplitOutputs(logits, labels, persons, torch.cat(collected)[order] if inputs else None)
 
 
 def person_votes(log_probs: np.ndarray, labels: np.ndarray, persons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,15 +146,19 @@ def figures(
     return out
 
 
-def calibrate(model, logits: dict[str, torch.Tensor], labels: np.ndarray, fit: bool) -> dict:
-    """Per head, the calibration fitted on `logits` (none unless `fit`): a temperature and class offsets where the
-    model's head has a bias to carry them, else the temperature alone."""
-    has_bias = calibration.classification_head(model.model).bias is not None
+def needs_inputs(model) -> bool:
+    """Whether calibrating `model` needs its head's inputs: a head without a bias carries its offsets on them."""
+    return calibration.classification_head(model.model).bias is None
+
+
+def calibrate(model, outputs: SplitOutputs, fit: bool) -> dict:
+    """Per head, the calibration fitted on `outputs` (none unless `fit`): a temperature and class offsets, held by
+    the head's bias or, without one, carried on its inputs (`outputs.inputs`, see `calibration`)."""
+    if not fit:
+        return {head: calibration.Calibration() for head in outputs.logits}
     return {
-        head: calibration.fit(x, torch.as_tensor(labels[:, h]), offsets=has_bias, name=head)
-        if fit
-        else calibration.Calibration()
-        for h, (head, x) in enumerate(logits.items())
+        head: calibration.fit(x, torch.as_tensor(outputs.labels[:, h]), name=head, inputs=outputs.inputs)
+        for h, (head, x) in enumerate(outputs.logits.items())
     }
 
 
@@ -157,7 +170,11 @@ def calibration_figures(
     out = {}
     for h, (head, cal) in enumerate(fitted.items()):
         y = torch.as_tensor(labels[:, h])
-        out[head] = {"temperature": cal.temperature, "offsets": dict(zip(heads[head], cal.offsets)) or None}
+        out[head] = {
+            "temperature": cal.temperature,
+            "offsets": dict(zip(heads[head], cal.offsets)) or None,
+            "carried": cal.carrier is not None,
+        }
         for when, x in (("before", before[head]), ("after", after[head])):
             out[head] |= {
                 f"ece_{when}": calibration.ece(x, y),

@@ -133,8 +133,10 @@ def transformers_model(
     else:  # one output per axis: the log-odds of its second letter
         scales = [cal.temperature for cal in fitted.values()]
         shifts = [cal.offsets[1] - cal.offsets[0] if cal.offsets else 0.0 for cal in fitted.values()]
-    calibration.fold(hf_model, scales, shifts)
-    # Recorded in config.json, so that anyone can undo it: raw logits = (calibrated logits - offset) x temperature.
+    carrier = next((cal.carrier for cal in fitted.values() if cal.carrier is not None), None)  # the same for all
+    calibration.fold(hf_model, scales, shifts, carrier)
+    # Recorded in config.json: raw logits = (calibrated logits - offset) x temperature, where the head has a bias
+    # to hold the offsets (without one they were carried on its input, see `calibration`).
     config = (hf_model.get_base_model() if adapter else hf_model).config
     config.calibration_temperatures = {head: cal.temperature for head, cal in fitted.items()}
     config.calibration_offsets = {
@@ -245,8 +247,8 @@ def export(
     data_changed = check_splits(dm, checkpoint["mbti_lightning"].get("splits"), allow_changed_data)
     # Calibration is fitted on validation; the card's figures are on test, rows that chose nothing, if there is one.
     split = "test" if "test" in dm.splits else "validation"
-    raw_val = evaluation.split_outputs(model, dm, "validation")
-    fitted = evaluation.calibrate(model, raw_val.logits, raw_val.labels, fit=calibrate_scores)
+    raw_val = evaluation.split_outputs(model, dm, "validation", calibrate_scores and evaluation.needs_inputs(model))
+    fitted = evaluation.calibrate(model, raw_val, fit=calibrate_scores)
     raw = raw_val if split == "validation" else evaluation.split_outputs(model, dm, split)
 
     hf_model = transformers_model(model, checkpoint, fitted, adapter, dtype)

@@ -159,10 +159,11 @@ def build(model, dm, out: Path, resamples: int = 1000, draws: int = 10) -> dict:
     dm.setup("test")
     dm.test_dataloader()  # a clear error, naming the fix for the split in use, when there is no test split
     heads = model.heads
-    val = evaluation.split_outputs(model, dm, "validation")
-    test = evaluation.split_outputs(model, dm, "test")
-    fitted = evaluation.calibrate(model, val.logits, val.labels, fit=True)  # validation rows only
-    calibrated = {head: fitted[head](test.logits[head]).float() for head in heads}
+    inputs = evaluation.needs_inputs(model)
+    val = evaluation.split_outputs(model, dm, "validation", inputs)
+    test = evaluation.split_outputs(model, dm, "test", inputs)
+    fitted = evaluation.calibrate(model, val, fit=True)  # validation rows only
+    calibrated = {head: test.calibrated(head, fitted[head]).float() for head in heads}
     rows = len(test.labels)
     others = {"majority": majority_log_probs(dm.train_label_counts(), rows)}
     fitted_baseline = None
