@@ -103,7 +103,8 @@ def fit(
     information, or that are almost certain."""
     logits = logits.detach().double()
     carrier = None if inputs is None or not offsets else fit_carrier(inputs)
-    carried = torch.ones(len(logits), dtype=torch.float64) if carrier is None else inputs.double() @ carrier
+    carried = torch.ones(len(logits)) if carrier is None else inputs @ carrier
+    carried = carried.double()
     cal = _fit(logits, labels, offsets, None, carried)
     if not T_MIN <= cal.temperature <= T_MAX:
         bound = min(max(cal.temperature, T_MIN), T_MAX)
@@ -121,10 +122,9 @@ def fit(
 def fit_carrier(inputs: torch.Tensor) -> torch.Tensor:
     """The vector c for which ``c . h`` is closest to 1 over the rows h of `inputs` (ridge least squares): the
     direction along which a head without a bias can add (nearly) the same offset to every text."""
-    h = inputs.double()
-    gram = h.T @ h / len(h)
+    gram = (inputs.T @ inputs).double() / len(inputs)  # fp32 products: no fp64 copy of every row
     ridge = RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64)
-    return torch.linalg.solve(gram + ridge, h.mean(0))
+    return torch.linalg.solve(gram + ridge, inputs.mean(0).double()).float()
 
 
 def ece(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration = Calibration()) -> float:
@@ -179,7 +179,8 @@ def fold(model: torch.nn.Module, scales: list[float], shifts: list[float], carri
 def head_inputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collects, per forward pass of the Hugging Face classifier `model`, the (rows, features) input of its
     classification head at the position whose output became the logits (a decoder's head runs on every token;
-    the model returns the last text token's), in fp32 on the CPU."""
+    the model returns the last text token's), in fp32 on the CPU: rows x features x 4 bytes (0.7 GB for the
+    seed's 60,000 validation rows of Phi-3-mini)."""
     head, grabbed, collected = classification_head(model), {}, []
 
     def keep(module, args, output) -> None:

@@ -41,7 +41,7 @@ class SplitOutputs:
 
     def calibrated(self, head: str, cal: calibration.Calibration) -> torch.Tensor:
         """`head`'s logits under `cal`."""
-        return cal(self.logits[head], None if cal.carrier is None else self.inputs @ cal.carrier.float())
+        return cal(self.logits[head], None if cal.carrier is None else self.inputs @ cal.carrier)
 
 
 def split_outputs(model, dm, split: str, inputs: bool = False) -> SplitOutputs:

@@ -177,6 +177,17 @@ def test_folding_gives_the_calibrated_scores_with_or_without_a_head_bias(bias):
         assert torch.allclose(model(ids, attention_mask=mask).logits.double(), expected, atol=1e-5)
 
 
+def test_the_carrier_finds_the_direction_of_the_inputs_that_is_the_same_for_every_row():
+    """Rows in a 15-dimensional subspace of 16, plus one constant vector: a direction exists along which every
+    row is the same, though not the rows' mean direction."""
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2000, 15, generator=g) @ torch.randn(15, 16, generator=g) + torch.randn(16, generator=g)
+    carried = inputs @ calibration.fit_carrier(inputs)
+    along_mean = inputs @ inputs.mean(0)
+    assert (along_mean / along_mean.mean()).std() > 1.0  # the mean direction is no constant
+    assert carried.mean().item() == pytest.approx(1.0, abs=0.2) and carried.std().item() < 0.2  # up to the ridge
+
+
 def test_a_head_without_a_bias_or_carrier_takes_the_temperature_alone():
     from transformers import Phi3Config, Phi3ForSequenceClassification
 
