@@ -94,16 +94,15 @@ def fit(
     labels: torch.Tensor,
     offsets: bool = True,
     name: str = "",
-    inputs: torch.Tensor | None = None,
+    carrier: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Calibration:
     """The temperature (and with `offsets` the per-class offsets) that minimise the NLL of `logits` on `labels`;
-    no change unless they lower it. With the head's `inputs` (rows, features), for a head without a bias, the
-    offsets are fitted as they will act: scaled per row by the `carrier` of those inputs. A temperature beyond
-    [`T_MIN`, `T_MAX`] is held at the bound, with a warning naming head `name`: scores that carry almost no
-    information, or that are almost certain."""
+    no change unless they lower it. For a head without a bias, `carrier` is (c, the head's inputs (rows,
+    features)), c from `fit_carrier`: the offsets are fitted as they will act, scaled per row by ``c . input``.
+    A temperature beyond [`T_MIN`, `T_MAX`] is held at the bound, with a warning naming head `name`: scores
+    that carry almost no information, or that are almost certain."""
     logits = logits.detach().double()
-    carrier = None if inputs is None or not offsets else fit_carrier(inputs)
-    carried = torch.ones(len(logits)) if carrier is None else inputs @ carrier
+    carried = torch.ones(len(logits)) if carrier is None else carrier[1] @ carrier[0]
     carried = carried.double()
     cal = _fit(logits, labels, offsets, None, carried)
     if not T_MIN <= cal.temperature <= T_MAX:
@@ -115,7 +114,7 @@ def fit(
             stacklevel=2,
         )
         cal = _fit(logits, labels, offsets, float(np.log(bound)), carried)
-    cal = Calibration(cal.temperature, cal.offsets, carrier if cal.offsets else None)
+    cal = Calibration(cal.temperature, cal.offsets, carrier[0] if carrier is not None and cal.offsets else None)
     return cal if nll(logits, labels, cal, carried) < nll(logits, labels) else Calibration()
 
 

@@ -151,13 +151,15 @@ def needs_inputs(model) -> bool:
     return calibration.classification_head(model.model).bias is None
 
 
-def calibrate(model, outputs: SplitOutputs, fit: bool) -> dict:
+def calibrate(outputs: SplitOutputs, fit: bool) -> dict:
     """Per head, the calibration fitted on `outputs` (none unless `fit`): a temperature and class offsets, held by
     the head's bias or, without one, carried on its inputs (`outputs.inputs`, see `calibration`)."""
     if not fit:
         return {head: calibration.Calibration() for head in outputs.logits}
+    inputs = outputs.inputs
+    carrier = None if inputs is None else (calibration.fit_carrier(inputs), inputs)  # one for every head
     return {
-        head: calibration.fit(x, torch.as_tensor(outputs.labels[:, h]), name=head, inputs=outputs.inputs)
+        head: calibration.fit(x, torch.as_tensor(outputs.labels[:, h]), name=head, carrier=carrier)
         for h, (head, x) in enumerate(outputs.logits.items())
     }
 

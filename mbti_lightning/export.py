@@ -248,7 +248,7 @@ def export(
     # Calibration is fitted on validation; the card's figures are on test, rows that chose nothing, if there is one.
     split = "test" if "test" in dm.splits else "validation"
     raw_val = evaluation.split_outputs(model, dm, "validation", calibrate_scores and evaluation.needs_inputs(model))
-    fitted = evaluation.calibrate(model, raw_val, fit=calibrate_scores)
+    fitted = evaluation.calibrate(raw_val, fit=calibrate_scores)
     raw = raw_val if split == "validation" else evaluation.split_outputs(model, dm, split)
 
     hf_model = transformers_model(model, checkpoint, fitted, adapter, dtype)

@@ -162,7 +162,7 @@ def build(model, dm, out: Path, resamples: int = 1000, draws: int = 10) -> dict:
     inputs = evaluation.needs_inputs(model)
     val = evaluation.split_outputs(model, dm, "validation", inputs)
     test = evaluation.split_outputs(model, dm, "test", inputs)
-    fitted = evaluation.calibrate(model, val, fit=True)  # validation rows only
+    fitted = evaluation.calibrate(val, fit=True)  # validation rows only
     calibrated = {head: test.calibrated(head, fitted[head]).float() for head in heads}
     rows = len(test.labels)
     others = {"majority": majority_log_probs(dm.train_label_counts(), rows)}
