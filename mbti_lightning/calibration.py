@@ -1,4 +1,5 @@
-"""Calibration: probabilities that mean what they say, folded into the exported weights.
+"""Calibration's statistics: the temperature and class offsets that make probabilities mean what they say,
+fitted and measured (NLL, ECE, the class-share gap). `folding` writes them into a model's head.
 
 A class-weighted classifier scores as if the classes were equally common, and a fine-tuned one is
 often over- or under-confident. Per head, logits z become ``z / T + b``: one temperature T (how sure)
@@ -7,8 +8,8 @@ minimising the negative log-likelihood (vector scaling with a shared temperature
 cannot move the prior: on a weak class-weighted model the only way it lowers the NLL is to flatten
 every score towards 1 / classes. T is kept within [`T_MIN`, `T_MAX`], with a warning at a bound.
 
-Dividing the classification head's weights by T and adding b to its bias makes plain ``pipeline``
-return the calibrated scores. A head without a bias (Phi-3's ``score``, as every decoder's in
+Folded into the classification head (`folding.fold`), they make plain ``pipeline`` return the calibrated
+scores. A head without a bias (Phi-3's ``score``, as every decoder's in
 transformers, which drops a bias saved for it) carries b on its weights instead: ``b * (c . h)``, where
 h is the head's input and c the `carrier`, the linear function of h closest to 1 on the validation
 rows. There the offsets are only as constant as ``c . h`` is, so they are fitted together with T as
@@ -17,11 +18,8 @@ they will act, and the card measures the result on rows the fit never saw.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,8 +30,6 @@ from mbti_lightning.metrics import calibration_error
 T_MIN, T_MAX = 0.05, 20.0
 #: The number of confidence bins of every calibration figure: ECE, its per-class gap and the diagram.
 BINS = 15
-#: Where a Hugging Face sequence classifier keeps its output layer (``classifier.out_proj`` for RoBERTa's).
-HEAD_NAMES = ("score", "classifier")
 #: The ridge of the `carrier` fit, relative to the mean squared input feature.
 RIDGE = 1e-2
 
@@ -139,94 +135,3 @@ def prior_gap(logits: torch.Tensor, labels: torch.Tensor, cal: Calibration = Cal
     probs = cal(logits).softmax(-1)
     shares = torch.bincount(labels, minlength=logits.shape[-1]).double() / len(labels)
     return float((probs.mean(0) - shares).abs().max())
-
-
-def classification_head(model: torch.nn.Module) -> torch.nn.Linear:
-    """The linear layer that outputs a Hugging Face sequence classifier's logits, found by name (`HEAD_NAMES`);
-    under peft, its trained copy."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for name in HEAD_NAMES:
-        module = getattr(base, name, None)
-        copies = getattr(module, "modules_to_save", None)  # peft's wrapper: the trained copy per adapter
-        if copies is not None:
-            module = copies[module.active_adapters[0]]
-        module = getattr(module, "out_proj", module)
-        if isinstance(module, torch.nn.Linear) and module.out_features == model.config.num_labels:
-            return module
-    raise ValueError(f"found no classification head ({' or '.join(HEAD_NAMES)}) in {type(base).__name__}")
-
-
-@torch.no_grad()
-def fold(model: torch.nn.Module, scales: list[float], shifts: list[float], carrier: torch.Tensor | None = None) -> bool:
-    """Output i of `model`'s classification head becomes ``output / scales[i] + shifts[i]``, the shifts added to
-    its bias, or without one scaled by ``carrier . input`` (added to its weights); a head with neither takes the
-    scales only. Returns whether the shifts were folded."""
-    head = classification_head(model)
-    scale = torch.tensor(scales, dtype=torch.float64)
-    shift = torch.tensor(shifts, dtype=torch.float64)
-    weight = head.weight.double() / scale[:, None]
-    if head.bias is None and carrier is not None:
-        weight += shift[:, None] * carrier.double()[None, :]
-    head.weight.copy_(weight.to(head.weight.dtype))
-    if head.bias is None:
-        return carrier is not None
-    head.bias.copy_((head.bias.double() / scale + shift).to(head.bias.dtype))
-    return True
-
-
-@contextlib.contextmanager
-def head_inputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collects, per forward pass of the Hugging Face classifier `model`, the (rows, features) input of its
-    classification head at the position whose output became the logits (a decoder's head runs on every token;
-    the model returns the last text token's), in fp32 on the CPU: rows x features x 4 bytes (0.7 GB for the
-    seed's 60,000 validation rows of Phi-3-mini)."""
-    head, grabbed, collected = classification_head(model), {}, []
-
-    def keep(module, args, output) -> None:
-        grabbed["in"], grabbed["out"] = args[0], output
-
-    def pool(module, args, kwargs, output) -> None:
-        x, out = grabbed.pop("in"), grabbed.pop("out")
-        if x.dim() == 3:  # (rows, positions, features): the position whose head output is the model's
-            position = (out.float() - output.logits.float()[:, None]).abs().sum(-1).argmin(-1)
-            x = x[torch.arange(len(x), device=x.device), position]
-        collected.append(x.float().cpu())
-
-    hooks = [head.register_forward_hook(keep), model.register_forward_hook(pool, with_kwargs=True)]
-    try:
-        yield collected
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def reliability_plot(curves: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], out: Path) -> None:
-    """Accuracy against confidence of the top class per head, before and after calibration, in `BINS` bins of
-    equal width (as ECE counts them), drawn with scikit-learn's `CalibrationDisplay` where it is installed.
-
-    `curves` maps a head to its (labels, raw logits, calibrated logits)."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 4), squeeze=False)
-    for ax, (head, (labels, *logits)) in zip(axes[0], curves.items()):
-        for x, name in zip(logits, ("before", "after")):
-            confidence, predicted = x.float().softmax(-1).max(-1)
-            _reliability_curve(ax, (predicted == labels).numpy(), confidence.numpy(), name)
-        ax.set(xlabel="confidence", ylabel="accuracy", title=f"Reliability, {head}", xlim=(0, 1), ylim=(0, 1))
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-
-
-def _reliability_curve(ax, correct: np.ndarray, confidence: np.ndarray, name: str) -> None:
-    try:
-        from sklearn.calibration import CalibrationDisplay
-    except ImportError:
-        edges = np.linspace(0, 1, BINS + 1)
-        which = np.clip(np.digitize(confidence, edges[1:-1]), 0, BINS - 1)
-        shown = [b for b in range(BINS) if (which == b).any()]
-        ax.plot([confidence[which == b].mean() for b in shown], [correct[which == b].mean() for b in shown], "o-")
-        ax.lines[-1].set_label(name)
-        return
-    CalibrationDisplay.from_predictions(correct, confidence, n_bins=BINS, ax=ax, name=name, ref_line=name == "before")

@@ -126,13 +126,14 @@ def model_card(
     calibrated: bool,
     confusion_files: dict[str, str],
     has_training_plot: bool,
+    chosen_by: str,
     adapter: bool = False,
     license: str | None = None,
     data_changed: bool = False,
 ) -> ModelCard:
     """The card of an export from a checkpoint's model and data hyperparameters and its ``mbti_lightning``
     entry (`meta`). `results` per head are `evaluation.figures` on `split`, `majority` the training split's most
-    common class per head, `calibration_figures` per head what `evaluation.calibration_figures` returns."""
+    common class per head, `chosen_by` what chose the checkpoint (`loading.chosen_by`), `calibration_figures` per head what `evaluation.calibration_figures` returns."""
     heads = meta["heads"]
     base = model_hp["model_name_or_path"]
     recipe = meta.get("config") or {"model": model_hp, "data": data_hp}
@@ -163,6 +164,7 @@ def model_card(
         t_bounds=(calibration.T_MIN, calibration.T_MAX),
         bins=calibration.BINS,
         has_training_plot=has_training_plot,
+        chosen_by=chosen_by,
         confusion_files=confusion_files,
         data=data_hp,
         data_changed=data_changed,

@@ -13,17 +13,109 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from mbti_lightning import baseline
+from mbti_lightning import baseline, loading
 from mbti_lightning.callbacks import ProgressBar, Throughput
 from mbti_lightning.data import MBTIDataModule
+from mbti_lightning.errors import UserError
 from mbti_lightning.metrics import score_predictions
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.predict import PredictionWriter
-from mbti_lightning.tokenizer import load_tokenizer
+
+DESCRIPTION = "Fine-tune, evaluate, explain and serve MBTI classifiers (docs: README.md)."
+EPILOG = (
+    "more subcommands: serve MODEL, an HTTP endpoint (LitServe) for a checkpoint, an exported folder or a hub id "
+    "(mbti-lightning serve --help). The export is its own command: mbti-lightning-export --help."
+)
 
 
 class MBTITrainer(Trainer):
-    """Lightning's Trainer with more subcommands: `baseline`, `report` and `explain`."""
+    """Lightning's Trainer with more subcommands (`baseline`, `report` and `explain`), and a trained model always
+    loaded as `mbti_lightning.loading` loads it: `predict`, `validate` and `test` with a checkpoint or an exported
+    model take its weights in their trained dtype and its data settings, as the report, the server and the card do.
+    """
+
+    def _loaded(self, model, datamodule, ckpt_path, allow_changed_data: bool, splits: bool = True):
+        """(model, data module, ckpt_path for Lightning) for a subcommand: with a checkpoint file (or an exported
+        model as ``model.model_name_or_path``), the model and data as `loading` gives them, the splits checked
+        where the subcommand reads them (`splits`)."""
+        source = str(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
+        name, scratch = model.hparams.model_name_or_path, model.hparams.from_scratch
+        if source is None and not scratch and loading.is_export(name):
+            source = name
+        if source is None:
+            return model, datamodule, ckpt_path
+        # Options of how to run it (not what was trained) given on the command line: `_parse_ckpt_path` kept them.
+        loaded = loading.load(source, {key: model.hparams[key] for key in loading.RUNTIME_SETTINGS})
+        datamodule = loading.datamodule(loaded, datamodule)
+        if splits:
+            datamodule.prepare_data()
+            datamodule.setup("test")
+            loading.check_splits(datamodule, loaded, allow_changed_data)
+        rank_zero_info(
+            f"model: {loaded.name} ({str(loaded.dtype).removeprefix('torch.')}), chosen by {loaded.chosen_by}"
+        )
+        return loaded.model, datamodule, None
+
+    def predict(
+        self,
+        model: MBTIClassifier | None = None,
+        dataloaders: Any = None,
+        datamodule: MBTIDataModule | None = None,
+        return_predictions: bool | None = None,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
+        allow_changed_data: bool = False,
+    ) -> Any:
+        """Predict `data.predict_file` (else the test split) and write `--predictions.output`.
+
+        Args:
+            ckpt_path: A checkpoint written by ``fit``; its weights in the dtype it was trained in, and its data
+                settings (max_length, masking...) over the command line's. An exported folder goes in
+                ``--model.model_name_or_path`` (with ``--model.from_scratch false``).
+            allow_changed_data: Go on where the data no longer gives the splits the model was trained with.
+        """
+        model, datamodule, ckpt_path = self._loaded(
+            model, datamodule, ckpt_path, allow_changed_data, splits=not datamodule.hparams.predict_file
+        )
+        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+
+    def validate(
+        self,
+        model: MBTIClassifier | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: MBTIDataModule | None = None,
+        weights_only: bool | None = None,
+        allow_changed_data: bool = False,
+    ) -> list:
+        """Score the validation split.
+
+        Args:
+            ckpt_path: A checkpoint written by ``fit``, loaded as `predict` loads it.
+            allow_changed_data: Go on where the data no longer gives the splits the model was trained with.
+        """
+        model, datamodule, ckpt_path = self._loaded(model, datamodule, ckpt_path, allow_changed_data)
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+
+    def test(
+        self,
+        model: MBTIClassifier | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: MBTIDataModule | None = None,
+        weights_only: bool | None = None,
+        allow_changed_data: bool = False,
+    ) -> list:
+        """Score the test split.
+
+        Args:
+            ckpt_path: A checkpoint written by ``fit``, loaded as `predict` loads it.
+            allow_changed_data: Go on where the data no longer gives the splits the model was trained with.
+        """
+        model, datamodule, ckpt_path = self._loaded(model, datamodule, ckpt_path, allow_changed_data)
+        return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def baseline(self, model: MBTIClassifier, datamodule: MBTIDataModule) -> dict[str, float]:
         """Fit TF-IDF + logistic regression on the training split and score it on validation and test.
@@ -56,27 +148,38 @@ class MBTITrainer(Trainer):
         out: str | None = None,
         resamples: int = 1000,
         draws: int = 10,
+        calibrate: bool = True,
+        allow_changed_data: bool = False,
     ) -> dict:
-        """Write the test-split report of a checkpoint: ``report.md``, ``report.json`` and plots.
+        """Write the test-split report of a trained model: ``report.md``, ``report.json`` and plots.
+
+        The data settings are the model's own (the split, max_length, masking...: one line names each that the
+        command line gave otherwise); only batch sizes and workers come from the command line.
 
         Args:
-            ckpt_path: A checkpoint written by ``fit``.
+            ckpt_path: A checkpoint written by ``fit``, or a folder (or hub id) written by
+                ``mbti-lightning-export``.
             out: The report's folder; default ``reports/<checkpoint folder>-<checkpoint name>``.
             resamples: Bootstrap resamples of the persons for every interval.
             draws: Random draws of each person's posts per point of the how-much-text curve.
+            calibrate: For a checkpoint, calibrate its scores on validation as the export does (false: its raw
+                scores, as ``--no-calibrate``). An export's scores are reported as exported.
+            allow_changed_data: Go on where the data no longer gives the splits the model was trained with
+                (the report's figures could then include training rows).
         """
         import importlib.util
 
-        from mbti_lightning import export, report
+        from mbti_lightning import report
 
         if importlib.util.find_spec("matplotlib") is None:
-            raise ImportError('the report\'s plots need matplotlib: pip install "mbti-lightning[export]"')
-        checkpoint = export.read_checkpoint(Path(ckpt_path))
+            raise UserError('the report\'s plots need matplotlib: pip install "mbti-lightning[export]"')
+        loaded = loading.load(ckpt_path)
+        datamodule = loading.datamodule(loaded, datamodule)
         datamodule.prepare_data()
         datamodule.setup("test")
-        export.check_splits(datamodule, checkpoint["mbti_lightning"].get("splits"), allow=False)
+        loading.check_splits(datamodule, loaded, allow_changed_data)
         folder = Path(out) if out else Path("reports") / f"{Path(ckpt_path).parent.name}-{Path(ckpt_path).stem}"
-        return report.build(export.load_model(checkpoint), datamodule, folder, resamples, draws)
+        return report.build(loaded, datamodule, folder, resamples, draws, calibrate)
 
     def explain(
         self,
@@ -90,28 +193,26 @@ class MBTITrainer(Trainer):
         """Token attributions for texts as a self-contained HTML page and JSON, with faithfulness and leak flags.
 
         Args:
-            ckpt_path: A checkpoint written by ``fit``; without it, the model of ``--model.*`` (an exported
-                folder or hub id with ``--model.model_name_or_path ... --model.from_scratch false``).
+            ckpt_path: A checkpoint written by ``fit``, or an exported folder or hub id; without it, the exported
+                model of ``--model.model_name_or_path``. Its max_length and masking are used.
             texts: Texts to explain; else ``--data.predict_file`` (its author column groups posts by person).
             out: Folder for ``explanations.html`` and ``explanations.json``.
             steps: Integrated Gradients steps.
         """
-        from mbti_lightning import explain, export  # captum, only for this command
+        from mbti_lightning import explain  # captum, only for this command
 
-        if ckpt_path:
-            model = export.load_model(export.read_checkpoint(Path(ckpt_path)))
-        else:
-            model.configure_model()
-        hp, authors = datamodule.hparams, None
+        source = ckpt_path or model.hparams.model_name_or_path
+        loaded = loading.load(source)
+        datamodule = loading.datamodule(loaded, datamodule)
+        authors = None
         if not texts:
-            if not hp.predict_file:
-                raise ValueError('explain needs texts: --texts \'["...", "..."]\' or --data.predict_file FILE')
+            if not datamodule.hparams.predict_file:
+                raise UserError('explain needs texts: --texts \'["...", "..."]\' or --data.predict_file FILE')
             datamodule.setup("predict")
             texts, authors = datamodule.predict_inputs["text"], datamodule.predict_inputs["author"]
         if torch.cuda.is_available():
-            model.cuda()
-        tokenizer = load_tokenizer(hp.tokenizer)
-        report = explain.run(model, tokenizer, texts, authors, Path(out), hp.max_length, hp.mask_type_mentions, steps)
+            loaded.model.cuda()
+        report = explain.run(loaded, texts, authors, Path(out), steps)
         rank_zero_info(f"explanations written to {Path(out) / 'explanations.html'}")
         return report
 
@@ -153,16 +254,23 @@ class MBTILightningCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
-        # With --ckpt_path, Lightning 2.6 lays the checkpoint's model hyperparameters over the whole
-        # parsed config, so `--model.compile false` next to it was silently ignored (upstream:
-        # Lightning-AI/pytorch-lightning#21455, open). The checkpoint still wins over config files
-        # and defaults; model options given on the command line win over it.
+        # Lightning 2.6 reads the whole checkpoint into memory here for its hyperparameters (a full-size model's
+        # weights and optimizer states, again), and lays them over the whole parsed config, so `--model.compile
+        # false` next to it was silently ignored (upstream: Lightning-AI/pytorch-lightning#21455, open). Here the
+        # checkpoint is memory-mapped; it still wins over config files and defaults, and model options given on the
+        # command line win over it.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not str(ckpt_path).endswith(".ckpt") or not Path(ckpt_path).is_file():
+            return
         parsed = self.config.clone()
-        super()._parse_ckpt_path()
-        if not isinstance(self._args, list) or not self.config.get("subcommand"):
+        hparams = loading.hyperparameters(loading.read_checkpoint(Path(ckpt_path)))
+        if hparams:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        if not isinstance(self._args, list):
             return
         for key in model_keys_given(list(map(str, self._args))):
-            name = f"{self.config.subcommand}.model.{key}"
+            name = f"{subcommand}.model.{key}"
             if name in parsed:
                 self.config[name] = parsed[name]
 
@@ -245,15 +353,21 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MBTILightningCL
             "plugins": [{"class_path": "mbti_lightning.checkpoint.AtomicCheckpointIO"}],
         },
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "mbti-lightning", "description": DESCRIPTION, "epilog": EPILOG},
         args=args,
         run=run,
     )
 
 
 def main() -> None:
-    """The `mbti-lightning` console script; `serve` is a LitServe server, not a Trainer subcommand."""
-    if sys.argv[1:2] == ["serve"]:
-        from mbti_lightning import serve
+    """The `mbti-lightning` console script; `serve` is a LitServe server, not a Trainer subcommand. A known bad
+    input (`UserError`) prints its message alone."""
+    try:
+        if sys.argv[1:2] == ["serve"]:
+            from mbti_lightning import serve
 
-        return serve.main(sys.argv[2:])
-    cli_main()
+            return serve.main(sys.argv[2:])
+        cli_main()
+    except UserError as err:
+        sys.stderr.write(f"mbti-lightning: error: {err}\n")
+        sys.exit(2)

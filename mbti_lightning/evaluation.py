@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from mbti_lightning import calibration
+from mbti_lightning import calibration, folding
 from mbti_lightning.metrics import confusion, confusion_metrics
 
 #: The headline metrics: key -> (name in tables, the Hub's metric type).
@@ -51,7 +51,7 @@ def split_outputs(model, dm, split: str, inputs: bool = False) -> SplitOutputs:
         accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
     )
     loader = dm.val_dataloader() if split == "validation" else dm.test_dataloader()
-    with calibration.head_inputs(model.model) if inputs else contextlib.nullcontext() as collected:
+    with folding.head_inputs(model.model) if inputs else contextlib.nullcontext() as collected:
         outputs = trainer.predict(model, dataloaders=loader)
     order = torch.cat([o["row"] for o in outputs]).cpu().argsort()
     logits = {head: torch.cat([o["logits"][head] for o in outputs]).float().cpu()[order] for head in model.heads}
@@ -148,7 +148,7 @@ def figures(
 
 def needs_inputs(model) -> bool:
     """Whether calibrating `model` needs its head's inputs: a head without a bias carries its offsets on them."""
-    return calibration.classification_head(model.model).bias is None
+    return folding.classification_head(model.model).bias is None
 
 
 def calibrate(outputs: SplitOutputs, fit: bool) -> dict:
@@ -168,31 +168,24 @@ def calibration_figures(
     fitted: dict, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], labels: np.ndarray, heads: dict
 ) -> dict[str, dict]:
     """Per head: what was fitted, and ECE, NLL and the largest class-share gap of the scores `before` calibration
-    and `after` it, on the rows of `labels`."""
+    and `after` it, on the rows of `labels`; for a head whose calibration is None (nothing fitted here), those of
+    the scores `after` alone."""
     out = {}
     for h, (head, cal) in enumerate(fitted.items()):
         y = torch.as_tensor(labels[:, h])
-        out[head] = {
-            "temperature": cal.temperature,
-            "offsets": dict(zip(heads[head], cal.offsets)) or None,
-            "carried": cal.carrier is not None,
-        }
-        for when, x in (("before", before[head]), ("after", after[head])):
+        out[head] = {"fitted": cal is not None}
+        if cal is not None:
+            out[head] |= {
+                "temperature": cal.temperature,
+                "offsets": dict(zip(heads[head], cal.offsets)) or None,
+                "carried": cal.carrier is not None,
+            }
+        for when, x in (
+            (("before", before[head]), ("after", after[head])) if cal is not None else (("after", after[head]),)
+        ):
             out[head] |= {
                 f"ece_{when}": calibration.ece(x, y),
                 f"nll_{when}": calibration.nll(x, y),
                 f"gap_{when}": calibration.prior_gap(x, y),
             }
     return out
-
-
-def plot_confusion(logits: torch.Tensor, labels: np.ndarray, letters: list[str], title: str, out) -> None:
-    import matplotlib.pyplot as plt
-    from torchmetrics.classification import MulticlassConfusionMatrix
-
-    matrix = MulticlassConfusionMatrix(len(letters))
-    matrix.update(logits.argmax(-1), torch.as_tensor(labels))
-    fig, ax = matrix.plot(labels=letters)
-    ax.set_title(title)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mbti_lightning.loading import Loaded
 from mbti_lightning.masking import PLACEHOLDER, is_type_vocabulary, mask_type_mentions
 from mbti_lightning.predict import per_author, prediction_records
 
@@ -266,12 +267,12 @@ def render(explained: list[dict], heads: dict, summaries: dict, people: dict, me
     )
 
 
-def run(
-    model, tokenizer, texts: list[str], authors: list | None, out: Path, max_length: int, mask: bool, steps: int
-) -> dict:
-    """Explain `texts` (with `authors`, also per person), write ``explanations.html`` and ``explanations.json``."""
+def run(loaded: Loaded, texts: list[str], authors: list | None, out: Path, steps: int) -> dict:
+    """Explain `texts` to the `loaded` model (with `authors`, also per person), write ``explanations.html`` and
+    ``explanations.json``."""
     start = time.perf_counter()
-    explainer = Explainer(model, tokenizer, max_length, mask, steps)
+    model, max_length, mask = loaded.model, loaded.max_length, loaded.mask
+    explainer = Explainer(model, loaded.tokenizer, max_length, mask, steps)
     explained = explainer.explain(texts)
     seconds = time.perf_counter() - start
     summaries = summary(explained, model.heads)
@@ -282,7 +283,14 @@ def run(
         "seconds": round(seconds, 2),
         "texts_per_s": round(len(texts) / seconds, 2),
     }
-    meta |= {"masked": mask, "max_length": max_length, "removed": f"{REMOVE:.0%}", "draws": DRAWS}
+    meta |= {
+        "model": loaded.name,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "masked": mask,
+        "max_length": max_length,
+        "removed": f"{REMOVE:.0%}",
+        "draws": DRAWS,
+    }
     out.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "summary": summaries, "people": people, "texts": explained}
     (out / "explanations.json").write_text(json.dumps(report, indent=2))

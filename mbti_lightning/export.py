@@ -12,7 +12,6 @@ Nothing is half-written: the folder is built next to `--out` and swapped into pl
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import os
 import shutil
@@ -23,22 +22,18 @@ import torch
 from dotenv import dotenv_values
 from huggingface_hub import HfApi, get_token
 
-from mbti_lightning import baseline, calibration, evaluation, report
+from mbti_lightning import baseline, calibration, evaluation, folding, loading, plots, report
 from mbti_lightning.card import model_card
-from mbti_lightning.data import MBTIDataModule
-from mbti_lightning.data.sources import where
+from mbti_lightning.errors import UserError
+from mbti_lightning.loading import DTYPES, Loaded, hyperparameters
 from mbti_lightning.model import MBTIClassifier
-from mbti_lightning.tokenizer import load_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKEN_NAMES = ("HF_TOKEN", "HF_HUB_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-#: The validation metrics logged during training, for the card's plot of them.
-LOGGED = {"acc": "accuracy", "f1": "F1", "mcc": "MCC", "bal_acc": "balanced accuracy"}
 #: Bootstrap resamples of the persons behind the card's intervals.
 RESAMPLES = 1000
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """Bad input to the export: the message says what and where."""
 
 
@@ -50,47 +45,6 @@ def hub_token(env_file: Path = Path(".env")) -> str | None:
         return token
     values = dotenv_values(env_file)
     return next((values[name] for name in TOKEN_NAMES if values.get(name)), None)
-
-
-def read_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise ExportError(f"checkpoint not found: {path}")
-    try:
-        # Memory-mapped: only what is used is read (the optimizer states, two thirds of a bf16 run's file, never).
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # torch raises many kinds for a damaged file
-        raise ExportError(f"could not read checkpoint {path}: {err}") from None
-    if not isinstance(checkpoint, dict) or "mbti_lightning" not in checkpoint:
-        raise ExportError(f"{path} was not written by `mbti-lightning fit` (it has no 'mbti_lightning' entry)")
-    return checkpoint
-
-
-def hyperparameters(checkpoint: dict, key: str = "hyper_parameters") -> dict:
-    """The model's arguments (the data module's with `key` "datamodule_hyper_parameters"), less the CLI's keys."""
-    return {k: v for k, v in checkpoint.get(key, {}).items() if not k.startswith("_")}
-
-
-def plot_training(metrics_csv: Path | None, out: Path) -> bool:
-    """Validation metrics over training steps, from Lightning's CSV log; False if there is no log."""
-    if metrics_csv is None or not metrics_csv.is_file():
-        return False
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in csv.DictReader(metrics_csv.open()) if r.get("val/mcc")]
-    if not rows:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    steps = [int(r["step"]) for r in rows]
-    for key, name in LOGGED.items():
-        if f"val/{key}" in rows[0]:
-            ax.plot(steps, [float(r[f"val/{key}"]) for r in rows], marker="o", label=name)
-    ax.set(xlabel="optimizer step", ylabel="validation metric", title="Validation during training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def replace_folder(new: Path, out: Path) -> None:
@@ -110,20 +64,11 @@ def replace_folder(new: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def saved_dtype(checkpoint: dict) -> str:
-    """The backbone's dtype as trained: a 4-bit (QLoRA) base computed in bf16; otherwise that of the first
-    backbone weight the checkpoint holds (not the first tensor: that is the fp32 class-weight buffer)."""
-    if hyperparameters(checkpoint).get("quantize"):
-        return "bfloat16"
-    weights = checkpoint["state_dict"].items()
-    weight = next(v for k, v in weights if k.startswith("model.") and v.is_floating_point())
-    return str(weight.dtype).removeprefix("torch.")
-
-
 def transformers_model(
-    model: MBTIClassifier, checkpoint: dict, fitted: dict[str, calibration.Calibration], adapter: bool, dtype: str
+    model: MBTIClassifier, fitted: dict[str, calibration.Calibration], adapter: bool, dtype: str
 ) -> torch.nn.Module:
-    """The model to save: LoRA merged (unless `adapter`), the calibration folded into its head, in `dtype`."""
+    """The model to save: LoRA merged (unless `adapter`), the calibration folded into its head, in `dtype` (auto:
+    as trained)."""
     hf_model = model.model.cpu()
     if model.hparams.peft is not None and not adapter:
         hf_model = hf_model.merge_and_unload()
@@ -134,7 +79,7 @@ def transformers_model(
         scales = [cal.temperature for cal in fitted.values()]
         shifts = [cal.offsets[1] - cal.offsets[0] if cal.offsets else 0.0 for cal in fitted.values()]
     carrier = next((cal.carrier for cal in fitted.values() if cal.carrier is not None), None)  # the same for all
-    calibration.fold(hf_model, scales, shifts, carrier)
+    folding.fold(hf_model, scales, shifts, carrier)
     # Recorded in config.json: raw logits = (calibrated logits - offset) x temperature, where the head has a bias
     # to hold the offsets (without one they were carried on its input, see `calibration`).
     config = (hf_model.get_base_model() if adapter else hf_model).config
@@ -142,7 +87,28 @@ def transformers_model(
     config.calibration_offsets = {
         head: dict(zip(model.heads[head], cal.offsets)) for head, cal in fitted.items() if cal.offsets
     }
-    return hf_model.to(DTYPES[saved_dtype(checkpoint) if dtype == "auto" else dtype])
+    return hf_model if dtype == "auto" else hf_model.to(DTYPES[dtype])
+
+
+def recorded(loaded: Loaded, fitted: dict[str, calibration.Calibration]) -> dict:
+    """What `loading` reads back from the export's config.json: how to prepare a text (target, max_length, masking:
+    what a server must do as training did), every data setting and the split fingerprint, the calibration the
+    scores carry and what chose the checkpoint."""
+    heads = loaded.model.heads
+    calibrated = {
+        head: {"temperature": cal.temperature, "offsets": dict(zip(heads[head], cal.offsets)) or None}
+        for head, cal in fitted.items()
+        if cal != calibration.Calibration()
+    }
+    return {
+        "target": list(heads),
+        "max_length": loaded.max_length,
+        "mask_type_mentions": loaded.mask,
+        "data": {key: value for key, value in loaded.data.items() if key != "tokenizer"},
+        "splits": loaded.fingerprint,
+        "calibration": calibrated or None,
+        "chosen_by": loaded.chosen_by,
+    }
 
 
 def plot_evaluation(
@@ -154,27 +120,22 @@ def plot_evaluation(
     files = {h: "confusion_matrix.png" if len(heads) == 1 else f"confusion_matrix_{h}.png" for h in heads}
     for h, (head, classes) in enumerate(heads.items()):
         title = f"{split.capitalize()} confusion matrix, {head}"
-        evaluation.plot_confusion(
-            outputs.logits[head], outputs.labels[:, h], list(classes), title, folder / files[head]
-        )
+        plots.confusion_plot(outputs.logits[head], outputs.labels[:, h], list(classes), title, folder / files[head])
     if raw:
         labels = torch.as_tensor(outputs.labels)
         curves = {head: (labels[:, h], raw[head], outputs.logits[head]) for h, head in enumerate(heads)}
-        calibration.reliability_plot(curves, folder / "reliability.png")
+        plots.reliability_plot(curves, folder / "reliability.png")
     return files
 
 
-def _write_folder(
-    folder: Path, model: MBTIClassifier, hf_model: torch.nn.Module, adapter: bool, log_dir: str | None, max_length: int
-) -> bool:
+def _write_folder(folder: Path, loaded: Loaded, hf_model: torch.nn.Module, adapter: bool) -> bool:
     """Weights, config, tokenizer and training plot into `folder`; whether there was a training log to plot."""
     hf_model.save_pretrained(folder)
     if adapter:  # not config.json, or transformers would take the folder for a whole model
         hf_model.get_base_model().config.save_pretrained(folder / "classifier_config")
-    tokenizer = load_tokenizer(model.hparams.model_name_or_path)
-    tokenizer.model_max_length = max_length  # `truncation=True` then truncates as training did
-    tokenizer.save_pretrained(folder)
-    return plot_training(Path(log_dir) / "metrics.csv" if log_dir else None, folder / "val_metrics.png")
+    loaded.tokenizer.save_pretrained(folder)  # its model_max_length: `truncation=True` truncates as training did
+    log_dir = loaded.checkpoint["mbti_lightning"].get("log_dir")
+    return plots.training_plot(Path(log_dir) / "metrics.csv" if log_dir else None, folder / "val_metrics.png")
 
 
 def _check_arguments(out: Path, overwrite: bool, push_to_hub: str | None) -> str | None:
@@ -192,31 +153,6 @@ def _check_arguments(out: Path, overwrite: bool, push_to_hub: str | None) -> str
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
     return token
-
-
-def check_splits(dm: MBTIDataModule, recorded: str | None, allow: bool) -> bool:
-    """Whether the splits rebuilt from today's data differ from those the checkpoint recorded at fit time; an
-    error unless `allow`: the card's figures would be on rows the model may have trained on."""
-    changed = recorded is not None and dm.split_fingerprint() != recorded
-    if changed and not allow:
-        raise ExportError(
-            f"the data ({where(dm.hparams)}) no longer gives the train / validation / test rows this model was "
-            "trained with: a hub data set read without data.revision has changed, or a local file was edited. "
-            "Its figures could include training rows. Restore the data (or pin data.revision), or pass "
-            "--allow-changed-data to export anyway (the card then says so)"
-        )
-    return changed
-
-
-def load_model(checkpoint: dict) -> MBTIClassifier:
-    """The checkpoint's model, built as load_from_checkpoint does but from the mapped checkpoint (Lightning
-    would read the whole file again). A 4-bit (QLoRA) base is rebuilt in full precision: merging needs it,
-    and a CPU cannot load 4 bits."""
-    model = MBTIClassifier(**hyperparameters(checkpoint) | {"quantize": None})
-    model.configure_model()
-    model.on_load_checkpoint(checkpoint)
-    model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading)
-    return model.eval()
 
 
 def export(
@@ -238,26 +174,21 @@ def export(
     A LoRA model is merged into its base, or with `adapter` saved as the adapter alone (plus the head).
     """
     token = _check_arguments(out, overwrite, push_to_hub)
-    checkpoint = read_checkpoint(ckpt)
-    model = load_model(checkpoint)
+    loaded = loading.from_checkpoint(ckpt)
+    model, checkpoint = loaded.model, loaded.checkpoint
     if adapter and model.hparams.peft is None:
         raise ExportError(f"--adapter needs a LoRA checkpoint (model.peft); {ckpt} was fully fine-tuned")
-    dm = MBTIDataModule(**hyperparameters(checkpoint, "datamodule_hyper_parameters"))
+    dm = loading.datamodule(loaded)
     dm.setup("test")
-    data_changed = check_splits(dm, checkpoint["mbti_lightning"].get("splits"), allow_changed_data)
+    data_changed = loading.check_splits(dm, loaded, allow_changed_data)
     # Calibration is fitted on validation; the card's figures are on test, rows that chose nothing, if there is one.
     split = "test" if "test" in dm.splits else "validation"
     raw_val = evaluation.split_outputs(model, dm, "validation", calibrate_scores and evaluation.needs_inputs(model))
     fitted = evaluation.calibrate(raw_val, fit=calibrate_scores)
     raw = raw_val if split == "validation" else evaluation.split_outputs(model, dm, split)
 
-    hf_model = transformers_model(model, checkpoint, fitted, adapter, dtype)
-    # What a server (or anyone) must do to a text before this model sees it, as training did.
-    (hf_model.get_base_model() if adapter else hf_model).config.mbti_lightning = {
-        "target": list(model.heads),
-        "max_length": dm.hparams.max_length,
-        "mask_type_mentions": dm.hparams.mask_type_mentions,
-    }
+    hf_model = transformers_model(model, fitted, adapter, dtype)
+    (hf_model.get_base_model() if adapter else hf_model).config.mbti_lightning = recorded(loaded, fitted)
     # Every figure is of the model as written: calibrated and cast, through the forward pass pipeline runs.
     model.model = hf_model
     saved = evaluation.split_outputs(model, dm, split)
@@ -271,14 +202,13 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}")
     tmp.mkdir()  # with the umask's permissions, as the result is meant to be shared (mkdtemp's are private)
-    meta = checkpoint["mbti_lightning"]
     try:
-        has_plot = _write_folder(tmp, model, hf_model, adapter, meta.get("log_dir"), dm.hparams.max_length)
+        has_plot = _write_folder(tmp, loaded, hf_model, adapter)
         confusion_files = plot_evaluation(tmp, model.heads, saved, split, raw.logits if calibrate_scores else None)
         card = model_card(
             hyperparameters(checkpoint),
             hyperparameters(checkpoint, "datamodule_hyper_parameters"),
-            meta,
+            checkpoint["mbti_lightning"],
             results,
             calibrated,
             split=split,
@@ -286,6 +216,7 @@ def export(
             calibrated=calibrate_scores,
             confusion_files=confusion_files,
             has_training_plot=has_plot,
+            chosen_by=loaded.chosen_by,
             adapter=adapter,
             license=license,
             data_changed=data_changed,
@@ -346,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument(
         "--allow-changed-data",
+        "--allow_changed_data",
         action="store_true",
         help="export even if the data no longer gives the splits the model was trained with (the card says so)",
     )
@@ -376,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
             args.create_pr,
             args.allow_changed_data,
         )
-    except ExportError as err:
+    except UserError as err:
         parser.exit(2, f"mbti-lightning-export: error: {err}\n")
     print(
         f"exported to {out}"

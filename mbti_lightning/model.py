@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mbti_lightning import backbone
 from mbti_lightning.checkpoint import run_metadata, set_rng_states, trained_weights
+from mbti_lightning.errors import UserError
 from mbti_lightning.labels import heads
 from mbti_lightning.metrics import EvalMetrics
 
@@ -163,7 +164,7 @@ class MBTIClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("mbti_lightning", {})
         if "heads" in saved and saved["heads"] != self.heads:
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint predicts {', '.join(saved['heads'])} but this run's target is "
                 f"{', '.join(self.heads)}; set data.target to the checkpoint's"
             )

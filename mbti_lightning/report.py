@@ -20,8 +20,9 @@ import torch
 import yaml
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from mbti_lightning import baseline, calibration, evaluation
+from mbti_lightning import baseline, evaluation, plots
 from mbti_lightning.labels import AXES
+from mbti_lightning.loading import Loaded
 from mbti_lightning.masking import is_type_vocabulary
 from mbti_lightning.metrics import confusion, confusion_metrics
 
@@ -99,42 +100,6 @@ def leak_audit(fitted: baseline.Baseline | None, heads: dict, dm) -> dict:
     return {"masked_rows": masked, "rows": len(test), "features": features, "flagged": flagged}
 
 
-def _plot_curves(curves: dict[str, list[dict]], out: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 4), squeeze=False)
-    for ax, (head, points) in zip(axes[0], curves.items()):
-        x = np.arange(len(points))
-        for name in (n for n in points[0] if n != "posts"):
-            for key, style in (("acc", "-o"), ("macro_f1", "--s")):
-                y = [p[name][key]["value"] for p in points]
-                low, high = ([p[name][key]["interval"][i] for p in points] for i in (0, 1))
-                ax.errorbar(
-                    x, y, yerr=[np.subtract(y, low), np.subtract(high, y)], fmt=style, capsize=3, label=f"{name} {key}"
-                )
-        ax.set(xticks=x, xticklabels=[str(p["posts"]) for p in points], xlabel="posts per person", title=head)
-        ax.set(ylabel="per person (95% interval)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-
-
-def _plot_coverage(curves: dict[str, dict], out: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for head, curve in curves.items():
-        ax.plot(curve["coverage"], curve["accuracy"], label=head)
-    ax.set(xlabel="coverage (share of posts answered, most confident first)", ylabel="accuracy", xlim=(1, 0))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-
-
 def axis_average(people: dict[str, dict[str, np.ndarray]], resamples: int) -> dict:
     """The mean over the four axes of per-person macro-F1, per system and as model - baseline, with intervals:
     the persons are resampled once for all four axes."""
@@ -154,16 +119,27 @@ def axis_average(people: dict[str, dict[str, np.ndarray]], resamples: int) -> di
     }
 
 
-def build(model, dm, out: Path, resamples: int = 1000, draws: int = 10) -> dict:
-    """Every figure of the report for `model` (an `MBTIClassifier`) on `dm`'s test split, written to `out`."""
+def build(loaded: Loaded, dm, out: Path, resamples: int = 1000, draws: int = 10, calibrate: bool = True) -> dict:
+    """Every figure of the report for the `loaded` model on `dm`'s test split, written to `out`. A checkpoint's
+    scores are calibrated on validation first, as the export does, unless not `calibrate`; an export's are
+    reported as they are (calibrated at export, or not)."""
     dm.setup("test")
     dm.test_dataloader()  # a clear error, naming the fix for the split in use, when there is no test split
-    heads = model.heads
-    inputs = evaluation.needs_inputs(model)
-    val = evaluation.split_outputs(model, dm, "validation", inputs)
+    model, heads = loaded.model, loaded.model.heads
+    fit = calibrate and loaded.checkpoint is not None
+    inputs = fit and evaluation.needs_inputs(model)
     test = evaluation.split_outputs(model, dm, "test", inputs)
-    fitted = evaluation.calibrate(val, fit=True)  # validation rows only
-    calibrated = {head: test.calibrated(head, fitted[head]).float() for head in heads}
+    if fit:
+        fitted = evaluation.calibrate(evaluation.split_outputs(model, dm, "validation", inputs), fit=True)
+        calibrated = {head: test.calibrated(head, fitted[head]).float() for head in heads}
+        note = "fitted on the validation split by this report, as mbti-lightning-export does"
+    else:
+        fitted, calibrated = None, test.logits
+        note = (
+            loaded.calibration_note
+            if loaded.checkpoint is None
+            else "none: the checkpoint's raw scores (calibrate false)"
+        )
     rows = len(test.labels)
     others = {"majority": majority_log_probs(dm.train_label_counts(), rows)}
     fitted_baseline = None
@@ -187,20 +163,21 @@ def build(model, dm, out: Path, resamples: int = 1000, draws: int = 10) -> dict:
         if several:
             curves[head] = how_much_text(log_probs, test.labels[:, h], test.persons, len(classes), draws, resamples)
         coverage[head] = coverage_curve(calibrated[head], test.labels[:, h])
-        evaluation.plot_confusion(
-            test.logits[head],
+        plots.confusion_plot(
+            calibrated[head],
             test.labels[:, h],
             list(classes),
             f"Test confusion matrix, {head}",
             out / f"confusion_{head}.png",
         )
     if curves:
-        _plot_curves(curves, out / "how_much_text.png")
-    _plot_coverage(coverage, out / "coverage.png")
+        plots.how_much_text_plot(curves, out / "how_much_text.png")
+    plots.coverage_plot(coverage, out / "coverage.png")
     reliability = {
-        head: (torch.as_tensor(test.labels[:, h]), test.logits[head], calibrated[head]) for h, head in enumerate(heads)
+        head: (torch.as_tensor(test.labels[:, h]), *([test.logits[head]] if fitted else []), calibrated[head])
+        for h, head in enumerate(heads)
     }
-    calibration.reliability_plot(reliability, out / "reliability_test.png")
+    plots.reliability_plot(reliability, out / "reliability_test.png")
 
     average = None
     if several and list(heads) == list(AXES):
@@ -232,7 +209,7 @@ def build(model, dm, out: Path, resamples: int = 1000, draws: int = 10) -> dict:
                 "how_much_text": curves.get(head),
                 "coverage": coverage[head]["at"],
                 "calibration": evaluation.calibration_figures(
-                    {head: fitted[head]},
+                    {head: fitted[head] if fitted else None},
                     {head: test.logits[head]},
                     {head: calibrated[head]},
                     test.labels[:, [h]],
@@ -243,7 +220,10 @@ def build(model, dm, out: Path, resamples: int = 1000, draws: int = 10) -> dict:
         },
         "axis_average_macro_f1_per_person": average,
         "leak_audit": audit,
-        "selection": "validation (checkpoint by val/mcc; calibration fitted on validation)",
+        "model": loaded.name,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "chosen_by": loaded.chosen_by,
+        "calibration": note,
         "data": {key: value for key, value in dm.hparams.items() if not key.startswith("_")},
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

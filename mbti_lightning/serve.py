@@ -1,7 +1,7 @@
 """`mbti-lightning serve MODEL`: a batched HTTP endpoint on LitServe.
 
-MODEL is an exported folder, a hub id, or a `fit` checkpoint (``.ckpt``, whose data settings come with
-it). ``POST /predict`` takes ``{"texts": "..."}`` or ``{"texts": ["...", ...]}`` (one answer per text)
+MODEL is an exported folder, a hub id, or a `fit` checkpoint (``.ckpt``), loaded as every command loads a
+model (`loading`: in the dtype it was trained in, with its max_length and masking). ``POST /predict`` takes ``{"texts": "..."}`` or ``{"texts": ["...", ...]}`` (one answer per text)
 or ``{"posts": ["...", ...]}`` (one person's posts: one answer from their mean log-odds) and answers
 each head's letter and probability exactly as ``mbti-lightning predict`` writes them, after the same
 type-mention masking and truncation as training; ``GET /health``; FastAPI's ``/docs``. Requests
@@ -13,17 +13,15 @@ docs/serving.md.
 import argparse
 import os
 import secrets
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from mbti_lightning import loading
 from mbti_lightning.data.tokenized import tokenize
-from mbti_lightning.labels import AXES, TYPES
+from mbti_lightning.loading import Loaded
 from mbti_lightning.predict import per_author, prediction_records
-from mbti_lightning.tokenizer import load_tokenizer
 
 try:  # the `serve` extra
     import litserve as ls
@@ -74,58 +72,8 @@ class PredictRequest(BaseModel):
         return self
 
 
-@dataclass
-class Served:
-    """A model ready to answer: the classifier, how texts are prepared, and what to call it in answers."""
-
-    model: Any  # MBTIClassifier, in eval mode
-    tokenizer: Any
-    max_length: int
-    mask: bool
-    name: str
-    revision: str | None
-
-
-def _target(config) -> str | list[str]:
-    """The target of an exported model, from what export recorded, else from its labels."""
-    recorded = getattr(config, "mbti_lightning", None) or {}
-    if recorded.get("target"):
-        target = recorded["target"]
-        return target[0] if len(target) == 1 else target
-    labels = list(config.id2label.values())
-    if set(labels) <= set(TYPES):
-        return "mbti"
-    if config.problem_type == "multi_label_classification":
-        return [axis for axis, letters in AXES.items() if letters[1] in labels]
-    return next(axis for axis, letters in AXES.items() if list(letters) == labels)
-
-
-def load(source: str) -> Served:
-    """The classifier behind `source`: a `fit` checkpoint, an exported folder or a hub id."""
-    from mbti_lightning.model import MBTIClassifier
-
-    if source.endswith(".ckpt"):
-        from mbti_lightning.export import hyperparameters, load_model, read_checkpoint
-
-        checkpoint = read_checkpoint(Path(source))
-        data = hyperparameters(checkpoint, "datamodule_hyper_parameters")
-        model = load_model(checkpoint)
-        tokenizer = load_tokenizer(data["tokenizer"])
-        return Served(model, tokenizer, data["max_length"], data["mask_type_mentions"], source, None)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(source)
-    recorded = getattr(config, "mbti_lightning", None) or {}
-    model = MBTIClassifier(model_name_or_path=source, target=_target(config), class_weights=None)
-    model.configure_model()
-    tokenizer = load_tokenizer(source)
-    max_length = recorded.get("max_length", tokenizer.model_max_length)
-    revision = getattr(config, "_commit_hash", None)
-    return Served(model.eval(), tokenizer, max_length, bool(recorded.get("mask_type_mentions")), source, revision)
-
-
 @torch.no_grad()
-def answer(served: Served, requests: list[dict]) -> list[dict]:
+def answer(served: Loaded, requests: list[dict]) -> list[dict]:
     """The answers to `requests` (each ``{"texts": [...], "person": bool}``), run as one batch of texts."""
     texts = [text for request in requests for text in request["texts"]]
     encoded = tokenize({"text": texts}, served.tokenizer, "text", served.max_length, served.mask)
@@ -168,7 +116,7 @@ class MBTIAPI(ls.LitAPI):
         self._api_key = api_key  # never logged or written
 
     def setup(self, device: str) -> None:
-        self.served = load(self.source)
+        self.served = loading.load(self.source)
         self.served.model.to(device)
 
     def authorize(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:

@@ -1,4 +1,5 @@
 import csv
+import logging
 import os
 import re
 import sys
@@ -12,7 +13,7 @@ from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
-from mbti_lightning import calibration
+from mbti_lightning import calibration, folding
 from mbti_lightning.card import card_data
 from mbti_lightning.cli import cli_main
 from mbti_lightning.evaluation import METRICS
@@ -102,11 +103,11 @@ def test_calibrated_export_folds_the_temperature_and_offsets_of_its_card_into_a_
     assert "head has no bias, so the offsets ride on its weights" in card
 
     model = MBTIClassifier.load_from_checkpoint(trained, map_location="cpu").eval()
-    raw = calibration.classification_head(model.model).weight.detach()
+    raw = folding.classification_head(model.model).weight.detach()
     folded = AutoModelForSequenceClassification.from_pretrained(out).score.weight.detach()
     assert torch.allclose(folded[0], raw[0] / temperature, atol=1e-6)  # J: the temperature alone
     assert not torch.allclose(folded[1], raw[1] / temperature, atol=1e-3)  # P: and its offset
-    with torch.no_grad(), calibration.head_inputs(model.model) as inputs:
+    with torch.no_grad(), folding.head_inputs(model.model) as inputs:
         model(**load_tokenizer("demo")(TEXTS, padding=True, return_tensors="pt"))
     assert_pipeline_scores(out, (inputs[0] @ folded.T).softmax(-1))
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG" and "](reliability.png)" in card
@@ -167,12 +168,12 @@ def test_folding_gives_the_calibrated_scores_with_or_without_a_head_bias(bias):
     mask = (ids != 0).long()
     carrier = None if bias else torch.randn(32, generator=torch.Generator().manual_seed(0))
     cal = calibration.Calibration(2.5, (0.0, 0.8), carrier)
-    with torch.no_grad(), calibration.head_inputs(model) as inputs:
+    with torch.no_grad(), folding.head_inputs(model) as inputs:
         raw = model(ids, attention_mask=mask).logits.double()
-        head = calibration.classification_head(model)
+        head = folding.classification_head(model)
         as_inputs = inputs[0] @ head.weight.T + (head.bias if bias else 0)  # the pooled input, 2-D or 3-D
         assert torch.allclose(as_inputs.double(), raw, atol=1e-5)
-        assert calibration.fold(model, [2.5, 2.5], list(cal.offsets), carrier)
+        assert folding.fold(model, [2.5, 2.5], list(cal.offsets), carrier)
         expected = cal(raw, None if bias else inputs[0] @ carrier)
         assert torch.allclose(model(ids, attention_mask=mask).logits.double(), expected, atol=1e-5)
 
@@ -198,7 +199,7 @@ def test_a_head_without_a_bias_or_carrier_takes_the_temperature_alone():
     ids = torch.randint(1, 100, (4, 7))
     with torch.no_grad():
         raw = model(ids).logits.double()
-        assert not calibration.fold(model, [2.5, 2.5], [0.0, 0.8])
+        assert not folding.fold(model, [2.5, 2.5], [0.0, 0.8])
         assert torch.allclose(model(ids).logits.double(), raw / 2.5, atol=1e-5)
 
 
@@ -212,11 +213,11 @@ def test_the_head_is_found_by_name_even_where_lora_matrices_have_as_many_outputs
     model = Phi3ForSequenceClassification(config)
     # r == num_labels: every lora_A is a Linear with num_labels outputs, registered before... or after the head.
     lora = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["qkv_proj"]))
-    assert calibration.classification_head(lora) is lora.base_model.model.score.modules_to_save["default"]
+    assert folding.classification_head(lora) is lora.base_model.model.score.modules_to_save["default"]
 
 
 def test_the_dtype_as_trained_is_a_backbone_weights_not_the_class_weight_buffers():
-    from mbti_lightning.export import saved_dtype
+    from mbti_lightning.loading import saved_dtype
 
     state = {"class_weight": torch.ones(1, 2), "model.score.weight": torch.ones(2, 4, dtype=torch.bfloat16)}
     assert saved_dtype({"state_dict": state, "hyper_parameters": {}}) == "bfloat16"
@@ -436,9 +437,11 @@ def test_a_failed_overwrite_keeps_the_old_folder(trained, tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_an_exported_model_predicts_through_the_cli_as_its_checkpoint_does(trained, tmp_path, monkeypatch, recwarn):
+def test_an_exported_model_predicts_through_the_cli_as_its_checkpoint_does(
+    trained, tmp_path, monkeypatch, recwarn, caplog
+):
     """A published model (here its export folder) works as `model.model_name_or_path`: `predict` writes
-    the checkpoint's predictions; a run whose target is not the model's stops and names both."""
+    the checkpoint's predictions; a command line whose target is not the model's is told the model's is used."""
     out = tmp_path / "model"
     export("--ckpt", trained, "--out", out, "--no-calibrate")  # the checkpoint's own scores
     monkeypatch.chdir(tmp_path)
@@ -453,14 +456,16 @@ def test_an_exported_model_predicts_through_the_cli_as_its_checkpoint_does(train
     assert Path("published.csv").read_text() == Path("checkpoint.csv").read_text()
     assert not [w for w in recwarn if "batch indices" in str(w.message)]  # Lightning's, about its own writer
 
-    with pytest.raises(ValueError, match=r"outputs are J, P, but this run's target \(E-I\) has E, I; set data.target"):
-        cli_main([*predict, *published, "--data.target", "E-I"])
+    caplog.set_level(logging.INFO)
+    cli_main([*predict, *published, "--data.target", "E-I", "--predictions.output", "target.csv"])
+    assert f"data.target: 'J-P', as {out} was trained (not 'E-I')" in caplog.text
+    assert Path("target.csv").read_text() == Path("checkpoint.csv").read_text()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_cards_table_is_the_exported_folders_own_metrics_through_pipeline(trained, tmp_path, dtype):
     from mbti_lightning.data import MBTIDataModule
-    from mbti_lightning.export import hyperparameters, read_checkpoint
+    from mbti_lightning.loading import hyperparameters, read_checkpoint
     from mbti_lightning.metrics import score_predictions
 
     out = tmp_path / "model"
@@ -553,7 +558,7 @@ def test_a_weak_class_weighted_model_exports_scores_with_the_true_prior(tmp_path
     from transformers import BertConfig
 
     from mbti_lightning.data import MBTIDataModule
-    from mbti_lightning.export import hyperparameters, read_checkpoint
+    from mbti_lightning.loading import hyperparameters, read_checkpoint
 
     data = ["--data.dataset", "parquet", "--data.data_files", str(skewed_corpus(tmp_path / "skewed.parquet"))]
     model = []  # the demo's Phi-3

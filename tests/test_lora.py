@@ -10,7 +10,7 @@ from conftest import REPO, fit_demo
 from fake_hub import FakeHfApi
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
-from mbti_lightning import calibration
+from mbti_lightning import folding
 from mbti_lightning.cli import cli_main
 from mbti_lightning.export import main as export_main
 from mbti_lightning.model import MBTIClassifier
@@ -54,7 +54,7 @@ def test_lora_reload_gives_identical_logits_and_both_exports_match_pipeline(lora
     model = MBTIClassifier.load_from_checkpoint(lora_run / "last.ckpt", weights_only=False).eval()
     tokenizer = load_tokenizer("demo")
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad(), calibration.head_inputs(model.model) as inputs:
+    with torch.no_grad(), folding.head_inputs(model.model) as inputs:
         logits = model(**batch)
         again = MBTIClassifier.load_from_checkpoint(lora_run / "last.ckpt", weights_only=False).eval()(**batch)
     assert torch.equal(logits, again)
@@ -69,7 +69,7 @@ def test_lora_reload_gives_identical_logits_and_both_exports_match_pipeline(lora
             model_or_path = AutoModelForSequenceClassification.from_pretrained(out, config=config)
         else:  # the calibration folded into the head: J's row divided by T, P's with its offset on top
             config, model_or_path = AutoConfig.from_pretrained(out), str(out)
-            head = calibration.classification_head(model.model).weight
+            head = folding.classification_head(model.model).weight
             folded = AutoModelForSequenceClassification.from_pretrained(out).score.weight.detach()
             assert torch.allclose(folded[0], head[0] / config.calibration_temperatures["J-P"], atol=1e-6)
             expected = (inputs[0] @ folded.T).softmax(-1)

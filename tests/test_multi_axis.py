@@ -14,7 +14,7 @@ from huggingface_hub import metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from transformers import pipeline
 
-from mbti_lightning import calibration
+from mbti_lightning import folding
 from mbti_lightning.cli import cli_main
 from mbti_lightning.export import main as export_main
 from mbti_lightning.labels import AXES, TYPES
@@ -189,11 +189,11 @@ def test_multi_axis_export_works_with_pipeline(all_axes, tmp_path):
     scores = {d["label"]: d["score"] for d in classifier([TEXTS[0]])[0]}
     model = MBTIClassifier.load_from_checkpoint(all_axes, weights_only=False).eval()
     temperatures = torch.tensor([classifier.model.config.calibration_temperatures[axis] for axis in AXES])
-    raw, folded = calibration.classification_head(model.model).weight, classifier.model.score.weight
+    raw, folded = folding.classification_head(model.model).weight, classifier.model.score.weight
     # Calibrated: each axis's row divided by its own temperature, plus its offset along one shared direction.
     carried = (folded - raw / temperatures[:, None]).detach()
     assert torch.linalg.matrix_rank(carried, rtol=1e-4) == 1
-    with torch.no_grad(), calibration.head_inputs(model.model) as inputs:
+    with torch.no_grad(), folding.head_inputs(model.model) as inputs:
         model(**classifier.tokenizer([TEXTS[0]], return_tensors="pt"))
     expected = torch.sigmoid(inputs[0] @ folded.T)[0]
     assert scores == pytest.approx(

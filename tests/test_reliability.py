@@ -12,7 +12,7 @@ from conftest import REPO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mbti_lightning.data import MBTIDataModule
-from mbti_lightning.export import hyperparameters, read_checkpoint
+from mbti_lightning.loading import hyperparameters, read_checkpoint
 from mbti_lightning.model import MBTIClassifier
 
 

@@ -139,7 +139,7 @@ def test_report_for_one_axis_has_every_figure_and_fits_calibration_on_validation
     assert_every_figure(report, ["J-P"])
     assert report["axis_average_macro_f1_per_person"] is None
     from mbti_lightning.data import MBTIDataModule
-    from mbti_lightning.export import hyperparameters, read_checkpoint
+    from mbti_lightning.loading import hyperparameters, read_checkpoint
 
     dm = MBTIDataModule(**hyperparameters(read_checkpoint(one_axis), "datamodule_hyper_parameters"))
     dm.setup("test")

@@ -11,6 +11,7 @@ from datasets import Dataset
 from lightning.fabric.utilities.data import AttributeDict
 
 from mbti_lightning.data.sources import where
+from mbti_lightning.errors import UserError
 from mbti_lightning.labels import AXES, AXIS_POSITION, TYPES
 
 
@@ -58,7 +59,7 @@ def clean(ds: Dataset, hp: AttributeDict, heads: dict) -> tuple[Dataset, dict[st
     letters there are), ``author`` (author ids) and ``source_row`` (row number in the source, from 0).
     """
     if hp.author_column and hp.author_column not in ds.column_names and hp.split == "author":
-        raise ValueError(
+        raise UserError(
             f"data.split 'author' needs the author column {hp.author_column!r}, which {where(hp)} lacks "
             f"(it has {ds.column_names}); set data.author_column: null to treat each row as one author"
         )
@@ -109,10 +110,10 @@ def clean(ds: Dataset, hp: AttributeDict, heads: dict) -> tuple[Dataset, dict[st
     if messages:
         summary = f"{where(hp)}: {invalid.sum()} of {len(invalid)} rows are unusable; " + "; ".join(messages)
         if hp.invalid_rows == "error":
-            raise ValueError(f"{summary}. Fix them, or set data.invalid_rows: drop to leave them out.")
+            raise UserError(f"{summary}. Fix them, or set data.invalid_rows: drop to leave them out.")
         messages = [f"{summary}. They were dropped (data.invalid_rows: drop)."]
     if invalid.all():
-        raise ValueError(f"{where(hp)}: no usable rows left. {' '.join(messages)}")
+        raise UserError(f"{where(hp)}: no usable rows left. {' '.join(messages)}")
     valid = np.flatnonzero(~invalid)
     arrays = {"labels": labels, "strata": strata, "author": authors, "source_row": source}
     return ds.select(valid), {name: values[valid] for name, values in arrays.items()}, messages

@@ -24,6 +24,7 @@ from mbti_lightning.cache import build_atomically, cache_root
 from mbti_lightning.data import splits, tokenized
 from mbti_lightning.data.loaders import Collator, _ResumableLoader, _Rows
 from mbti_lightning.data.sources import load_raw, read_predict_file, where
+from mbti_lightning.errors import UserError
 from mbti_lightning.labels import AXES, check_axis, heads
 from mbti_lightning.sampling import LengthGroupedSampler
 from mbti_lightning.tokenizer import load_tokenizer
@@ -133,9 +134,9 @@ class MBTIDataModule(L.LightningDataModule):
         super().__init__()
         self.heads = heads(target)
         if max_length <= 0:
-            raise ValueError(f"data.max_length must be positive, got {max_length}")
+            raise UserError(f"data.max_length must be positive, got {max_length}")
         if not 0 < keep_fraction <= 1 or not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 - val_fraction:
-            raise ValueError(
+            raise UserError(
                 f"data.keep_fraction must be in (0, 1], data.val_fraction in (0, 1) and data.test_fraction in "
                 f"[0, 1 - val_fraction), got {keep_fraction}, {val_fraction} and {test_fraction}"
             )
@@ -143,7 +144,7 @@ class MBTIDataModule(L.LightningDataModule):
             check_axis(axis)
         needed = list(AXES) if "mbti" in self.heads else list(self.heads)
         if type_column is None and set(needed) - set(axis_columns or {}):
-            raise ValueError(f"without data.type_column, data.axis_columns must name a column for each of {needed}")
+            raise UserError(f"without data.type_column, data.axis_columns must name a column for each of {needed}")
         self.save_hyperparameters()
         self.tokenizer = None
         self.splits: DatasetDict | None = None
@@ -224,7 +225,7 @@ class MBTIDataModule(L.LightningDataModule):
                 "author": "set data.test_fraction, or data.keep_fraction below 1",
                 "predefined": "the data set has no such split",
             }[hp.split]
-            raise ValueError(f"{where(self.hparams)} has no {split} split with data.split {hp.split!r}; {fix}")
+            raise UserError(f"{where(self.hparams)} has no {split} split with data.split {hp.split!r}; {fix}")
         sampler = LengthGroupedSampler(
             rows["length"][:],
             batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from mbti_lightning import demo
 from mbti_lightning.data.tokenized import tokenize
+from mbti_lightning.errors import UserError
 
 
 def where(hp: AttributeDict) -> str:
@@ -28,7 +29,7 @@ def read(builder: str, files, split: str | None, revision: str | None = None) ->
         if files is None:
             raise
         cause = err.__cause__ or err
-        raise ValueError(f"could not read {files} as {builder}: {type(cause).__name__}: {cause}") from err
+        raise UserError(f"could not read {files} as {builder}: {type(cause).__name__}: {cause}") from err
 
 
 def load_raw(hp: AttributeDict) -> Dataset | DatasetDict:
@@ -39,7 +40,7 @@ def load_raw(hp: AttributeDict) -> Dataset | DatasetDict:
         label_columns = [hp.type_column] if hp.type_column else list(hp.axis_columns.values())
         for column in (hp.text_column, *label_columns):
             if column not in part.column_names:
-                raise ValueError(
+                raise UserError(
                     f"column {column!r} not found in {where(hp)}; it has {part.column_names}. "
                     "Set data.text_column / data.type_column / data.axis_columns."
                 )
@@ -57,19 +58,19 @@ def read_predict_file(hp: AttributeDict, heads: dict, tokenize_kwargs: dict) -> 
         try:
             texts: list = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as err:
-            raise ValueError(f"could not read {path} as text: {type(err).__name__}: {err}") from None
+            raise UserError(f"could not read {path} as text: {type(err).__name__}: {err}") from None
         ids = authors = list(range(1, len(texts) + 1))
     elif path.suffix in (".csv", ".jsonl", ".json"):
         ds = read("csv" if path.suffix == ".csv" else "json", str(path), "train")
         if hp.text_column not in ds.column_names:
-            raise ValueError(
+            raise UserError(
                 f"column {hp.text_column!r} not found in {path}; it has {ds.column_names}. Set data.text_column."
             )
         texts = ds[hp.text_column][:]
         ids = ds["id"][:] if "id" in ds.column_names else list(range(len(ds)))
         authors = ds[hp.author_column][:] if hp.author_column in ds.column_names else ids
     else:
-        raise ValueError(f"data.predict_file must be a .txt, .csv or .jsonl file, got {path.name}")
+        raise UserError(f"data.predict_file must be a .txt, .csv or .jsonl file, got {path.name}")
     rows = [(i, 0, "" if text is None else str(text)) for i, text in enumerate(texts)]
     if hp.explode_separator:
         rows = [(i, k, post) for i, _, text in rows for k, post in enumerate(text.split(hp.explode_separator))]

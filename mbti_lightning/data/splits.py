@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from mbti_lightning.data.cleaning import clean, target_letters
 from mbti_lightning.data.sources import where
+from mbti_lightning.errors import UserError
 from mbti_lightning.labels import AXES
 
 #: Names a data set's own validation split may have, for `split: predefined`.
@@ -92,7 +93,7 @@ def stratified_split(
             strata, problem = pooled_strata, None
             break
     if problem:
-        raise ValueError(f"cannot make a stratified split: {problem}. Use more data or other fractions.")
+        raise UserError(f"cannot make a stratified split: {problem}. Use more data or other fractions.")
     y = np.unique(np.asarray(strata, dtype=str), return_inverse=True)[1]
     return next(stratified_shuffle_split_generate_indices(y, n_train, n_test, np.random.default_rng(seed)))
 
@@ -177,7 +178,7 @@ def split(
     try:
         check_classes(parts, hp, heads)
     except ValueError as err:
-        raise ValueError(" ".join([str(err), *messages])) from None
+        raise UserError(" ".join([str(err), *messages])) from None
     return parts, messages
 
 
@@ -187,7 +188,7 @@ def _split(
     if hp.split == "predefined":
         names = {"train": "train", "validation": next((n for n in VALIDATION_NAMES if n in raw), None), "test": "test"}
         if names["validation"] is None or "train" not in raw:
-            raise ValueError(
+            raise UserError(
                 f"data.split 'predefined' needs a train and a validation split; {where(hp)} has {list(raw)}"
             )
         cleaned = {ours: clean(raw[theirs], hp, heads) for ours, theirs in names.items() if theirs in raw}
@@ -197,7 +198,7 @@ def _split(
     try:
         train, val, test, notes = _split_rows(arrays, hp, heads)
     except ValueError as err:
-        raise ValueError(" ".join([str(err), *messages])) from None
+        raise UserError(" ".join([str(err), *messages])) from None
     messages += [f"data.split {hp.split!r} on {where(hp)}: {note}" for note in notes]
     rows = {"train": train, "validation": val, "test": test}
     return {
@@ -238,7 +239,7 @@ def check_classes(parts: dict[str, tuple[Dataset, dict]], hp: AttributeDict, hea
             counts = np.bincount(parts[name][1]["labels"][:, h], minlength=len(classes))
             missing = [classes[i] for i in np.flatnonzero(counts == 0)]
             if missing and (head != "mbti" or name == "train"):
-                raise ValueError(
+                raise UserError(
                     f"the {name} split of {where(hp)} has no rows of class {missing} ({head}); a classifier "
                     "cannot be trained or scored without them. Use more data or other split fractions."
                 )

@@ -1,0 +1,294 @@
+"""Loading a trained model: the one way every command (predict, validate, test, report, explain, serve and the
+export) gets one, so that two commands cannot see two different models.
+
+`load` takes a `fit` checkpoint, an exported folder or a hub id and gives a `Loaded`: the model in the dtype it
+was trained (or exported) in, without a second copy of its weights (a checkpoint's tensors are memory-mapped and
+become the model's), TF32 matmuls on CUDA where training allowed them; its tokenizer, truncating as training
+did; the data settings it was trained with and its split fingerprint; the calibration its scores carry (or
+none, and why); and what chose it. `datamodule` builds the data of those settings, one line naming each
+setting the command line gave otherwise, and `check_splits` stops any command whose data no longer gives the
+recorded splits, with one message for all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from mbti_lightning.data.sources import where
+from mbti_lightning.errors import UserError
+from mbti_lightning.labels import AXES, TYPES
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The data settings a model is trained with: which rows make each split, and how a text is prepared. The rest
+#: (batch sizes, workers, the predict file) are the command's own.
+DATA_SETTINGS = (
+    "dataset",
+    "data_files",
+    "dataset_split",
+    "revision",
+    "text_column",
+    "type_column",
+    "author_column",
+    "axis_columns",
+    "target",
+    "split",
+    "keep_fraction",
+    "keep_seed",
+    "val_fraction",
+    "val_seed",
+    "test_fraction",
+    "explode_separator",
+    "mask_type_mentions",
+    "invalid_rows",
+    "tokenizer",
+    "max_length",
+)
+#: Model settings of how to run a model, not of what was trained: a command line's values are used over a
+#: checkpoint's.
+RUNTIME_SETTINGS = ("attn_implementation", "sdpa_kernels", "skip_padding_mask", "compile", "tf32")
+#: Every command that reads the splits takes this flag (mbti-lightning-export also as --allow-changed-data).
+ALLOW_CHANGED_DATA = "--allow_changed_data"
+
+
+class LoadError(UserError):
+    """A model that cannot be loaded, or data that no longer matches it: the message says which and why."""
+
+
+@dataclass
+class Loaded:
+    """A trained model ready to run, and everything needed to run it as it was trained and scored."""
+
+    model: Any  # MBTIClassifier in eval mode, its weights in `dtype`
+    tokenizer: Any  # truncates at data["max_length"] with truncation=True
+    data: dict[str, Any]  # the `DATA_SETTINGS` it was trained with (an export made before they were recorded: fewer)
+    fingerprint: str | None  # which rows the splits held at fit time (`MBTIDataModule.split_fingerprint`)
+    calibration: dict[str, dict] | None  # per head what the scores carry (temperature, offsets); None: raw scores
+    calibration_note: str  # the same in words, with why there is none
+    chosen_by: str  # what chose this model: the monitored metric and its value, or the last step
+    name: str  # the checkpoint, folder or hub id, as given
+    revision: str | None = None  # the hub commit, for a hub id
+    checkpoint: dict | None = field(default=None, repr=False)  # the memory-mapped checkpoint, for the export
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.model.model.parameters() if p.is_floating_point())
+
+    @property
+    def max_length(self) -> int:
+        return self.data["max_length"]
+
+    @property
+    def mask(self) -> bool:
+        return bool(self.data.get("mask_type_mentions"))
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A `fit` checkpoint, memory-mapped: only what is used is read (never the optimizer states, two thirds of a
+    bf16 run's file), and the weights become the model's without a copy."""
+    if not path.is_file():
+        raise LoadError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises many kinds for a damaged file
+        raise LoadError(f"could not read checkpoint {path}: {err}") from None
+    if not isinstance(checkpoint, dict) or "mbti_lightning" not in checkpoint:
+        raise LoadError(f"{path} was not written by `mbti-lightning fit` (it has no 'mbti_lightning' entry)")
+    return checkpoint
+
+
+def hyperparameters(checkpoint: dict, key: str = "hyper_parameters") -> dict:
+    """The model's arguments (the data module's with `key` "datamodule_hyper_parameters"), less the CLI's keys."""
+    return {k: v for k, v in checkpoint.get(key, {}).items() if not k.startswith("_")}
+
+
+def saved_dtype(checkpoint: dict) -> str:
+    """The backbone's dtype as trained: a 4-bit (QLoRA) base computed in bf16; otherwise that of the first
+    backbone weight the checkpoint holds (not the first tensor: that is the fp32 class-weight buffer)."""
+    if hyperparameters(checkpoint).get("quantize"):
+        return "bfloat16"
+    weights = checkpoint["state_dict"].items()
+    weight = next(v for k, v in weights if k.startswith("model.") and v.is_floating_point())
+    return str(weight.dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside are made in `dtype` (transformers and torch read the default dtype)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def chosen_by(checkpoint: dict, path: Path) -> str:
+    """What chose the checkpoint at `path`: the checkpoint callback's monitored metric where this file was its
+    best, else the step it was saved at (``last.ckpt``, or a file the callback did not rank)."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        best = state.get("best_model_path") if key.startswith("ModelCheckpoint") else None
+        if best and Path(best).name == path.name and state.get("best_model_score") is not None:
+            return f"{state['monitor']} {float(state['best_model_score']):.4f}, the best of the run's validations"
+    return f"the last step saved (step {checkpoint.get('global_step', '?')}), not chosen by a metric"
+
+
+def model_from_checkpoint(checkpoint: dict, runtime: dict | None = None) -> Any:
+    """The checkpoint's `MBTIClassifier` in the dtype it was trained in, its weights the checkpoint's own tensors
+    (memory-mapped, so never two copies), run with `runtime` settings (`RUNTIME_SETTINGS`) where given. A 4-bit
+    (QLoRA) base is rebuilt in bf16: merging needs it, and a CPU cannot load 4 bits."""
+    from mbti_lightning.model import MBTIClassifier
+
+    model = MBTIClassifier(**hyperparameters(checkpoint) | (runtime or {}) | {"quantize": None})
+    with default_dtype(DTYPES[saved_dtype(checkpoint)]):
+        model.configure_model()
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading, assign=True)
+    return model.eval()
+
+
+def from_checkpoint(path: Path, runtime: dict | None = None) -> Loaded:
+    from mbti_lightning.tokenizer import load_tokenizer
+
+    checkpoint = read_checkpoint(path)
+    data = {k: v for k, v in hyperparameters(checkpoint, "datamodule_hyper_parameters").items() if k in DATA_SETTINGS}
+    model = model_from_checkpoint(checkpoint, runtime)
+    tokenizer = load_tokenizer(data["tokenizer"])
+    tokenizer.model_max_length = data["max_length"]
+    return Loaded(
+        model=model,
+        tokenizer=tokenizer,
+        data=data,
+        fingerprint=checkpoint["mbti_lightning"].get("splits"),
+        calibration=None,
+        calibration_note="none: a fit checkpoint's raw scores (mbti-lightning-export fits calibration on validation)",
+        chosen_by=chosen_by(checkpoint, path),
+        name=str(path),
+        checkpoint=checkpoint,
+    )
+
+
+def _target(config) -> str | list[str]:
+    """The target of an exported model, from what the export recorded, else from its labels."""
+    recorded = getattr(config, "mbti_lightning", None) or {}
+    if recorded.get("target"):
+        target = recorded["target"]
+        return target[0] if len(target) == 1 else target
+    labels = list(config.id2label.values())
+    if set(labels) <= set(TYPES):
+        return "mbti"
+    if config.problem_type == "multi_label_classification":
+        return [axis for axis, letters in AXES.items() if letters[1] in labels]
+    return next(axis for axis, letters in AXES.items() if list(letters) == labels)
+
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or torch.float32
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+
+def _calibration_of(config, recorded: dict) -> tuple[dict | None, str]:
+    """What an export's scores carry: recorded by the export, else read from the temperatures it saved."""
+    if "calibration" in recorded:
+        calibration = recorded["calibration"]
+    else:  # exported before the calibration was recorded: a temperature of 1 and no offsets is none
+        temperatures = getattr(config, "calibration_temperatures", None) or {}
+        offsets = getattr(config, "calibration_offsets", None) or {}
+        fitted = {h: t != 1.0 or h in offsets for h, t in temperatures.items()}
+        calibration = (
+            {h: {"temperature": t, "offsets": offsets.get(h)} for h, t in temperatures.items()}
+            if any(fitted.values())
+            else None
+        )
+    if calibration is None:
+        return None, "none: exported with --no-calibrate, or nothing fitted lowered the validation NLL"
+    words = "; ".join(
+        f"{head}: temperature {c['temperature']:.3f}"
+        + (", offsets " + ", ".join(f"{k} {v:+.3f}" for k, v in c["offsets"].items()) if c.get("offsets") else "")
+        for head, c in calibration.items()
+    )
+    return calibration, f"folded into the head at export, fitted on validation ({words})"
+
+
+def from_pretrained(source: str) -> Loaded:
+    """An exported folder or hub id, in the dtype it was saved in, with what its export recorded."""
+    from transformers import AutoConfig
+
+    from mbti_lightning.model import MBTIClassifier
+    from mbti_lightning.tokenizer import load_tokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise LoadError(f"{source} is neither a checkpoint (.ckpt) nor a model folder or hub id: {err}") from None
+    recorded = getattr(config, "mbti_lightning", None) or {}
+    model = MBTIClassifier(model_name_or_path=source, target=_target(config), class_weights=None)
+    with default_dtype(_config_dtype(config)):
+        model.configure_model()
+    tokenizer = load_tokenizer(source)
+    # Exports made before the data settings were recorded kept these two at the top level.
+    data = recorded.get("data") or {
+        "max_length": recorded.get("max_length", tokenizer.model_max_length),
+        "mask_type_mentions": bool(recorded.get("mask_type_mentions")),
+    }
+    data = data | {"tokenizer": source}
+    tokenizer.model_max_length = data["max_length"]
+    calibration, note = _calibration_of(config, recorded)
+    return Loaded(
+        model=model.eval(),
+        tokenizer=tokenizer,
+        data=data,
+        fingerprint=recorded.get("splits"),
+        calibration=calibration,
+        calibration_note=note,
+        chosen_by=recorded.get("chosen_by", "not recorded by this export"),
+        name=source,
+        revision=getattr(config, "_commit_hash", None),
+    )
+
+
+def load(source: str | Path, runtime: dict | None = None) -> Loaded:
+    """The model behind `source`: a `fit` checkpoint (``.ckpt``), an exported folder or a hub id; a checkpoint's
+    run with `runtime` settings (`RUNTIME_SETTINGS`) where given."""
+    loaded = from_checkpoint(Path(source), runtime) if str(source).endswith(".ckpt") else from_pretrained(str(source))
+    if loaded.model.hparams.tf32 and torch.cuda.is_available():  # as training computed
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return loaded
+
+
+def is_export(name: str) -> bool:
+    """Whether model `name` (a ``model_name_or_path``) is a folder this project exported."""
+    return (Path(name) / "config.json").is_file() and '"mbti_lightning"' in (Path(name) / "config.json").read_text()
+
+
+def datamodule(loaded: Loaded, given: Any = None) -> Any:
+    """The data module of `loaded`'s data settings, the other settings (batch sizes, workers, the predict file)
+    from `given` (the command's data module); one line names each setting `given` had otherwise."""
+    from mbti_lightning.data import MBTIDataModule
+
+    settings = hyperparameters({"h": dict(given.hparams)}, "h") if given is not None else {}
+    for key, value in loaded.data.items():
+        if given is not None and key in settings and settings[key] != value:
+            rank_zero_info(f"data.{key}: {value!r}, as {loaded.name} was trained (not {settings[key]!r})")
+        settings[key] = value
+    return MBTIDataModule(**settings)
+
+
+def check_splits(dm: Any, loaded: Loaded, allow: bool) -> bool:
+    """Whether the splits rebuilt from today's data differ from those recorded when `loaded` was trained; a
+    `LoadError` unless `allow`: its figures could be on rows the model trained on or was chosen by."""
+    changed = loaded.fingerprint is not None and dm.split_fingerprint() != loaded.fingerprint
+    if changed and not allow:
+        raise LoadError(
+            f"the data ({where(dm.hparams)}) no longer gives the train / validation / test rows {loaded.name} was "
+            "trained with: a hub data set read without data.revision has changed, or a local file was edited. "
+            f"Its figures could include training rows. Restore the data (or pin data.revision), or pass "
+            f"{ALLOW_CHANGED_DATA} to go on anyway (what it writes then says so)"
+        )
+    return changed
