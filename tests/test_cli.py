@@ -71,9 +71,10 @@ def test_the_progress_bar_shows_the_loss_of_the_last_logging_step_and_no_version
     assert "v_num" not in shown and shown["train/loss"] == pytest.approx(float(logged[-1]["train/loss"]))
 
 
-def test_module_entry_point_shows_help():
+def test_module_entry_point_shows_help_with_every_subcommand_under_the_programs_name():
     result = subprocess.run([sys.executable, "-m", "mbti_lightning", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "fit" in result.stdout and "validate" in result.stdout
+    assert result.returncode == 0 and result.stdout.startswith("usage: mbti-lightning ")
+    assert all(name in result.stdout for name in ("fit", "validate", "report", "explain", "serve MODEL"))
 
 
 def read_metrics(log_dir: Path) -> list[dict[str, str]]:
