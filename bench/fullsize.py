@@ -78,11 +78,11 @@ class Peak:
 def run(name: str, argv: list[str], folder: Path) -> dict:
     """Run a command to its end; its wall time and peak RSS."""
     start = time.perf_counter()
-    log = (folder / f"{name}.log").open("w")
+    log = (folder / f"{name.split()[0]}.log").open("w")
     process = subprocess.Popen(argv, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
     peak = Peak(process)
     if process.wait() != 0:
-        raise RuntimeError(f"{name} failed: see {folder / f'{name}.log'}")
+        raise RuntimeError(f"{name} failed: see {log.name}")
     return {"command": name, "seconds": round(time.perf_counter() - start, 1), "peak_rss": peak.join()}
 
 
@@ -144,7 +144,7 @@ def main() -> None:
     data += ["--data.data_files", str(folder / "data.parquet"), "--data.split", "author", "--data.keep_fraction", "1.0"]
     data += ["--data.test_fraction", "0.2", "--data.max_length", "32", "--data.eval_batch_size", "8"]
     fit = [*cli, "fit", *data, "--model.config_overrides", json.dumps(config), "--trainer.precision", "bf16-true"]
-    fit += ["--model.peft", json.dumps({"r": 8, "target_modules": ["qkv_proj"]}), "--model.optimizer", "adamw"]
+    fit += ["--model.peft", json.dumps({"r": 8, "target_modules": ["qkv_proj"]})]
     fit += ["--data.batch_size", "2", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1"]
     fit += ["--trainer.val_check_interval", "1", "--checkpoint.save_top_k", "0", "--trainer.logger", "false"]
     ckpt = folder / "checkpoints/demo/last.ckpt"

@@ -42,6 +42,8 @@ class Calibration:
     temperature: float = 1.0
     offsets: tuple[float, ...] = field(default=())
     carrier: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    #: Which parts were kept and why, from the held-out check (`evaluation.calibrate`).
+    decision: dict | None = field(default=None, compare=False, repr=False)
 
     def __call__(self, logits: torch.Tensor, carried: torch.Tensor | None = None) -> torch.Tensor:
         """The calibrated `logits`; `carried` is ``carrier . h`` per row, needed when there is a carrier."""

@@ -68,13 +68,15 @@ def trained_weights(state_dict: dict[str, Any], module: torch.nn.Module) -> dict
 
 def run_metadata(module: Any) -> dict[str, Any]:
     """What mbti-lightning-export needs beyond the weights and hyperparameters: the labels, which rows the splits
-    held (`MBTIDataModule.split_fingerprint`), where the run's metrics and resolved config (written by the
+    held (`MBTIDataModule.split_fingerprint`), the training split's class counts (the prior, see `persons`), where the run's metrics and resolved config (written by the
     CLI) are; and the random generators, which Lightning does not restore on resume."""
     log_dir = Path(module.trainer.log_dir).resolve() if module.trainer.log_dir else None
     config = log_dir / "config.yaml" if log_dir else None
     fingerprint = getattr(module.trainer.datamodule, "split_fingerprint", None)
+    counts = getattr(module.trainer.datamodule, "train_label_counts", None)
     return {
         "splits": fingerprint() if fingerprint else None,
+        "train_counts": [c.tolist() for c in counts()] if counts else None,
         "local_model": Path(module.hparams.model_name_or_path).exists(),
         "id2label": module.id2label,
         "heads": module.heads,

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import stats
 
 from mbti_lightning import calibration, folding
+from mbti_lightning import persons as person_rules
 from mbti_lightning.metrics import confusion, confusion_metrics
 
 #: The headline metrics: key -> (name in tables, the Hub's metric type).
@@ -61,14 +63,15 @@ def split_outputs(model, dm, split: str, inputs: bool = False) -> SplitOutputs:
     return SplitOutputs(logits, labels, persons, torch.cat(collected)[order] if inputs else None)
 
 
-def person_votes(log_probs: np.ndarray, labels: np.ndarray, persons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per person: the class of the mean of their posts' log-probabilities (for an axis, the mean log-odds), and
-    their label, the most common label of their posts; as ``val/author/*`` and ``predict --predictions.per
-    author`` decide."""
-    n, k = persons.max() + 1, log_probs.shape[1]
-    votes = np.zeros((n, k))
-    np.add.at(votes, persons, log_probs)
-    return votes.argmax(1), confusion(labels, labels, persons, k).sum(2).argmax(1)
+def person_votes(
+    log_probs: np.ndarray, labels: np.ndarray, persons: np.ndarray, log_prior: torch.Tensor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per person: the class their posts' evidence adds up to, the `log_prior` of the scores counting once
+    (`mbti_lightning.persons`; uniform if None), and their label, the most common label of their posts; as
+    ``val/author/*`` and ``predict --predictions.per author`` decide."""
+    k = log_probs.shape[1]
+    prior = person_rules.Persons.uniform(k).log_prior if log_prior is None else log_prior
+    return person_rules.votes(log_probs, persons, prior), confusion(labels, labels, persons, k).sum(2).argmax(1)
 
 
 def summed(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -125,10 +128,13 @@ def figures(
     others: dict[str, list[np.ndarray]],
     resamples: int = 1000,
     seed: int = 0,
+    priors: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict]:
     """Per head, per post and (with several posts to a person) per person: `scored` figures of the model and of
     each system in `others` (name -> per head (rows, classes) log-probabilities, e.g. the baseline's; a
-    constant answer such as the majority class is a one-hot row), on the same rows and resamples."""
+    constant answer such as the majority class is a one-hot row), on the same rows and resamples. A person's
+    answer adds up their posts' evidence (`person_votes`), the model's scores carrying `priors` per head (the
+    others, class-balanced or constant, a uniform one)."""
     persons = outputs.persons
     several = len(np.unique(persons)) < len(persons)
     out = {}
@@ -140,10 +146,39 @@ def figures(
         if several:
             people = {}
             for name, lp in systems.items():
-                votes, truth = person_votes(lp, labels, persons)
+                prior = priors.get(head) if priors and name == "model" else None
+                votes, truth = person_votes(lp, labels, persons, prior)
                 people[name] = confusion(truth, votes, np.arange(len(votes)), k)
             out[head]["people"] = scored(people, resamples, seed)
     return out
+
+
+def persons_for(rules: dict, val: SplitOutputs, fitted: dict | None) -> dict:
+    """Per head, how the scores as reported make a person's answer: the model's `rules` (`MBTIClassifier.persons`)
+    with their prior passed through the `fitted` calibration (if any), and a temperature for persons fitted on
+    `val`'s persons scored the same way, where there are enough (`persons.fit`)."""
+    out = {}
+    for h, (head, rule) in enumerate(rules.items()):
+        cal = fitted[head] if fitted else None
+        prior = rule.log_prior if cal is None else person_rules.calibrated_prior(rule.log_prior, cal)
+        scores = val.logits[head] if cal is None else val.calibrated(head, cal)
+        out[head] = person_rules.fit(scores.float().log_softmax(-1), val.labels[:, h], val.persons, prior)
+    return out
+
+
+def person_calibration(rule, log_probs: torch.Tensor, labels: np.ndarray, persons: np.ndarray) -> dict:
+    """How well a person's probability (`rule`: `persons.Persons`) is calibrated on a split's persons: ECE of the
+    top class over persons, and whether the rule was fitted for persons at all."""
+    index = torch.as_tensor(persons)
+    k = log_probs.shape[-1]
+    truth = torch.as_tensor(confusion(labels, labels, persons, k).sum(2).argmax(1))
+    person_log_probs = rule.log_probs(log_probs, index)
+    return {
+        "temperature": rule.temperature,
+        "calibrated": rule.calibrated,
+        "persons": len(truth),
+        "ece": calibration.ece(person_log_probs, truth),
+    }
 
 
 def needs_inputs(model) -> bool:
@@ -151,17 +186,98 @@ def needs_inputs(model) -> bool:
     return folding.classification_head(model.model).bias is None
 
 
-def calibrate(outputs: SplitOutputs, fit: bool) -> dict:
-    """Per head, the calibration fitted on `outputs` (none unless `fit`): a temperature and class offsets, held by
-    the head's bias or, without one, carried on its inputs (`outputs.inputs`, see `calibration`)."""
+#: What calibration can keep, fullest first: a temperature and class offsets, a temperature alone, nothing.
+LEVELS = ("temperature and offsets", "temperature", "none")
+#: Bootstrap resamples of the held-out check.
+CHECK_RESAMPLES = 200
+
+
+def _fit_level(level: str, x: torch.Tensor, y: torch.Tensor, head: str, carrier) -> calibration.Calibration:
+    if level == "none":
+        return calibration.Calibration()
+    return calibration.fit(x, y, offsets=level == LEVELS[0], name=head, carrier=carrier)
+
+
+def _held_out(level: str, x: torch.Tensor, y: torch.Tensor, fold: np.ndarray, head: str, inputs, carrier_vector):
+    """`x` calibrated at `level` with each fold's calibration fitted on the other fold: scores on rows it never saw."""
+    out = torch.empty_like(x, dtype=torch.float64)
+    for f in (0, 1):
+        fit_rows, rows = torch.as_tensor(fold != f), torch.as_tensor(fold == f)
+        carrier = None if inputs is None else (carrier_vector, inputs[fit_rows])
+        cal = _fit_level(level, x[fit_rows], y[fit_rows], head, carrier)
+        out[rows] = cal(x[rows], None if inputs is None else inputs[rows] @ carrier_vector)
+    return out
+
+
+def calibrate(outputs: SplitOutputs, fit: bool, seed: int = 0) -> dict:
+    """Per head, the calibration fitted on `outputs` (the validation split; none unless `fit`), decided on rows it
+    was not fitted on: the validation persons are split in two, each half calibrated by a fit on the other, and a
+    level (`LEVELS`) is kept only where, on those held-out rows, it lowers the NLL and does not lower MCC or
+    balanced accuracy (the 95% interval of the paired difference, resampling persons, lies below 0). The level
+    kept is then fitted on every validation row; `Calibration.decision` says what was kept and why. The offsets
+    are held by the head's bias or, without one, carried on its inputs (`outputs.inputs`): the carrier is fitted
+    to make ``c . h`` close to 1, without the labels, so it cannot fit them."""
     if not fit:
-        return {head: calibration.Calibration() for head in outputs.logits}
+        why = {"kept": "none", "why": "not asked for (--no-calibrate)"}
+        return {head: calibration.Calibration(decision=why) for head in outputs.logits}
     inputs = outputs.inputs
-    carrier = None if inputs is None else (calibration.fit_carrier(inputs), inputs)  # one for every head
-    return {
-        head: calibration.fit(x, torch.as_tensor(outputs.labels[:, h]), name=head, carrier=carrier)
-        for h, (head, x) in enumerate(outputs.logits.items())
-    }
+    vector = None if inputs is None else calibration.fit_carrier(inputs)  # one for every head
+    n = int(outputs.persons.max()) + 1
+    fold = (np.random.default_rng(seed).permutation(n) % 2)[outputs.persons]
+    out = {}
+    for h, (head, x) in enumerate(outputs.logits.items()):
+        y = torch.as_tensor(outputs.labels[:, h])
+        k = x.shape[-1]
+        if min(np.bincount(fold, minlength=2)) == 0 or len(np.unique(outputs.persons)) < 4:
+            level, checks = LEVELS[1], None
+            why = "too few validation persons to check on held-out rows: a temperature only"
+        else:
+            held = {level: _held_out(level, x.double(), y, fold, head, inputs, vector) for level in LEVELS}
+            confusions = {
+                level: confusion(outputs.labels[:, h], held[level].argmax(-1).numpy(), outputs.persons, k)
+                for level in LEVELS
+            }
+            checks = {}
+            for level in LEVELS[:-1]:
+                scores = scored({"model": confusions[level], "none": confusions["none"]}, CHECK_RESAMPLES, seed)
+                difference = scores["model - none"]
+                checks[level] = {
+                    "nll": float(F.cross_entropy(held[level], y)),
+                    **{key: scores["model"][key]["value"] for key in ("mcc", "bal_acc")},
+                    "lowers": [key for key in ("mcc", "bal_acc") if difference[key]["interval"][1] < 0],
+                }
+            checks["none"] = {
+                "nll": float(F.cross_entropy(held["none"], y)),
+                **{
+                    key: v["value"]
+                    for key, v in scored({"model": confusions["none"]}, 1, seed)["model"].items()
+                    if key in ("mcc", "bal_acc")
+                },
+            }
+            level = next(
+                (
+                    level
+                    for level in LEVELS[:-1]
+                    if checks[level]["nll"] < checks["none"]["nll"] and not checks[level]["lowers"]
+                ),
+                "none",
+            )
+            rejected = [
+                f"{name} ({'lowered ' + ' and '.join(c['lowers']) if c['lowers'] else 'did not lower the NLL'})"
+                for name, c in checks.items()
+                if name != "none" and LEVELS.index(name) < LEVELS.index(level)
+            ]
+            why = (
+                "on held-out validation persons, "
+                + (f"not {', '.join(rejected)}; " if rejected else "")
+                + f"kept: {level}"
+            )
+        carrier = None if inputs is None else (vector, inputs)
+        cal = _fit_level(level, x, y, head, carrier)
+        kept = level if cal != calibration.Calibration() else "none"
+        decision = {"kept": kept, "why": why, "held_out": checks}
+        out[head] = calibration.Calibration(cal.temperature, cal.offsets, cal.carrier, decision)
+    return out
 
 
 def calibration_figures(
@@ -179,6 +295,7 @@ def calibration_figures(
                 "temperature": cal.temperature,
                 "offsets": dict(zip(heads[head], cal.offsets)) or None,
                 "carried": cal.carrier is not None,
+                "decision": cal.decision,
             }
         for when, x in (
             (("before", before[head]), ("after", after[head])) if cal is not None else (("after", after[head]),)

@@ -202,9 +202,10 @@ def summary(explained: list[dict], heads: dict) -> dict:
     return out
 
 
-def person_posts(explained: list[dict], heads: dict, authors: list) -> dict:
-    """Per author with several posts: their letters (mean log-odds of their posts, as `predict --predictions.per
-    author`) and their posts ordered by how much each weighed toward the person's letter."""
+def person_posts(explained: list[dict], heads: dict, authors: list, rules: dict | None = None) -> dict:
+    """Per author with several posts: their letters (their posts' evidence added up with the model's `rules`, as
+    `predict --predictions.per author`) and their posts ordered by how much each weighed toward the person's
+    letter."""
     out = {}
     for author in dict.fromkeys(authors):
         posts = [i for i, a in enumerate(authors) if a == author]
@@ -216,7 +217,7 @@ def person_posts(explained: list[dict], heads: dict, authors: list) -> dict:
             )
             for head in heads
         }
-        _, _, probs = per_author([author] * len(posts), log_probs)
+        _, _, probs = per_author([author] * len(posts), log_probs, rules)
         (record,) = prediction_records(heads, probs)
         weights = {}
         for head, classes in heads.items():
@@ -276,7 +277,7 @@ def run(loaded: Loaded, texts: list[str], authors: list | None, out: Path, steps
     explained = explainer.explain(texts)
     seconds = time.perf_counter() - start
     summaries = summary(explained, model.heads)
-    people = person_posts(explained, model.heads, authors) if authors else {}
+    people = person_posts(explained, model.heads, authors, model.persons) if authors else {}
     meta = {
         "steps": steps,
         "texts": len(texts),

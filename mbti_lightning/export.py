@@ -27,6 +27,7 @@ from mbti_lightning.card import model_card
 from mbti_lightning.errors import UserError
 from mbti_lightning.loading import DTYPES, Loaded, hyperparameters
 from mbti_lightning.model import MBTIClassifier
+from mbti_lightning.persons import Persons
 
 TOKEN_NAMES = ("HF_TOKEN", "HF_HUB_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 #: Bootstrap resamples of the persons behind the card's intervals.
@@ -90,10 +91,10 @@ def transformers_model(
     return hf_model if dtype == "auto" else hf_model.to(DTYPES[dtype])
 
 
-def recorded(loaded: Loaded, fitted: dict[str, calibration.Calibration]) -> dict:
+def recorded(loaded: Loaded, fitted: dict[str, calibration.Calibration], rules: dict[str, Persons]) -> dict:
     """What `loading` reads back from the export's config.json: how to prepare a text (target, max_length, masking:
     what a server must do as training did), every data setting and the split fingerprint, the calibration the
-    scores carry and what chose the checkpoint."""
+    scores carry, how posts make a person's answer (`persons`) and what chose the checkpoint."""
     heads = loaded.model.heads
     calibrated = {
         head: {"temperature": cal.temperature, "offsets": dict(zip(heads[head], cal.offsets)) or None}
@@ -107,6 +108,8 @@ def recorded(loaded: Loaded, fitted: dict[str, calibration.Calibration]) -> dict
         "data": {key: value for key, value in loaded.data.items() if key != "tokenizer"},
         "splits": loaded.fingerprint,
         "calibration": calibrated or None,
+        "calibration_kept": {head: cal.decision["why"] for head, cal in fitted.items() if cal.decision},
+        "persons": {head: rule.to_dict() for head, rule in rules.items()},
         "chosen_by": loaded.chosen_by,
     }
 
@@ -185,10 +188,13 @@ def export(
     split = "test" if "test" in dm.splits else "validation"
     raw_val = evaluation.split_outputs(model, dm, "validation", calibrate_scores and evaluation.needs_inputs(model))
     fitted = evaluation.calibrate(raw_val, fit=calibrate_scores)
+    for head, cal in fitted.items():
+        print(f"calibration of {head}: {cal.decision['why']}")
     raw = raw_val if split == "validation" else evaluation.split_outputs(model, dm, split)
 
+    rules = evaluation.persons_for(model.persons, raw_val, fitted)  # persons, as the exported scores make them
     hf_model = transformers_model(model, fitted, adapter, dtype)
-    (hf_model.get_base_model() if adapter else hf_model).config.mbti_lightning = recorded(loaded, fitted)
+    (hf_model.get_base_model() if adapter else hf_model).config.mbti_lightning = recorded(loaded, fitted, rules)
     # Every figure is of the model as written: calibrated and cast, through the forward pass pipeline runs.
     model.model = hf_model
     saved = evaluation.split_outputs(model, dm, split)
@@ -196,7 +202,8 @@ def export(
     others = {"majority": report.majority_log_probs(counts, len(saved.labels))}
     if baseline.available():
         others = {"baseline": baseline.fit(dm).log_probs(dm, split)} | others
-    results = evaluation.figures(model.heads, saved, others, RESAMPLES)
+    priors = {head: rule.log_prior for head, rule in rules.items()}
+    results = evaluation.figures(model.heads, saved, others, RESAMPLES, priors=priors)
     calibrated = evaluation.calibration_figures(fitted, raw.logits, saved.logits, saved.labels, model.heads)
     majority = {head: classes[int(c.argmax())] for (head, classes), c in zip(model.heads.items(), counts)}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ from torchmetrics.classification import (
 )
 from torchmetrics.utilities import dim_zero_cat
 
+from mbti_lightning import persons
+
 
 class MatthewsCorrCoef(MulticlassMatthewsCorrCoef):
     """MCC that is 0 when all predictions (or all targets) are one class, as scikit-learn's.
@@ -78,8 +80,9 @@ def calibration_error(num_classes: int) -> MulticlassCalibrationError:
 class AuthorMetrics(Metric):
     """Metrics per author, beside the majority-class baselines that give every number its context.
 
-    Each author's posts vote with their mean log-probabilities (for two classes: their mean log-odds)
-    and the author's label is the most common label of their posts. `compute` returns
+    Each author's answer adds up the evidence of their posts, the prior counting once (`persons.logits`,
+    with the `log_prior` the scores carry; uniform until it is set), and the author's label is the most
+    common label of their posts. `compute` returns
     ``author/{acc,f1,mcc,bal_acc}``, ``author/count`` (how many authors) and, once `majority_class`
     (the training split's most common class) is set, ``majority_acc`` and ``author/majority_acc``:
     the accuracy of always answering it, over the posts and over the authors. States are
@@ -92,6 +95,7 @@ class AuthorMetrics(Metric):
         super().__init__()
         self.num_classes = num_classes
         self.majority_class: int | None = None
+        self.log_prior: torch.Tensor | None = None
         self.add_state("log_probs", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
         self.add_state("authors", default=[], dist_reduce_fx="cat")
@@ -106,12 +110,12 @@ class AuthorMetrics(Metric):
         log_probs, labels, authors = (dim_zero_cat(x) for x in (self.log_probs, self.labels, self.authors))
         _, author = torch.unique(authors, return_inverse=True)  # (posts,) -> 0..n_authors-1
         n_authors = int(author.max()) + 1
-        votes = log_probs.new_zeros(n_authors, self.num_classes).index_add_(0, author, log_probs)
+        rule = persons.Persons.uniform(self.num_classes) if self.log_prior is None else persons.Persons(self.log_prior)
+        votes = persons.logits(log_probs, author, rule.log_prior.to(log_probs.device))
         label_counts = votes.new_zeros(n_authors, self.num_classes).index_add_(
             0, author, F.one_hot(labels, self.num_classes).to(votes.dtype)
         )
         author_labels = label_counts.argmax(-1)
-        # The mean of the posts' log-probabilities has the argmax of their sum.
         scores = classification_metrics(self.num_classes, "author/").to(votes.device)
         scores.update(votes.argmax(-1), author_labels)
         values = {**scores.compute(), "author/count": torch.tensor(float(n_authors), device=votes.device)}
@@ -183,6 +187,11 @@ class EvalMetrics(torch.nn.Module):
         """The training split's most common class of each head, which the majority baseline answers."""
         for metric, majority in zip(self.authors.values(), classes):
             metric.majority_class = majority
+
+    def set_priors(self, log_priors: list[torch.Tensor]) -> None:
+        """The log prior each head's scores carry (`persons.trained_prior`), for the author-level answers."""
+        for metric, prior in zip(self.authors.values(), log_priors):
+            metric.log_prior = prior
 
     def reset(self) -> None:
         for metric in self.modules():

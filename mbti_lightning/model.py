@@ -17,6 +17,7 @@ from mbti_lightning.checkpoint import run_metadata, set_rng_states, trained_weig
 from mbti_lightning.errors import UserError
 from mbti_lightning.labels import heads
 from mbti_lightning.metrics import EvalMetrics
+from mbti_lightning.persons import Persons, trained_prior
 
 SDPA_KERNELS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -119,6 +120,8 @@ class MBTIClassifier(L.LightningModule):
         self.register_buffer("class_weight", weights.float())  # (heads, classes)
         self.model = None
         self.val_metrics, self.test_metrics = EvalMetrics(self.heads), EvalMetrics(self.heads)
+        # How posts make a person's answer: the prior the scores carry; set from the training split, or by `loading`.
+        self.persons: dict[str, Persons] | None = None
         self._step_weight = 0.0  # the current optimizer step's loss normaliser so far: class weights (or rows)
         self._skipped = 0  # batches skipped for a non-finite loss
         if quantize and peft is None:
@@ -148,6 +151,10 @@ class MBTIClassifier(L.LightningModule):
                 if (counts == 0).any():  # the data module stops earlier; this guards custom ones
                     raise ValueError("a class has no training rows, so 'balanced' class weights are undefined")
                 self.class_weight[h].copy_(counts.sum() / (len(counts) * counts))
+        weights = self.class_weight.float().cpu()
+        self.persons = {head: Persons(trained_prior(c, w)) for head, c, w in zip(self.heads, train_counts, weights)}
+        for metrics in (self.val_metrics, self.test_metrics):
+            metrics.set_priors([p.log_prior for p in self.persons.values()])
 
     def configure_model(self) -> None:
         if self.model is not None:

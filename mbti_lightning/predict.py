@@ -13,6 +13,7 @@ import torch
 
 from mbti_lightning.cache import atomic_open
 from mbti_lightning.labels import AXES, AXIS_POSITION, TYPES
+from mbti_lightning.persons import Persons
 
 
 def prediction_records(heads: dict[str, tuple[str, ...]], probs: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -46,20 +47,21 @@ def _round(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 
 
-def per_author(authors: list, log_probs: dict[str, torch.Tensor]) -> tuple[list, torch.Tensor, dict[str, torch.Tensor]]:
+def per_author(
+    authors: list, log_probs: dict[str, torch.Tensor], rules: dict[str, Persons] | None = None
+) -> tuple[list, torch.Tensor, dict[str, torch.Tensor]]:
     """(authors in order of first appearance, their post counts, per head their (authors, classes) probabilities).
 
-    An author's posts vote with their mean log-probabilities, as ``val/author/*`` does: for an axis,
-    the probability of its second letter is the sigmoid of the posts' mean log-odds.
+    An author's posts add up their evidence, the prior counting once, as ``val/author/*`` does (see `persons`):
+    `rules` per head are the model's (`MBTIClassifier.persons`); without them the scores' prior is taken as
+    uniform and the probabilities are not calibrated for persons.
     """
     names = list(dict.fromkeys(authors))
     number = {name: i for i, name in enumerate(names)}
     index = torch.tensor([number[a] for a in authors], dtype=torch.long)
     counts = torch.bincount(index, minlength=len(names))
-    probs = {
-        head: (lp.new_zeros(len(names), lp.shape[1]).index_add_(0, index, lp) / counts[:, None]).softmax(-1)
-        for head, lp in log_probs.items()
-    }
+    rules = rules or {head: Persons.uniform(lp.shape[-1]) for head, lp in log_probs.items()}
+    probs = {head: rules[head].log_probs(lp, index).exp() for head, lp in log_probs.items()}
     return names, counts, probs
 
 
@@ -74,7 +76,7 @@ class PredictionWriter(L.Callback):
 
     ``per: author``: one row per author (`data.author_column`, else each source row), in order of
     first appearance: ``author``, ``posts`` (how many texts) and the columns of
-    `prediction_records`, from the mean log-odds of the author's posts (see `per_author`).
+    `prediction_records`, from the evidence of the author's posts added up (see `per_author`).
 
     The file is written whole or not at all. (A plain callback, not Lightning's
     `BasePredictionWriter`: that one wants the batches' row indices from a standard batch sampler,
@@ -129,7 +131,7 @@ class PredictionWriter(L.Callback):
         rows, log_probs = rows[order].tolist(), {head: lp[order] for head, lp in log_probs.items()}
         inputs = trainer.datamodule.predict_inputs
         if self.per == "author":
-            names, counts, probs = per_author([inputs["author"][row] for row in rows], log_probs)
+            names, counts, probs = per_author([inputs["author"][row] for row in rows], log_probs, pl_module.persons)
             records = prediction_records(pl_module.heads, probs)
             out = [{"author": name, "posts": int(n)} | r for name, n, r in zip(names, counts, records)]
         else:

@@ -21,6 +21,7 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mbti_lightning import baseline, evaluation, plots
+from mbti_lightning import persons as person_rules
 from mbti_lightning.labels import AXES
 from mbti_lightning.loading import Loaded
 from mbti_lightning.masking import is_type_vocabulary
@@ -40,11 +41,18 @@ def majority_log_probs(counts: list[torch.Tensor], rows: int) -> list[np.ndarray
 
 
 def how_much_text(
-    log_probs: dict[str, np.ndarray], labels: np.ndarray, persons: np.ndarray, k: int, draws: int, resamples: int
+    log_probs: dict[str, np.ndarray],
+    labels: np.ndarray,
+    persons: np.ndarray,
+    k: int,
+    draws: int,
+    resamples: int,
+    priors: dict[str, torch.Tensor],
 ) -> list[dict]:
     """Per number of posts n in `POSTS`: per-person accuracy and macro-F1 (with intervals) when each person's
-    vote uses n of their posts drawn at random (all if they have fewer), averaged over `draws` draws: the
-    confusion counts of the draws are averaged per person, then resampled by person as everywhere."""
+    answer uses n of their posts drawn at random (all if they have fewer; the evidence added up with each
+    system's prior in `priors`, see `persons`), averaged over `draws` draws: the confusion counts of the draws
+    are averaged per person, then resampled by person as everywhere."""
     rng = np.random.default_rng(0)
     truth = confusion(labels, labels, persons, k).sum(2).argmax(1)
     people = np.arange(len(truth))
@@ -59,9 +67,8 @@ def how_much_text(
             rank[order] = np.arange(len(persons)) - starts
             keep = rank < n if n else np.ones(len(persons), dtype=bool)
             for name, lp in log_probs.items():
-                votes = np.zeros((len(truth), k))
-                np.add.at(votes, persons[keep], lp[keep])
-                counts[name] += confusion(truth, votes.argmax(1), people, k) / (draws if n else 1)
+                votes = person_rules.votes(lp[keep], persons[keep], priors[name])
+                counts[name] += confusion(truth, votes, people, k) / (draws if n else 1)
         scores = evaluation.scored(counts, resamples, seed=0)
         out.append(
             {"posts": n or "all"}
@@ -129,8 +136,10 @@ def build(loaded: Loaded, dm, out: Path, resamples: int = 1000, draws: int = 10,
     fit = calibrate and loaded.checkpoint is not None
     inputs = fit and evaluation.needs_inputs(model)
     test = evaluation.split_outputs(model, dm, "test", inputs)
+    # A checkpoint's validation split fits the calibration and the temperature for persons; an export brings both.
+    val = evaluation.split_outputs(model, dm, "validation", inputs) if loaded.checkpoint is not None else None
     if fit:
-        fitted = evaluation.calibrate(evaluation.split_outputs(model, dm, "validation", inputs), fit=True)
+        fitted = evaluation.calibrate(val, fit=True)
         calibrated = {head: test.calibrated(head, fitted[head]).float() for head in heads}
         note = "fitted on the validation split by this report, as mbti-lightning-export does"
     else:
@@ -140,6 +149,8 @@ def build(loaded: Loaded, dm, out: Path, resamples: int = 1000, draws: int = 10,
             if loaded.checkpoint is None
             else "none: the checkpoint's raw scores (calibrate false)"
         )
+    rules = model.persons if val is None else evaluation.persons_for(model.persons, val, fitted)
+    priors = {head: rule.log_prior for head, rule in rules.items()}
     rows = len(test.labels)
     others = {"majority": majority_log_probs(dm.train_label_counts(), rows)}
     fitted_baseline = None
@@ -150,7 +161,7 @@ def build(loaded: Loaded, dm, out: Path, resamples: int = 1000, draws: int = 10,
         rank_zero_warn('the report\'s baseline needs scikit-learn: pip install "mbti-lightning[baseline]"')
     # The model as exported: calibrated (a class offset can move a letter), so these are the card's figures.
     exported = evaluation.SplitOutputs(calibrated, test.labels, test.persons)
-    figures = evaluation.figures(heads, exported, others, resamples)
+    figures = evaluation.figures(heads, exported, others, resamples, priors=priors)
 
     out.mkdir(parents=True, exist_ok=True)
     several = "people" in next(iter(figures.values()))
@@ -161,7 +172,11 @@ def build(loaded: Loaded, dm, out: Path, resamples: int = 1000, draws: int = 10,
         if fitted_baseline:
             log_probs["baseline"] = others["baseline"][h]
         if several:
-            curves[head] = how_much_text(log_probs, test.labels[:, h], test.persons, len(classes), draws, resamples)
+            uniform = person_rules.Persons.uniform(len(classes)).log_prior
+            system_priors = {"model": priors[head], "baseline": uniform}
+            curves[head] = how_much_text(
+                log_probs, test.labels[:, h], test.persons, len(classes), draws, resamples, system_priors
+            )
         coverage[head] = coverage_curve(calibrated[head], test.labels[:, h])
         plots.confusion_plot(
             calibrated[head],
@@ -187,7 +202,8 @@ def build(loaded: Loaded, dm, out: Path, resamples: int = 1000, draws: int = 10,
             people[head] = {}
             for name in systems + ["majority"]:
                 lp = calibrated[head].log_softmax(-1).numpy() if name == "model" else others[name][h]
-                votes, truth = evaluation.person_votes(lp, test.labels[:, h], test.persons)
+                prior = priors[head] if name == "model" else None
+                votes, truth = evaluation.person_votes(lp, test.labels[:, h], test.persons, prior)
                 people[head][name] = confusion(truth, votes, np.arange(len(votes)), k)
         average = axis_average(people, resamples)
 
@@ -215,6 +231,11 @@ def build(loaded: Loaded, dm, out: Path, resamples: int = 1000, draws: int = 10,
                     test.labels[:, [h]],
                     heads,
                 )[head],
+                "person_calibration": evaluation.person_calibration(
+                    rules[head], calibrated[head].log_softmax(-1), test.labels[:, h], test.persons
+                )
+                if several
+                else None,
             }
             for h, head in enumerate(heads)
         },

@@ -2,7 +2,7 @@
 
 MODEL is an exported folder, a hub id, or a `fit` checkpoint (``.ckpt``), loaded as every command loads a
 model (`loading`: in the dtype it was trained in, with its max_length and masking). ``POST /predict`` takes ``{"texts": "..."}`` or ``{"texts": ["...", ...]}`` (one answer per text)
-or ``{"posts": ["...", ...]}`` (one person's posts: one answer from their mean log-odds) and answers
+or ``{"posts": ["...", ...]}`` (one person's posts: one answer, their evidence added up as `persons` does) and answers
 each head's letter and probability exactly as ``mbti-lightning predict`` writes them, after the same
 type-mention masking and truncation as training; ``GET /health``; FastAPI's ``/docs``. Requests
 that arrive together are run as one batch (``--max-batch-size``, ``--batch-timeout``). See
@@ -97,7 +97,7 @@ def answer(served: Loaded, requests: list[dict]) -> list[dict]:
         start = rows.stop
         mine = {head: lp[rows] for head, lp in log_probs.items()}
         if request["person"]:
-            _, counts, probs = per_author(["person"] * len(request["texts"]), mine)
+            _, counts, probs = per_author(["person"] * len(request["texts"]), mine, served.model.persons)
             (record,) = prediction_records(served.model.heads, probs)
             answer = {"person": {"posts": int(counts[0])} | record}
         else:
