@@ -50,7 +50,14 @@ class Explainer:
     def __init__(self, model, tokenizer, max_length: int, mask: bool, steps: int = 50, batch_size: int = 16) -> None:
         from captum.attr import LayerIntegratedGradients
 
-        self.model, self.tokenizer, self.max_length, self.mask = model.eval(), tokenizer, max_length, mask
+        # Gradients flow to the input embeddings alone: no weight needs one, so no layer keeps its inputs for it
+        # (at Phi-3-mini's size that is gigabytes of activations).
+        self.model, self.tokenizer, self.max_length, self.mask = (
+            model.eval().requires_grad_(False),
+            tokenizer,
+            max_length,
+            mask,
+        )
         self.steps, self.batch_size = steps, batch_size
         self.heads = model.heads
         self._head, self._ig = 0, LayerIntegratedGradients(self._forward, model.model.get_input_embeddings())

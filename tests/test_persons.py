@@ -76,3 +76,28 @@ def test_too_few_validation_persons_leave_a_persons_probability_uncalibrated():
     val_logits, val_labels, val_person = weak_posts(persons.MIN_PERSONS - 1, 5, 0.5, seed=5)
     rule = persons.fit(val_logits.log_softmax(-1), val_labels, val_person, persons.Persons.uniform(2).log_prior)
     assert not rule.calibrated
+
+
+def test_offsets_that_lower_the_held_out_mcc_are_rejected_and_the_reason_is_given():
+    """86/14 with weak posts: the offsets that restore the prior turn almost every post to the majority letter, so
+    per post MCC and balanced accuracy fall on held-out validation persons; calibration keeps less, and says why."""
+    logits, labels, person = weak_posts(200, 10, 0.86, seed=6)
+    outputs = evaluation.SplitOutputs({"N-S": logits.float()}, labels[:, None], person)
+    full = calibration.fit(logits, torch.as_tensor(labels))
+    assert full.offsets  # fitted on every row, the offsets do lower the NLL there
+    (cal,) = evaluation.calibrate(outputs, fit=True).values()
+    assert cal.decision["kept"] != "temperature and offsets" and not cal.offsets
+    assert "not temperature and offsets (lowered mcc" in cal.decision["why"]
+    held = cal.decision["held_out"]
+    assert held["temperature and offsets"]["mcc"] < held["none"]["mcc"]
+
+
+def test_the_reports_per_person_figures_are_scikit_learns_on_the_same_votes():
+    logits, labels, person = weak_posts(60, 8, 0.7, seed=7)
+    outputs = evaluation.SplitOutputs({"J-P": logits.float()}, labels[:, None], person)
+    uniform = persons.Persons.uniform(2).log_prior
+    figures = evaluation.figures({"J-P": ("J", "P")}, outputs, {}, resamples=50, priors={"J-P": uniform})
+    votes, truth = evaluation.person_votes(logits.log_softmax(-1).numpy(), labels, person, uniform)
+    people = figures["J-P"]["people"]["model"]
+    assert people["mcc"]["value"] == pytest.approx(matthews_corrcoef(truth, votes))
+    assert people["macro_f1"]["value"] == pytest.approx(f1_score(truth, votes, average="macro"))

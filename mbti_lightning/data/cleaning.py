@@ -114,6 +114,17 @@ def clean(ds: Dataset, hp: AttributeDict, heads: dict) -> tuple[Dataset, dict[st
         messages = [f"{summary}. They were dropped (data.invalid_rows: drop)."]
     if invalid.all():
         raise UserError(f"{where(hp)}: no usable rows left. {' '.join(messages)}")
+    # What a shipped config does quietly to one's own file, said once.
+    if hp.author_column and author_column is None:
+        messages.append(
+            f"{where(hp)} has no author column {hp.author_column!r}, so each row is its own person "
+            "(set data.author_column to the column that names the writer)"
+        )
+    if hp.data_files and hp.keep_fraction < 1:
+        messages.append(
+            f"data.keep_fraction is {hp.keep_fraction}: only that share of the rows (or authors) of {where(hp)} is "
+            "used, the rest discarded (set data.keep_fraction: 1.0 to use them all)"
+        )
     valid = np.flatnonzero(~invalid)
     arrays = {"labels": labels, "strata": strata, "author": authors, "source_row": source}
     return ds.select(valid), {name: values[valid] for name, values in arrays.items()}, messages
