@@ -1,19 +1,24 @@
 """`mbti-lightning serve MODEL`: a batched HTTP endpoint on LitServe.
 
 MODEL is an exported folder, a hub id, or a `fit` checkpoint (``.ckpt``), loaded as every command loads a
-model (`loading`: in the dtype it was trained in, with its max_length and masking). ``POST /predict`` takes ``{"texts": "..."}`` or ``{"texts": ["...", ...]}`` (one answer per text)
-or ``{"posts": ["...", ...]}`` (one person's posts: one answer, their evidence added up as `persons` does) and answers
-each head's letter and probability exactly as ``mbti-lightning predict`` writes them, after the same
-type-mention masking and truncation as training; ``GET /health``; FastAPI's ``/docs``. Requests
-that arrive together are run as one batch (``--max-batch-size``, ``--batch-timeout``). See
-docs/serving.md.
+model (`loading`: in the dtype it was trained in, with its max_length and masking). ``POST /predict``
+takes ``{"texts": "..."}`` or ``{"texts": ["...", ...]}`` (one answer per text) or ``{"posts": ["...",
+...]}`` (one person's posts: one answer, their evidence added up as `persons` does) and answers each
+head's letter and probability exactly as ``mbti-lightning predict`` writes them, after the same
+type-mention masking and truncation as training (a text is cut to what the model can read before it is
+tokenized); ``GET /health``; FastAPI's ``/docs`` unless there is an API key. Requests that arrive
+together are run as one batch (``--max-batch-size``, ``--batch-timeout``). With ``--api-key-env``, the
+`Doorman` refuses a request without the key before its body is read. SIGTERM or Ctrl-C stops it
+gracefully (`stop_on_signals`). See docs/serving.md.
 """
 
 # No `from __future__ import annotations`: LitServe and FastAPI read decode_request's request model at run time.
 import argparse
+import functools
 import os
 import secrets
-from typing import Annotated, Any
+import signal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -25,13 +30,13 @@ from mbti_lightning.predict import per_author, prediction_records
 
 try:  # the `serve` extra
     import litserve as ls
-    from fastapi import Depends, HTTPException
-    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    import psutil
+    from fastapi import HTTPException
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 except ImportError as err:
     raise ImportError('mbti-lightning serve needs LitServe: pip install "mbti-lightning[serve]"') from err
 
-#: The API key, when there is one, comes as ``Authorization: Bearer <key>``.
-BEARER = HTTPBearer(auto_error=False)
 #: Texts are padded and run in chunks of this many.
 CHUNK = 64
 
@@ -72,16 +77,28 @@ class PredictRequest(BaseModel):
         return self
 
 
+@functools.cache
+def longest_token(tokenizer) -> int:
+    """The most characters one token of `tokenizer` stands for (its longest vocabulary entry, which counts the
+    word-piece marks too, so it errs long)."""
+    return max(len(token) for token in tokenizer.get_vocab())
+
+
 @torch.no_grad()
 def answer(served: Loaded, requests: list[dict]) -> list[dict]:
     """The answers to `requests` (each ``{"texts": [...], "person": bool}``), run as one batch of texts."""
     texts = [text for request in requests for text in request["texts"]]
-    encoded = tokenize({"text": texts}, served.tokenizer, "text", served.max_length, served.mask)
-    # A text as long as the limit may have been cut: count its tokens untruncated to know.
-    truncated = [
-        n == served.max_length and len(served.tokenizer(text)["input_ids"]) > n
-        for text, n in zip(texts, encoded["length"])
-    ]
+    # The model reads max_length tokens; no token is longer than the tokenizer's longest, so a text cut at
+    # max_length x that many characters reads the same. (A normaliser that drops characters, such as runs of
+    # spaces, can leave a cut text shorter: then the whole text is tokenized.)
+    bound = served.max_length * longest_token(served.tokenizer)
+    cut = [text[:bound] for text in texts]
+    encoded = tokenize({"text": cut}, served.tokenizer, "text", served.max_length, served.mask, flag=True)
+    for i, (text, short) in enumerate(zip(texts, cut)):
+        if len(text) > len(short) and not encoded["truncated"][i]:
+            whole = tokenize({"text": [text]}, served.tokenizer, "text", served.max_length, served.mask, flag=True)
+            encoded["input_ids"][i], encoded["truncated"][i] = whole["input_ids"][0], whole["truncated"][0]
+    truncated = encoded["truncated"]
     device = served.model.device
     log_probs: dict[str, list[torch.Tensor]] = {head: [] for head in served.model.heads}
     for start in range(0, len(texts), CHUNK):
@@ -110,20 +127,13 @@ class MBTIAPI(ls.LitAPI):
     """LitServe's shape: the model is loaded once per worker in `setup`; requests are checked in
     `PredictRequest`, run together in `predict`, and answered one by one."""
 
-    def __init__(self, source: str, api_key: str | None, **kwargs: Any) -> None:
+    def __init__(self, source: str, **kwargs: Any) -> None:
         super().__init__(api_path="/predict", **kwargs)
         self.source = source
-        self._api_key = api_key  # never logged or written
 
     def setup(self, device: str) -> None:
         self.served = loading.load(self.source)
         self.served.model.to(device)
-
-    def authorize(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
-        if self._api_key is None:
-            return
-        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), self._api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
 
     def decode_request(self, request: PredictRequest) -> dict:
         person = request.posts is not None
@@ -145,6 +155,88 @@ class MBTIAPI(ls.LitAPI):
         return output
 
 
+#: Routes that answer without the key: a load balancer's or supervisor's health check.
+OPEN_ROUTES = ("/health",)
+#: Bytes of a refused body received (and dropped) before the refusal is sent.
+DISCARDED = 64 * 1024 * 1024
+#: Characters of a request's input quoted back in an error.
+QUOTED = 80
+
+
+class Doorman:
+    """The first thing a request meets (a pure ASGI middleware): with an API key, a request without it is refused
+    with 401 before its body is read, on every route but `OPEN_ROUTES`; a body whose Content-Length is over the cap
+    is refused with 413 before it is read (LitServe's own cap counts the bytes of a body that streams in)."""
+
+    def __init__(self, app, api_key: str | None, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            authorised = self.expected is None or secrets.compare_digest(
+                headers.get(b"authorization", b""), self.expected
+            )
+            length = headers.get(b"content-length", b"0")
+            refusal = None
+            if not authorised and scope["path"] not in OPEN_ROUTES:
+                refusal = 401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+            elif length.isdigit() and int(length) > self.max_body:
+                refusal = (
+                    413,
+                    f"the body has {int(length):,} bytes; at most {self.max_body:,} (--max-texts x --max-chars)",
+                )
+            if refusal:
+                await _discard(receive)
+                return await JSONResponse({"detail": refusal[1]}, refusal[0])(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def _discard(receive, limit: int = DISCARDED) -> None:
+    """Receive a refused request's body and drop each chunk as it comes (up to `limit` bytes), so that its client,
+    still sending, can read the refusal instead of a reset connection; nothing of it is kept."""
+    seen = 0
+    while seen <= limit:
+        try:
+            message = await receive()
+        except HTTPException:  # LitServe's cap, counting the bytes that stream in, stopped it first
+            return
+        seen += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+
+
+async def short_errors(request, error: RequestValidationError) -> JSONResponse:
+    """A 422 that names each field and position at fault and quotes at most `QUOTED` characters of the input."""
+    errors = []
+    for e in error.errors():
+        shown = e.get("input")
+        shown = shown if isinstance(shown, int | float | bool | None) else str(shown)
+        if isinstance(shown, str) and len(shown) > QUOTED:
+            shown = f"{shown[:QUOTED]}... ({len(shown):,} characters)"
+        errors.append({"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:500], "input": shown})
+    return JSONResponse({"detail": errors[:10]}, 422)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (a supervisor's stop) and SIGINT (Ctrl-C) stop the server as LitServe stops on Ctrl-C: it stops
+    accepting, lets requests in flight finish (--grace-period), stops every worker and frees the port; a second
+    signal ends the server and its workers at once."""
+    received = []
+
+    def stop(signum, frame) -> None:
+        if received:
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+            os._exit(128 + signum)
+        received.append(signum)
+        raise KeyboardInterrupt  # LitServer.run shuts down gracefully on it
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mbti-lightning serve", description=__doc__)
     parser.add_argument("model", help="an exported folder, a hub id, or a checkpoint written by `fit` (.ckpt)")
@@ -160,7 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--api-key-env",
         metavar="NAME",
-        help="require 'Authorization: Bearer <key>', the key read from environment variable NAME",
+        help="require 'Authorization: Bearer <key>' on every route but /health (and turn /docs and /openapi.json "
+        "off), the key read from environment variable NAME",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=float,
+        default=30,
+        help="seconds requests in flight get to finish after SIGTERM or Ctrl-C (a second signal stops at once)",
     )
     args = parser.parse_args(argv)
     api_key = None
@@ -171,16 +270,22 @@ def main(argv: list[str] | None = None) -> None:
     LIMITS.update(max_texts=args.max_texts, max_chars=args.max_chars)
     api = MBTIAPI(
         args.model,
-        api_key,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
     )
     devices = int(args.devices) if args.devices.isdigit() else args.devices
+    # Bytes: JSON may escape a character as \\uXXXX twice (12 bytes, a surrogate pair), plus the keys and quotes.
+    max_body = args.max_chars * args.max_texts * 12 + 64 * 1024
     server = ls.LitServer(
         api,
         accelerator=args.accelerator,
         devices=devices,
         workers_per_device=args.workers_per_device,
-        max_payload_size=max(args.max_chars * args.max_texts * 4, 1_000_000),  # bytes: UTF-8 is up to 4 a character
+        max_payload_size=max_body,
+        disable_openapi_url=api_key is not None,
+        middlewares=[(Doorman, {"api_key": api_key, "max_body": max_body})],
     )
+    server.app.add_exception_handler(RequestValidationError, short_errors)
+    server.uvicorn_graceful_timeout = args.grace_period  # uvicorn's grace for requests in flight, then LitServe's join
+    stop_on_signals()
     server.run(host=args.host, port=args.port, generate_client_file=False)

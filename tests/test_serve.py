@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import REPO, fit_demo
 
@@ -66,10 +67,11 @@ def server(model: Path, log: Path, *args: str, env: dict | None = None):
             except OSError:
                 assert process.poll() is None, log.read_text()[-3000:]
                 time.sleep(0.5)
-        yield port
+        yield port, process
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,7 @@ def assert_same_answers(port: int, run: Path, key: str | None, *model_args: str)
 def test_a_served_checkpoint_answers_as_predict_refuses_bad_input_and_keeps_its_key_secret(trained, tmp_path):
     log = tmp_path / "server.log"
     args = ["--api-key-env", "MBTI_KEY", "--max-texts", "16", "--max-chars", "5000"]
-    with server(trained, log, *args, env={"MBTI_KEY": KEY}) as port:
+    with server(trained, log, *args, env={"MBTI_KEY": KEY}) as (port, _):
         assert call(port, {"texts": "hello"})[0] == 401
         assert call(port, {"texts": "hello"}, "wrong")[0] == 401
         assert_same_answers(port, trained.parents[2], KEY, "--ckpt_path", str(trained))
@@ -129,7 +131,7 @@ def test_a_served_checkpoint_answers_as_predict_refuses_bad_input_and_keeps_its_
             (b'{"posts": []}', 422, '"posts" is empty'),
             (json.dumps({"texts": ["a"] * 17}).encode(), 422, "17 texts in one request; at most 16 (--max-texts)"),
             (json.dumps({"texts": "a" * 20_000}).encode(), 422, "texts[0] has 20,000 characters; at most 5,000"),
-            (json.dumps({"texts": "a" * 2_000_000}).encode(), 413, "Payload too large"),  # megabytes: the body cap
+            (json.dumps({"texts": "a" * 2_000_000}).encode(), 413, "(--max-texts x --max-chars)"),  # the body cap
             (b'{"texts": "caf\xe9"}', 400, "error parsing the body"),
         ]
         for body, status, message in bad:
@@ -153,7 +155,7 @@ def test_a_served_checkpoint_answers_as_predict_refuses_bad_input_and_keeps_its_
 def test_a_served_export_answers_as_predict_on_the_export(trained, tmp_path):
     out = tmp_path / "model"
     export_main(["--ckpt", str(trained), "--out", str(out)])
-    with server(out, tmp_path / "server.log", "--max-batch-size", "4") as port:
+    with server(out, tmp_path / "server.log", "--max-batch-size", "4") as (port, _):
         model = ["--model.model_name_or_path", str(out), "--model.from_scratch", "false"]
         assert_same_answers(port, tmp_path, None, *model)
         assert call(port, {"texts": "x"})[1]["model"] == str(out)
@@ -168,3 +170,62 @@ def test_the_load_bench_runs_small(trained, monkeypatch):
     soak = out["soak"]
     assert soak["valid_answered_right"] == soak["valid"] > 0 and soak["malformed_refused_4xx"] == soak["malformed"]
     assert set(out["ratio"]) == {1, 8, 32} and all(r > 0 for r in out["ratio"].values())
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("served") / "model"
+    export_main(["--ckpt", str(trained), "--out", str(out), "--no-calibrate"])
+    return out
+
+
+def tree(pid: int) -> list:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+@pytest.mark.slow
+def test_the_key_is_checked_before_the_body_is_read_and_long_texts_are_cut_before_tokenizing(exported, tmp_path):
+    log = tmp_path / "server.log"
+    with server(exported, log, "--api-key-env", "MBTI_KEY", env={"MBTI_KEY": KEY}) as (port, process):
+        pid = process.pid
+        before = sum(p.memory_info().rss for p in tree(pid))
+        assert call(port, b"not json at all")[0] == 401  # refused before parsing: 401, not 422
+        status, _ = call(port, b'{"texts": "' + b"a" * 50_000_000 + b'"}')
+        assert status == 401 and sum(p.memory_info().rss for p in tree(pid)) - before < 20_000_000
+        for path in ("/openapi.json", "/docs"):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code in (401, 404)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)  # open, for health checks
+
+        long = ["plan " * 20_000] * 256  # 100,000 characters each, the defaults' limits
+        status, answer = call(port, {"texts": long}, KEY)
+        assert status == 200 and answer["truncated"] == [True] * 256
+        status, answer = call(port, {"texts": ["as an INTJ i plan everything"]}, KEY)
+        assert status == 200 and answer["truncated"] == [False]  # masking is no truncation
+
+        status, answer = call(port, {"texts": ["x" * 100_000, 5]}, KEY)
+        assert status == 422 and len(json.dumps(answer)) < 2000  # the field and position, a short quote
+        assert ["body", "texts", "list[str]", 1] in [error["loc"] for error in answer["detail"]]
+
+        # Stopped as a supervisor stops it: SIGTERM to the server's process alone.
+        children = tree(pid)[1:]
+        os.kill(pid, signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        _, alive = psutil.wait_procs(children, timeout=2)
+        assert not alive
+        with socket.socket() as s:  # nothing listens on the port (connections in TIME_WAIT may stay)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
+    assert "Shutting down LitServe" in log.read_text()
+
+
+@pytest.mark.slow
+def test_texts_within_both_limits_are_answered_whatever_json_escaping_makes_of_them(exported, tmp_path):
+    with server(exported, tmp_path / "server.log", "--max-texts", "4", "--max-chars", "5000") as (port, _):
+        emoji = {"texts": ["😀" * 5000] * 4}  # json.dumps escapes each as two \uXXXX: 12 bytes a character
+        status, answer = call(port, emoji)
+        assert status == 200 and len(answer["predictions"]) == 4

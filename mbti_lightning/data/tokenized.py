@@ -19,13 +19,31 @@ from mbti_lightning.masking import mask_type_mentions
 CACHE_VERSION = "3"
 
 
-def tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, column: str, max_length: int, mask: bool) -> dict:
+def tokenize(
+    batch: dict, tokenizer: PreTrainedTokenizerBase, column: str, max_length: int, mask: bool, flag: bool = False
+) -> dict:
+    """The texts of `batch[column]` masked (with `mask`) and tokenized, truncated at `max_length` tokens; with
+    `flag`, also whether each was truncated (``truncated``), from the same tokenization where the tokenizer is
+    a fast one (its overflowing tokens)."""
     texts, out = batch[column], {}
     if mask:
         masked = [mask_type_mentions(text) for text in texts]
         texts, out["mentions"] = [text for text, _ in masked], [n for _, n in masked]
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    return out | {"input_ids": ids, "length": [len(x) for x in ids]}
+    if not flag:
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        return out | {"input_ids": ids, "length": [len(x) for x in ids]}
+    if not tokenizer.is_fast:  # slow tokenizers say nothing of what they cut: count the whole text
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        truncated = [len(x) == max_length and len(tokenizer(t)["input_ids"]) > max_length for t, x in zip(texts, ids)]
+        return out | {"input_ids": ids, "length": [len(x) for x in ids], "truncated": truncated}
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, return_overflowing_tokens=True)
+    first: dict[int, int] = {}
+    truncated = [False] * len(texts)
+    for row, text in enumerate(encoded["overflow_to_sample_mapping"]):
+        truncated[text] = text in first
+        first.setdefault(text, row)
+    ids = [encoded["input_ids"][first[i]] for i in range(len(texts))]
+    return out | {"input_ids": ids, "length": [len(x) for x in ids], "truncated": truncated}
 
 
 def decode(
