@@ -34,6 +34,8 @@ try:  # the `serve` extra
     from fastapi import HTTPException
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from litserve.loops import BatchedLoop
+    from litserve.loops.base import collate_requests
 except ImportError as err:
     raise ImportError('mbti-lightning serve needs LitServe: pip install "mbti-lightning[serve]"') from err
 
@@ -121,6 +123,30 @@ def answer(served: Loaded, requests: list[dict]) -> list[dict]:
             answer = {"predictions": prediction_records(served.model.heads, {h: lp.exp() for h, lp in mine.items()})}
         out.append({"model": served.name, "revision": served.revision} | answer | {"truncated": truncated[rows]})
     return out
+
+
+class _FirstThen:
+    """A request queue whose first item was already taken: `collate_requests` reads it back first."""
+
+    def __init__(self, first: Any, queue: Any) -> None:
+        self.first, self.queue = [first], queue
+
+    def get_nowait(self) -> Any:
+        return self.first.pop() if self.first else self.queue.get_nowait()
+
+
+class WhatIsWaiting(BatchedLoop):
+    """Batches of the requests that are waiting, never a wait for more: the worker sleeps until a request comes,
+    then runs it with every request queued meanwhile (up to --max-batch-size). A lone request is answered at
+    once; under load, requests queue while a batch runs and make up the next. (LitServe's own loop with a batch
+    timeout waits out the timeout for a lone request, and with none it polls the queue without sleeping.)
+
+    It reuses LitServe's `collate_requests` (litserve.loops.base; pyproject bounds litserve, and
+    tests/test_private_apis.py checks the names)."""
+
+    def get_batch_requests(self, lit_api, request_queue, transport):
+        first = request_queue.get()  # sleeps while nothing is asked
+        return collate_requests(self, lit_api, _FirstThen(first, request_queue), transport)
 
 
 class MBTIAPI(ls.LitAPI):
@@ -243,7 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests run together; 1 turns batching off")
-    parser.add_argument("--batch-timeout", type=float, default=0.01, help="seconds to wait for a batch to fill")
+    parser.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=0.0,
+        help="seconds to wait for a batch to fill; 0 (the default): run what is waiting at once (`WhatIsWaiting`)",
+    )
     parser.add_argument("--workers-per-device", type=int, default=1)
     parser.add_argument("--devices", default="auto", help="how many devices, or auto")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -268,10 +299,12 @@ def main(argv: list[str] | None = None) -> None:
         if not api_key:
             parser.exit(2, f"mbti-lightning serve: error: environment variable {args.api_key_env} is not set\n")
     LIMITS.update(max_texts=args.max_texts, max_chars=args.max_chars)
+    greedy = args.max_batch_size > 1 and args.batch_timeout == 0
     api = MBTIAPI(
         args.model,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
+        loop=WhatIsWaiting() if greedy else "auto",
     )
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     # Bytes: JSON may escape a character as \\uXXXX twice (12 bytes, a surrogate pair), plus the keys and quotes.

@@ -31,6 +31,9 @@ PRIVATE = [
     ("bitsandbytes", "bitsandbytes.optim.optimizer", "Optimizer8bit.init_state", "optim.AdamW8bit"),
     ("bitsandbytes", "bitsandbytes.optim.optimizer", "Optimizer8bit.check_overrides", "optim.AdamW8bit.step"),
     ("bitsandbytes", "bitsandbytes.optim.optimizer", "Optimizer8bit.to_gpu", "optim.AdamW8bit.step"),
+    ("litserve", "litserve.loops.base", "collate_requests", "serve.WhatIsWaiting"),
+    ("litserve", "litserve.loops", "BatchedLoop.get_batch_requests", "serve.WhatIsWaiting"),
+    ("transformers", "transformers.initialization", "no_init_weights", "loading.model_from_checkpoint"),
 ]
 
 
