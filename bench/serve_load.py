@@ -1,9 +1,10 @@
 """Load on `mbti-lightning serve`: batched against unbatched, then a soak with malformed requests.
 
-Starts the server on a free loopback port (127.0.0.1 only), once with `--max-batch-size 32` and once
-with `--max-batch-size 1` (batching off), and sends one-text requests at concurrency 1, 8 and 32:
-prints requests/s, texts/s and p50/p99 latency, and the batched/unbatched texts/s ratio at each
-concurrency, measured in the same run. Then a soak on the batched server: `--soak` requests of which
+Starts the server on a free loopback port (127.0.0.1 only), once with `--max-batch-size 32` (batches of
+the requests waiting, the default) and once with `--max-batch-size 1` (batching off), and sends one-text
+requests at concurrency 1, 8 and 32: prints requests/s, texts/s and p50/p99 latency, and the batched/unbatched texts/s ratio at each
+concurrency, measured in the same run; then the time of one request of 256 texts of 100,000 characters
+(the default limits). Then a soak on the batched server: `--soak` requests of which
 5% are malformed, checking that every valid one gets the answer the same text got alone (none lost
 or wrong) and that the server's memory (RSS of it and its workers) at the end is within 10% of its
 RSS after warm-up. Every loop is bounded in count and time; the servers are stopped at the end.
@@ -158,6 +159,14 @@ def soak(port: int, process: subprocess.Popen, requests: int, max_seconds: float
     }
 
 
+def long_request(port: int) -> dict:
+    """One request of 256 texts of 100,000 characters (the default limits): how long the answer takes, the texts
+    being cut to what the model reads before they are tokenized."""
+    body = json.dumps({"texts": [((texts(1, i)[0] + " ") * 5_000)[:100_000] for i in range(256)]}).encode()
+    status, answer, seconds = post(port, body, timeout=120)
+    return {"status": status, "seconds": round(seconds, 2), "truncated": status == 200 and all(answer["truncated"])}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="what `mbti-lightning serve` serves (an export or a .ckpt)")
@@ -174,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
             load(port, 8, min(requests, 64), args.max_seconds)  # warm-up
             out["levels"][name] = [load(port, c, requests, args.max_seconds) for c in (1, 8, 32)]
             if name == "batched":
+                out["long_request"] = long_request(port)
                 out["soak"] = soak(port, process, soak_requests, 10 * args.max_seconds)
     print(f"{'server':<10} {'conc.':>5} {'req/s':>7} {'texts/s':>8} {'p50 ms':>7} {'p99 ms':>7}")
     for name, levels in out["levels"].items():
@@ -186,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         for b, u in zip(out["levels"]["batched"], out["levels"]["unbatched"])
     }
     print("batched / unbatched texts/s: " + ", ".join(f"concurrency {c}: {r}x" for c, r in out["ratio"].items()))
+    long = out["long_request"]
+    print(f"one request of 256 texts of 100,000 characters: {long['seconds']} s, all truncated: {long['truncated']}")
     s = out["soak"]
     print(
         f"soak: {s['requests']} requests, {s['valid_answered_right']}/{s['valid']} valid answered right, "
