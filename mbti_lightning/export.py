@@ -189,7 +189,12 @@ def export(
     raw_val = evaluation.split_outputs(model, dm, "validation", calibrate_scores and evaluation.needs_inputs(model))
     fitted = evaluation.calibrate(raw_val, fit=calibrate_scores)
     for head, cal in fitted.items():
-        print(f"calibration of {head}: {cal.decision['why']}")
+        held = cal.decision.get("held_out") or {}
+        numbers = "; ".join(
+            f"{level}: NLL {h['nll']:.4f}, MCC {h['mcc']:.3f}, balanced accuracy {h['bal_acc']:.3f}"
+            for level, h in held.items()
+        )
+        print(f"calibration of {head}: {cal.decision['why']}" + (f" (held out: {numbers})" if numbers else ""))
     raw = raw_val if split == "validation" else evaluation.split_outputs(model, dm, split)
 
     rules = evaluation.persons_for(model.persons, raw_val, fitted)  # persons, as the exported scores make them
