@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers.initialization import no_init_weights
 
 from mbti_lightning.data.sources import where
+from mbti_lightning.data.tokenized import SETTINGS
 from mbti_lightning.errors import UserError
 from mbti_lightning.labels import AXES, TYPES
 from mbti_lightning.persons import Persons, trained_prior
@@ -30,28 +31,7 @@ from mbti_lightning.persons import Persons, trained_prior
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: The data settings a model is trained with: which rows make each split, and how a text is prepared. The rest
 #: (batch sizes, workers, the predict file) are the command's own.
-DATA_SETTINGS = (
-    "dataset",
-    "data_files",
-    "dataset_split",
-    "revision",
-    "text_column",
-    "type_column",
-    "author_column",
-    "axis_columns",
-    "target",
-    "split",
-    "keep_fraction",
-    "keep_seed",
-    "val_fraction",
-    "val_seed",
-    "test_fraction",
-    "explode_separator",
-    "mask_type_mentions",
-    "invalid_rows",
-    "tokenizer",
-    "max_length",
-)
+DATA_SETTINGS = (*SETTINGS, "tokenizer")
 #: Model settings of how to run a model, not of what was trained: a command line's values are used over a
 #: checkpoint's.
 RUNTIME_SETTINGS = ("attn_implementation", "sdpa_kernels", "skip_padding_mask", "compile", "tf32")

@@ -66,29 +66,33 @@ def tokenize_kwargs(tokenizer: PreTrainedTokenizerBase, hp: AttributeDict) -> di
     }
 
 
+#: The data settings that decide which rows make each split and how a text is prepared (with the tokenizer, the
+#: settings a model is trained with: `loading` gives every command a model's own).
+SETTINGS = (
+    "dataset",
+    "data_files",
+    "dataset_split",
+    "revision",
+    "text_column",
+    "type_column",
+    "author_column",
+    "axis_columns",
+    "target",
+    "split",
+    "keep_fraction",
+    "keep_seed",
+    "val_fraction",
+    "val_seed",
+    "test_fraction",
+    "explode_separator",
+    "mask_type_mentions",
+    "invalid_rows",
+    "max_length",
+)
+
+
 def preprocessing_args(hp: AttributeDict) -> dict:
-    names = (
-        "dataset",
-        "data_files",
-        "dataset_split",
-        "revision",
-        "text_column",
-        "type_column",
-        "author_column",
-        "axis_columns",
-        "target",
-        "split",
-        "keep_fraction",
-        "keep_seed",
-        "val_fraction",
-        "val_seed",
-        "test_fraction",
-        "explode_separator",
-        "mask_type_mentions",
-        "invalid_rows",
-        "max_length",
-    )
-    return {name: hp[name] for name in names}
+    return {name: hp[name] for name in SETTINGS}
 
 
 def cache_key(raw: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerBase, hp: AttributeDict) -> str:
