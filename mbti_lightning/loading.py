@@ -56,6 +56,7 @@ class Loaded:
     chosen_by: str  # what chose this model: the monitored metric and its value, or the last step
     name: str  # the checkpoint, folder or hub id, as given
     revision: str | None = None  # the hub commit, for a hub id
+    run_settings: dict[str, Any] = field(default_factory=dict)  # the fit's other data settings (batch sizes, workers)
     checkpoint: dict | None = field(default=None, repr=False)  # the memory-mapped checkpoint, for the export
 
     @property
@@ -130,7 +131,7 @@ def model_from_checkpoint(checkpoint: dict, runtime: dict | None = None) -> Any:
     model = MBTIClassifier(**hyperparameters(checkpoint) | (runtime or {}) | {"quantize": None})
     # Where the checkpoint holds every weight, the model is built without initialising them: its memory is never
     # touched before the checkpoint's tensors replace it (a random Phi-3-mini takes a minute and 7.6 GB to make).
-    whole = contextlib.nullcontext() if model.strict_loading is False else no_init_weights()
+    whole = no_init_weights() if model.strict_loading else contextlib.nullcontext()
     with default_dtype(DTYPES[saved_dtype(checkpoint)]), whole:
         model.configure_model()
     model.on_load_checkpoint(checkpoint)
@@ -148,7 +149,8 @@ def from_checkpoint(path: Path, runtime: dict | None = None) -> Loaded:
     from mbti_lightning.tokenizer import load_tokenizer
 
     checkpoint = read_checkpoint(path)
-    data = {k: v for k, v in hyperparameters(checkpoint, "datamodule_hyper_parameters").items() if k in DATA_SETTINGS}
+    settings = hyperparameters(checkpoint, "datamodule_hyper_parameters")
+    data = {k: v for k, v in settings.items() if k in DATA_SETTINGS}
     model = model_from_checkpoint(checkpoint, runtime)
     tokenizer = load_tokenizer(data["tokenizer"])
     tokenizer.model_max_length = data["max_length"]
@@ -162,6 +164,7 @@ def from_checkpoint(path: Path, runtime: dict | None = None) -> Loaded:
         chosen_by=chosen_by(checkpoint, path),
         name=str(path),
         checkpoint=checkpoint,
+        run_settings={k: v for k, v in settings.items() if k not in DATA_SETTINGS and k != "predict_file"},
     )
 
 
@@ -265,10 +268,10 @@ def is_export(name: str) -> bool:
 
 def datamodule(loaded: Loaded, given: Any = None) -> Any:
     """The data module of `loaded`'s data settings, the other settings (batch sizes, workers, the predict file)
-    from `given` (the command's data module); one line names each setting `given` had otherwise."""
+    from `given` (the command's data module), else the fit's; one line names each setting `given` had otherwise."""
     from mbti_lightning.data import MBTIDataModule
 
-    settings = hyperparameters({"h": dict(given.hparams)}, "h") if given is not None else {}
+    settings = hyperparameters({"h": dict(given.hparams)}, "h") if given is not None else dict(loaded.run_settings)
     for key, value in loaded.data.items():
         if given is not None and key in settings and settings[key] != value:
             rank_zero_info(f"data.{key}: {value!r}, as {loaded.name} was trained (not {settings[key]!r})")

@@ -83,13 +83,13 @@ def probabilities(loaded: loading.Loaded, texts: list[str]) -> list[float]:
         return loaded.model(batch["input_ids"], batch["attention_mask"]).softmax(-1)[:, 1].tolist()
 
 
-@pytest.fixture(autouse=True)
-def _in_run_folder(run, monkeypatch):
+@pytest.fixture
+def in_run_folder(run, monkeypatch):
     monkeypatch.chdir(run["dir"])
     monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
 
 
-def test_every_command_computes_in_the_trained_dtype_and_gives_the_same_probabilities(run):
+def test_every_command_computes_in_the_trained_dtype_and_gives_the_same_probabilities(run, in_run_folder):
     dtype, bound = getattr(torch, run["dtype"]), BOUND[run["dtype"]]
     from_ckpt, from_export = loading.load(run["ckpt"]), loading.load(str(run["export"]))
     assert (from_ckpt.dtype, from_export.dtype) == (dtype, dtype)
@@ -124,7 +124,7 @@ def test_every_command_computes_in_the_trained_dtype_and_gives_the_same_probabil
     assert by_explain == pytest.approx(reference, abs=bound)
 
 
-def test_the_report_and_the_card_score_the_test_split_as_predict_does(run):
+def test_the_report_and_the_card_score_the_test_split_as_predict_does(run, in_run_folder):
     """`predict` without a file runs on the test split; the report scores the checkpoint's model there, and the
     card the exported one, through `evaluation.split_outputs`."""
     bound = BOUND[run["dtype"]]
@@ -170,7 +170,7 @@ def test_a_report_on_a_checkpoint_of_ones_own_csv_takes_the_checkpoints_data_and
     assert "last step saved (step 10)" in Path("report/report.md").read_text()
 
 
-def test_a_report_on_an_uncalibrated_export_reports_its_raw_scores_and_says_so(run):
+def test_a_report_on_an_uncalibrated_export_reports_its_raw_scores_and_says_so(run, in_run_folder):
     if run["dtype"] != "float32":
         pytest.skip("one dtype is enough")
     args = ["--config", str(REPO / "configs/demo.yaml"), "--ckpt_path", str(run["export"]), "--resamples", "50"]
