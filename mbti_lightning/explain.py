@@ -1,16 +1,22 @@
 """`mbti-lightning explain`: which words a prediction rests on, checked for faithfulness, and leaks flagged.
 
-Per text and head, each token's attribution toward the predicted letter by Integrated Gradients over
-the input embeddings (captum's `LayerIntegratedGradients`, from an all-padding baseline), on the text
-as the model saw it (type mentions masked, truncated as in training). The explained quantity is the
-predicted letter's logit margin over the other letter (for the 16-way type, its log-probability), so
-the attributions of a text add up to that quantity's change from the baseline, within the reported
-convergence delta. Word pieces are summed into words for display.
+Per text and head, each token's contribution toward the letter shown (the predicted one) by Integrated
+Gradients over the input embeddings (captum's `IntegratedGradients`) on the text as the model saw it (type
+mentions masked, truncated as in training). What is explained is the shown letter's logit margin over the
+other letter (for the 16-way type, its log-probability). The reference is a mix of two texts without content,
+every word the padding token and every word the unknown token (special tokens kept), weighted so that their
+mean answer is undecided (`neutral_weights`; Expected Gradients' distribution of references; where both lean
+one way, the nearer): a text's
+contributions then add up, within captum's convergence delta, to its answer minus an undecided one, so they
+add up toward the letter shown. Positive is toward the letter shown. Word pieces are summed into words.
 
-Faithfulness: removing (replacing by the unknown token) the 10% of tokens with the most attribution
-should lower the predicted letter's probability more than removing a random 10%. Leaks: words that are
-type vocabulary (types, INxJ, Ni, "introvert"...) among a text's five strongest words are flagged.
-Writes a self-contained HTML page and JSON with every number.
+Faithfulness as ERASER measures it (DeYoung et al., 2020): comprehensiveness, the fall of the shown letter's
+probability when the top k% of a text's tokens by contribution are removed, and sufficiency, its fall when
+only they are kept, for k in `SHARES`, each against the same count of tokens chosen at random; summarised as
+differences with a 95% bootstrap interval over texts. Removing a token replaces it by the unknown token (else the
+mask token) where the tokenizer has one, else deletes it (padding would move a decoder's pooled token).
+Leaks: words that are type vocabulary (types, INxJ, Ni, "introvert"...) among a text's five strongest words
+are flagged. Writes a self-contained HTML page and JSON with every number.
 """
 
 from __future__ import annotations
@@ -25,13 +31,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mbti_lightning import faithfulness
 from mbti_lightning.loading import Loaded
 from mbti_lightning.masking import PLACEHOLDER, is_type_vocabulary, mask_type_mentions
 from mbti_lightning.predict import per_author, prediction_records
 
 TEMPLATE = Path(__file__).parent / "templates" / "explain.html"
-#: Share of a text's tokens removed by the faithfulness check, and random draws to compare with.
-REMOVE, DRAWS = 0.1, 5
 #: How many of a text's strongest words are checked for type vocabulary.
 TOP_WORDS = 5
 
@@ -44,11 +49,30 @@ def _quantity(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.log_softmax(-1).gather(1, target[:, None])[:, 0]
 
 
+def neutral(classes: int) -> float:
+    """The explained quantity (`_quantity`) of an undecided answer: an axis's margin 0, the type's log(1/16)."""
+    return 0.0 if classes == 2 else -math.log(classes)
+
+
+def as_probability(value: float, classes: int) -> float:
+    """The shown letter's probability for an explained quantity (`_quantity`)."""
+    return 1 / (1 + math.exp(-value)) if classes == 2 else math.exp(value)
+
+
+def neutral_weights(values: torch.Tensor, undecided: float) -> torch.Tensor:
+    """(2, batch) explained quantities at two references -> (2, batch) weights, adding up to 1, under which their
+    mean is `undecided`; where both lie on one side of it, all the weight on the nearer."""
+    first, second = values[0] - undecided, values[1] - undecided
+    crossing = (first > 0) != (second > 0)
+    weight = torch.where(crossing, second / (second - first).where(crossing, 1), (first.abs() <= second.abs()).float())
+    return torch.stack([weight, 1 - weight])
+
+
 class Explainer:
     """Integrated Gradients for one `MBTIClassifier` (in eval mode) and its tokenizer."""
 
     def __init__(self, model, tokenizer, max_length: int, mask: bool, steps: int = 50, batch_size: int = 16) -> None:
-        from captum.attr import LayerIntegratedGradients
+        from captum.attr import IntegratedGradients
 
         # Gradients flow to the input embeddings alone: no weight needs one, so no layer keeps its inputs for it
         # (at Phi-3-mini's size that is gigabytes of activations).
@@ -60,80 +84,132 @@ class Explainer:
         )
         self.steps, self.batch_size = steps, batch_size
         self.heads = model.heads
-        self._head, self._ig = 0, LayerIntegratedGradients(self._forward, model.model.get_input_embeddings())
-        # Removed tokens become the unknown (or mask) token, not padding: decoders pool the last non-pad token.
-        self.remove_id = tokenizer.mask_token_id or tokenizer.unk_token_id or tokenizer.pad_token_id
+        self.embeddings = model.model.get_input_embeddings()
+        self._head, self._ig = 0, IntegratedGradients(self._quantity)
+        self.removal = faithfulness.removal_id(tokenizer)
 
-    def _forward(self, input_ids, attention_mask, target):
-        return _quantity(self.model.head_logits(self.model(input_ids, attention_mask))[self._head], target)
+    def _logits(self, ids: torch.Tensor, attention: torch.Tensor, embedded: torch.Tensor | None = None) -> list:
+        """Per head (batch, classes) logits; with `embedded`, those embeddings take the place of the ids' (the ids
+        still locate the token a decoder pools)."""
+        hook = None if embedded is None else self.embeddings.register_forward_hook(lambda *_: embedded)
+        try:
+            return self.model.head_logits(self.model(ids, attention))
+        finally:
+            if hook is not None:
+                hook.remove()
 
-    @torch.no_grad()
-    def head_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-        return [x.float().log_softmax(-1) for x in self.model.head_logits(self.model(input_ids, attention_mask))]
+    def _quantity(self, embedded, ids, attention, target) -> torch.Tensor:
+        return _quantity(self._logits(ids, attention, embedded)[self._head], target)
 
     def encode(self, texts: list[str]) -> tuple[list[str], dict]:
         """The texts as the model sees them (masked) and their truncated encoding with word ids and offsets."""
         seen = [mask_type_mentions(t)[0] for t in texts] if self.mask else list(texts)
-        enc = self.tokenizer(seen, truncation=True, max_length=self.max_length, return_offsets_mapping=True)
+        enc = self.tokenizer(
+            seen,
+            truncation=True,
+            max_length=self.max_length,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
         return seen, enc
 
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+        return batch["input_ids"].to(self.model.device), batch["attention_mask"].to(self.model.device)
+
     def explain(self, texts: list[str]) -> list[dict]:
-        """Per text: per head the prediction, per-word attributions, the delta, faithfulness and leak flags."""
+        """Per text: per head the answer, the reference's, per-word contributions, the delta, faithfulness, leaks."""
         seen, enc = self.encode(texts)
         out = [{"text": text, "heads": {}} for text in seen]
-        device = self.model.device
+        generator = torch.Generator().manual_seed(0)
         for start in tqdm(range(0, len(texts), self.batch_size), desc="explaining", unit="batch"):
             rows = range(start, min(start + self.batch_size, len(texts)))
-            batch = self.tokenizer.pad({"input_ids": [enc["input_ids"][i] for i in rows]}, return_tensors="pt")
-            ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            log_probs = self.head_log_probs(ids, attention)
-            baseline = torch.full_like(ids, self.tokenizer.pad_token_id)
+            ids, attention = self._pad([enc["input_ids"][i] for i in rows])
+            special = self.tokenizer.pad({"input_ids": [enc["special_tokens_mask"][i] for i in rows]})["input_ids"]
+            kept = (torch.tensor(special, device=ids.device) == 1) | (attention == 0)
+            with torch.no_grad():
+                embedded, logits = self.embeddings(ids), self._logits(ids, attention)
+                references = self._references(ids, embedded, kept)
             for h, (head, classes) in enumerate(self.heads.items()):
                 self._head = h
-                target = log_probs[h].argmax(-1)
-                attributions, delta = self._ig.attribute(
-                    ids,
-                    baselines=baseline,
-                    additional_forward_args=(attention, target),
-                    n_steps=self.steps,
-                    internal_batch_size=self.batch_size * 4,
-                    return_convergence_delta=True,
-                )
+                target = logits[h].argmax(-1)
+                with torch.no_grad():  # (references, batch, classes)
+                    at_references = torch.stack([self._logits(ids, attention, r)[h] for r in references.values()])
+                values = torch.stack([_quantity(x, target) for x in at_references])
+                weights = neutral_weights(values, neutral(len(classes)))
+                attributions, delta = 0, 0
+                for j, reference in enumerate(references.values()):
+                    if not weights[j].any():
+                        continue
+                    part, part_delta = self._ig.attribute(
+                        embedded,
+                        baselines=reference,
+                        additional_forward_args=(ids, attention, target),
+                        n_steps=self.steps,
+                        internal_batch_size=self.batch_size * 4,
+                        return_convergence_delta=True,
+                    )
+                    attributions = attributions + weights[j, :, None, None] * part.float()
+                    delta = delta + weights[j] * part_delta.float()
                 per_token = attributions.sum(-1).detach().float().cpu() * attention.cpu()
-                with torch.no_grad():
-                    explained = _quantity(self.model.head_logits(self.model(ids, attention))[h], target).cpu()
-                    at_baseline = self._at_baseline(ids, attention, baseline, target).cpu()
-                drops = self._faithfulness(ids, attention, per_token, h, target, log_probs[h])
+                value, probabilities = _quantity(logits[h], target).cpu(), logits[h].softmax(-1).cpu()
+                shown = at_references.softmax(-1).gather(2, target[None, :, None].expand(len(values), -1, 1))[..., 0]
+                values, weights, shown = values.cpu(), weights.cpu(), shown.cpu()
                 for k, i in enumerate(rows):
                     n = int(attention[k].sum())
                     words = self._words(seen[i], enc, i, per_token[k, :n])
-                    strongest = sorted(words, key=lambda w: -w["attribution"])[:TOP_WORDS]
+                    strongest = sorted(words, key=lambda w: -w["contribution"])[:TOP_WORDS]
+                    removable = [p for p in range(n) if not kept[k, p]]
                     out[i]["heads"][head] = {
                         "letter": classes[int(target[k])],
-                        "probability": float(log_probs[h][k, target[k]].exp()),
-                        "probabilities": dict(zip(classes, log_probs[h][k].exp().tolist())),
-                        "words": words,
-                        "explained": float(explained[k]),
-                        "at_baseline": float(at_baseline[k]),
-                        "attribution_sum": float(per_token[k].sum()),
+                        "probability": float(probabilities[k, target[k]]),
+                        "probabilities": dict(zip(classes, probabilities[k].tolist())),
+                        "value": float(value[k]),
+                        "reference": {
+                            "value": float(weights[:, k] @ values[:, k]),
+                            "probability": as_probability(float(weights[:, k] @ values[:, k]), len(classes)),
+                            "texts": [
+                                {"word": word, "weight": float(weights[j, k]), "probability": float(shown[j, k])}
+                                for j, word in enumerate(references)
+                            ],
+                        },
+                        "contributions": float(per_token[k].sum()),
                         "delta": float(delta[k]),
                         "tokens": n,
-                        "drop_top": drops[0][k],
-                        "drop_random": drops[1][k],
-                        "leaks": [w["word"] for w in strongest if w["attribution"] > 0 and self._leak(w["word"])],
+                        "words": words,
+                        "faithfulness": self._faithfulness(
+                            enc["input_ids"][i], removable, per_token[k], h, int(target[k]), generator
+                        )
+                        if removable
+                        else None,
+                        "leaks": [w["word"] for w in strongest if w["contribution"] > 0 and self._leak(w["word"])],
                     }
         return out
 
-    def _at_baseline(self, ids, attention, baseline, target) -> torch.Tensor:
-        """The explained quantity with the embeddings of the baseline in place of the text's, as Integrated
-        Gradients' path starts (the ids still locate the pooled token)."""
-        layer = self.model.model.get_input_embeddings()
-        replacement = layer(baseline)
-        hook = layer.register_forward_hook(lambda module, args, output: replacement)
-        try:
-            return self._forward(ids, attention, target)
-        finally:
-            hook.remove()
+    @torch.no_grad()
+    def _references(self, ids, embedded, kept) -> dict[str, torch.Tensor]:
+        """The two reference texts, embedded: every word the padding token, and every word the removal token (the
+        vocabulary's mean embedding where the tokenizer has none, or pads with it); special tokens and padding
+        kept. Neither carries content."""
+        pad, other = self.tokenizer.pad_token_id, self.removal
+        ends = {self.tokenizer.pad_token: torch.tensor([pad], device=ids.device)}
+        if other is None or other == pad:  # through the layer, as some models scale their embeddings there
+            ends["the mean token"] = torch.arange(self.embeddings.num_embeddings, device=ids.device)
+        else:
+            ends[self.tokenizer.convert_ids_to_tokens(other)] = torch.tensor([other], device=ids.device)
+        ends = {name: self.embeddings(tokens).mean(0) for name, tokens in ends.items()}
+        return {name: torch.where(kept[..., None], embedded, end.expand_as(embedded)) for name, end in ends.items()}
+
+    @torch.no_grad()
+    def _faithfulness(self, ids, removable, contributions, h, target, generator) -> dict:
+        """ERASER's comprehensiveness and sufficiency of one text's contributions (`faithfulness`)."""
+        erased = faithfulness.variants(ids, removable, contributions, self.removal, generator)
+        rows = [ids, *erased.values()]
+        probabilities = []
+        for start in range(0, len(rows), self.batch_size * 4):
+            logits = self._logits(*self._pad(rows[start : start + self.batch_size * 4]))[h]
+            probabilities += logits.float().softmax(-1)[:, target].tolist()
+        return faithfulness.scores(probabilities[0], dict(zip(erased, probabilities[1:])))
 
     def _leak(self, word: str) -> bool:
         return is_type_vocabulary(word) and not (self.mask and word in PLACEHOLDER)
@@ -144,64 +220,35 @@ class Explainer:
         for position, (word, (begin, end)) in enumerate(zip(enc.word_ids(row), enc["offset_mapping"][row])):
             if word is None or position >= len(scores) or end <= begin:
                 continue
-            entry = words.setdefault(word, {"begin": begin, "end": end, "attribution": 0.0})
+            entry = words.setdefault(word, {"begin": begin, "end": end, "contribution": 0.0})
             entry["end"] = end
-            entry["attribution"] += float(scores[position])
+            entry["contribution"] += float(scores[position])
         out = []
         for entry in words.values():
-            begin = (
-                entry["begin"]
-                + len(text[entry["begin"] : entry["end"]])
-                - len(text[entry["begin"] : entry["end"]].lstrip())
-            )
+            span = text[entry["begin"] : entry["end"]]
+            begin = entry["begin"] + len(span) - len(span.lstrip())
             out.append(
                 {
                     "word": text[begin : entry["end"]],
                     "begin": begin,
                     "end": entry["end"],
-                    "attribution": entry["attribution"],
+                    "contribution": entry["contribution"],
                 }
             )
         return out
 
-    @torch.no_grad()
-    def _faithfulness(self, ids, attention, per_token, h, target, log_probs) -> tuple[list[float], list[float]]:
-        """Per row, how much the predicted letter's probability falls when the top 10% of its tokens by attribution
-        are removed, and when a random 10% are (mean over `DRAWS` draws)."""
-        before = log_probs.gather(1, target[:, None])[:, 0].exp().cpu()
-        generator = torch.Generator().manual_seed(0)
-        lengths = attention.sum(1).cpu()
-        chosen_top, chosen_random = [], [[] for _ in range(DRAWS)]
-        for k, n in enumerate(lengths.tolist()):
-            count = max(1, math.ceil(REMOVE * n))
-            chosen_top.append(per_token[k, :n].argsort(descending=True)[:count])
-            for d in range(DRAWS):
-                chosen_random[d].append(torch.randperm(n, generator=generator)[:count])
-
-        def probability_after(chosen: list[torch.Tensor]) -> torch.Tensor:
-            removed = ids.clone()
-            for k, positions in enumerate(chosen):
-                removed[k, positions.to(ids.device)] = self.remove_id
-            after = self.head_log_probs(removed, attention)[h]
-            return after.gather(1, target[:, None])[:, 0].exp().cpu()
-
-        top = before - probability_after(chosen_top)
-        random = torch.stack([before - probability_after(c) for c in chosen_random]).mean(0)
-        return top.tolist(), random.tolist()
-
 
 def summary(explained: list[dict], heads: dict) -> dict:
-    """Per head: mean faithfulness drops and their ratio, the largest relative delta, and the leak count."""
+    """Per head: the share of texts whose contributions add up toward the letter shown, ERASER's figures, the
+    largest delta relative to the change it explains, and the leaks."""
     out = {}
     for head in heads:
         rows = [e["heads"][head] for e in explained]
-        top, random = float(np.mean([r["drop_top"] for r in rows])), float(np.mean([r["drop_random"] for r in rows]))
+        scored = [r["faithfulness"] for r in rows if r["faithfulness"] is not None]
         out[head] = {
             "texts": len(rows),
-            "mean_drop_top": top,
-            "mean_drop_random": random,
-            "ratio": top / random if random > 0 else None,
-            "better_than_random": top > random,
+            "toward_letter_shown": float(np.mean([r["contributions"] > 0 for r in rows])),
+            "faithfulness": faithfulness.summary(scored) if scored else None,
             "max_abs_delta": float(max(abs(r["delta"]) for r in rows)),
             "texts_with_leaks": sum(bool(r["leaks"]) for r in rows),
             "leaked_words": sorted({w for r in rows for w in r["leaks"]}),
@@ -238,10 +285,19 @@ def person_posts(explained: list[dict], heads: dict, authors: list, rules: dict 
 
 
 def colour(value: float, scale: float, positive: str, negative: str) -> str:
-    """A background colour for an attribution: `positive` or `negative` hue, as opaque as |value| / scale."""
+    """A background colour for a contribution: `positive` or `negative` hue, as opaque as |value| / scale."""
     alpha = min(1.0, abs(value) / scale) if scale > 0 else 0.0
     hue = positive if value > 0 else negative
     return f"rgba({hue}, {alpha * 0.85:.3f})"
+
+
+def toward(value: float, letter: str, classes: tuple[str, ...]) -> str:
+    """A contribution in words: positive is toward the letter shown; a negative one is also said the other way
+    (toward the axis's other letter, or against the type)."""
+    if value >= 0:
+        return f"{value:+.3f} toward {letter}"
+    other = f"toward {classes[1 - classes.index(letter)]}" if len(classes) == 2 else f"against {letter}"
+    return f"{value:+.3f} toward {letter} ({-value:.3f} {other})"
 
 
 def render(explained: list[dict], heads: dict, summaries: dict, people: dict, meta: dict) -> str:
@@ -256,18 +312,21 @@ def render(explained: list[dict], heads: dict, summaries: dict, people: dict, me
             r = e["heads"][head]
             # Shade toward each letter of an axis in its own colour; for the type, toward (green) and against (red).
             sign = 1 if len(classes) != 2 or r["letter"] == classes[1] else -1
-            scale = max((abs(w["attribution"]) for w in r["words"]), default=0)
+            scale = max((abs(w["contribution"]) for w in r["words"]), default=0)
             pos, neg = (hues[1], hues[0]) if len(classes) == 2 else ("40, 160, 60", "210, 40, 40")
             spans, cursor, text = [], 0, e["text"]
             for w in sorted(r["words"], key=lambda w: w["begin"]):
                 spans.append(html.escape(text[cursor : w["begin"]]))
-                style = colour(sign * w["attribution"], scale, pos, neg)
+                style = colour(sign * w["contribution"], scale, pos, neg)
                 flag = ' class="leak"' if w["word"] in r["leaks"] else ""
-                tip = f"{w['attribution']:+.3f} toward {r['letter']}"
+                tip = html.escape(toward(w["contribution"], r["letter"], classes))
                 spans.append(f'<span{flag} style="background:{style}" title="{tip}">{html.escape(w["word"])}</span>')
                 cursor = w["end"]
             spans.append(html.escape(text[cursor:]))
-            per_head[head] = r | {"html": "".join(spans)}
+            per_head[head] = r | {
+                "html": "".join(spans),
+                "sum_in_words": toward(r["contributions"], r["letter"], classes),
+            }
         sections.append(per_head)
     env = Environment(loader=FileSystemLoader(TEMPLATE.parent), autoescape=select_autoescape(["html"]))
     return env.get_template(TEMPLATE.name).render(
@@ -296,8 +355,12 @@ def run(loaded: Loaded, texts: list[str], authors: list | None, out: Path, steps
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "masked": mask,
         "max_length": max_length,
-        "removed": f"{REMOVE:.0%}",
-        "draws": DRAWS,
+        "reference": "texts of one uninformative token each (padding, unknown), weighted so that their mean answer "
+        "is undecided (special tokens kept)",
+        "removal": "deleted"
+        if explainer.removal is None
+        else loaded.tokenizer.convert_ids_to_tokens(explainer.removal),
+        "draws": faithfulness.DRAWS,
     }
     out.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "summary": summaries, "people": people, "texts": explained}
