@@ -130,10 +130,11 @@ def model_card(
     adapter: bool = False,
     license: str | None = None,
     data_changed: bool = False,
+    example: tuple[str, list[tuple[str, float]]] = (EXAMPLES[0], []),
 ) -> ModelCard:
     """The card of an export from a checkpoint's model and data hyperparameters and its ``mbti_lightning``
     entry (`meta`). `results` per head are `evaluation.figures` on `split`, `majority` the training split's most
-    common class per head, `chosen_by` what chose the checkpoint (`loading.chosen_by`), `calibration_figures` per head what `evaluation.calibration_figures` returns."""
+    common class per head, `chosen_by` what chose the checkpoint (`loading.chosen_by`), `calibration_figures` per head what `evaluation.calibration_figures` returns, `example` the usage example's text and the model's answer to it (`export.example_answer`)."""
     heads = meta["heads"]
     base = model_hp["model_name_or_path"]
     recipe = meta.get("config") or {"model": model_hp, "data": data_hp}
@@ -150,7 +151,8 @@ def model_card(
         else f"`{base}`",
         dataset=_dataset_name(data_hp),
         adapter=adapter,
-        example=EXAMPLES[0],
+        example=example[0],
+        answer=example[1],
         split=split,
         rows=next(iter(results.values()))["rows"],
         persons=next(iter(results.values()))["persons"],

@@ -38,10 +38,11 @@ class MBTITrainer(Trainer):
         """(model, data module, ckpt_path for Lightning) for a subcommand: with a checkpoint file (or an exported
         model as ``model.model_name_or_path``), the model and data as `loading` gives them, the splits checked
         where the subcommand reads them (`splits`)."""
-        source = str(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
-        name, scratch = model.hparams.model_name_or_path, model.hparams.from_scratch
-        if source is None and not scratch and loading.is_export(name):
-            source = name
+        name = model.hparams.model_name_or_path
+        if ckpt_path and (Path(ckpt_path).is_file() or loading.is_export(str(ckpt_path))):
+            source = str(ckpt_path)
+        else:  # an exported folder runs as exported, whatever `from_scratch` (a training setting) says
+            source = name if loading.is_export(name) else None
         if source is None:
             return model, datamodule, ckpt_path
         # Options of how to run it (not what was trained) given on the command line: `_parse_ckpt_path` kept them.
@@ -69,9 +70,9 @@ class MBTITrainer(Trainer):
         """Predict `data.predict_file` (else the test split) and write `--predictions.output`.
 
         Args:
-            ckpt_path: A checkpoint written by ``fit``; its weights in the dtype it was trained in, and its data
-                settings (max_length, masking...) over the command line's. An exported folder goes in
-                ``--model.model_name_or_path`` (with ``--model.from_scratch false``).
+            ckpt_path: A checkpoint written by ``fit``, or an exported folder; its weights in the dtype it was
+                trained in, and its data settings (max_length, masking...) over the command line's. An exported
+                folder may also go in ``--model.model_name_or_path``.
             allow_changed_data: Go on where the data no longer gives the splits the model was trained with.
         """
         model, datamodule, ckpt_path = self._loaded(

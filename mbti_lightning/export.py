@@ -17,13 +17,14 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 from dotenv import dotenv_values
 from huggingface_hub import HfApi, get_token
 
 from mbti_lightning import baseline, calibration, evaluation, folding, loading, plots, report
-from mbti_lightning.card import model_card
+from mbti_lightning.card import EXAMPLES, model_card
 from mbti_lightning.errors import UserError
 from mbti_lightning.loading import DTYPES, Loaded, hyperparameters
 from mbti_lightning.model import MBTIClassifier
@@ -158,6 +159,19 @@ def _check_arguments(out: Path, overwrite: bool, push_to_hub: str | None) -> str
     return token
 
 
+@torch.no_grad()
+def example_answer(model: Any, tokenizer: Any, text: str) -> list[tuple[str, float]]:
+    """What ``pipeline("text-classification", top_k=None)`` answers for `text` on the exported `model`: labels
+    and scores, highest first (a multi-axis model's outputs are named by each axis's second letter)."""
+    batch = tokenizer([text], truncation=True, return_tensors="pt").to(model.device)
+    logits = model.head_logits(model(batch["input_ids"], batch["attention_mask"]))
+    if len(model.heads) == 1:
+        pairs = zip(next(iter(model.heads.values())), logits[0][0].float().softmax(-1).tolist())
+    else:
+        pairs = ((classes[1], float(x[0].float().softmax(-1)[1])) for classes, x in zip(model.heads.values(), logits))
+    return sorted(pairs, key=lambda pair: -pair[1])
+
+
 def export(
     ckpt: Path,
     out: Path,
@@ -203,6 +217,7 @@ def export(
     # Every figure is of the model as written: calibrated and cast, through the forward pass pipeline runs.
     model.model = hf_model
     saved = evaluation.split_outputs(model, dm, split)
+    example = EXAMPLES[0], example_answer(model, loaded.tokenizer, EXAMPLES[0])
     counts = dm.train_label_counts()
     others = {"majority": report.majority_log_probs(counts, len(saved.labels))}
     if baseline.available():
@@ -232,6 +247,7 @@ def export(
             adapter=adapter,
             license=license,
             data_changed=data_changed,
+            example=example,
         )
         card.save(tmp / "README.md")
         # Some writers (safetensors') make private files; every file gets the mode the umask gives a new one.

@@ -14,7 +14,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
 from mbti_lightning import calibration, folding
-from mbti_lightning.card import card_data
+from mbti_lightning.card import EXAMPLES, card_data
 from mbti_lightning.cli import cli_main
 from mbti_lightning.evaluation import METRICS
 from mbti_lightning.export import main as export_main
@@ -440,8 +440,9 @@ def test_a_failed_overwrite_keeps_the_old_folder(trained, tmp_path, monkeypatch)
 def test_an_exported_model_predicts_through_the_cli_as_its_checkpoint_does(
     trained, tmp_path, monkeypatch, recwarn, caplog
 ):
-    """A published model (here its export folder) works as `model.model_name_or_path`: `predict` writes
-    the checkpoint's predictions; a command line whose target is not the model's is told the model's is used."""
+    """A published model (here its export folder) works as `model.model_name_or_path` or `--ckpt_path`, under a
+    config that trains from scratch too: `predict` writes the checkpoint's predictions; a command line whose target
+    is not the model's is told the model's is used."""
     out = tmp_path / "model"
     export("--ckpt", trained, "--out", out, "--no-calibrate")  # the checkpoint's own scores
     monkeypatch.chdir(tmp_path)
@@ -454,6 +455,10 @@ def test_an_exported_model_predicts_through_the_cli_as_its_checkpoint_does(
     rows = list(csv.DictReader(Path("published.csv").open()))
     assert [row["text"] for row in rows] == TEXTS and {row["J-P"] for row in rows} <= {"J", "P"}
     assert Path("published.csv").read_text() == Path("checkpoint.csv").read_text()
+    # configs/demo.yaml says from_scratch: true; the export is still what runs (it was a random model before).
+    cli_main([*predict, "--model.model_name_or_path", str(out), "--predictions.output", "scratch.csv"])
+    cli_main([*predict, "--ckpt_path", str(out), "--predictions.output", "folder.csv"])
+    assert Path("scratch.csv").read_text() == Path("folder.csv").read_text() == Path("checkpoint.csv").read_text()
     assert not [w for w in recwarn if "batch indices" in str(w.message)]  # Lightning's, about its own writer
 
     caplog.set_level(logging.INFO)
@@ -479,6 +484,11 @@ def test_the_cards_table_is_the_exported_folders_own_metrics_through_pipeline(tr
     preds = torch.tensor([[("J", "P").index(letter)] for letter in letters])
     scores = score_predictions({"J-P": ("J", "P")}, preds, torch.tensor(rows["labels"][:])[:, None])["J-P"]
     card = (out / "README.md").read_text()
+    # The usage example shows what pipeline answers for it, not a placeholder.
+    example = classifier(EXAMPLES[0], top_k=None, truncation=True)
+    shown = re.findall(r"'label': '(\w)', 'score': ([\d.]+)", card.split("classifier(")[1].split("```")[0])
+    assert [label for label, _ in shown] == [r["label"] for r in example]
+    assert [float(score) for _, score in shown] == pytest.approx([r["score"] for r in example], abs=2e-3)
     table = dict(
         re.findall(
             r"^\| (accuracy|MCC|balanced accuracy) \| ([\d.]+) \[",
