@@ -11,6 +11,7 @@ RSS after warm-up. Every loop is bounded in count and time; the servers are stop
 
     python bench/serve_load.py --model exported/demo-jp              # the recorded run
     python bench/serve_load.py --model exported/demo-jp --smoke      # small counts, for CI
+    python bench/serve_load.py --model /tmp/fs/exported --requests 16 --max-seconds 90 --soak 0 --no-long  # 3.7 B
 """
 
 from __future__ import annotations
@@ -172,18 +173,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", required=True, help="what `mbti-lightning serve` serves (an export or a .ckpt)")
     parser.add_argument("--smoke", action="store_true", help="small counts: a check that it all runs")
     parser.add_argument("--requests", type=int, help="requests per concurrency level (default 600; smoke 40)")
-    parser.add_argument("--soak", type=int, help="soak requests (default 10,000; smoke 200)")
+    parser.add_argument("--soak", type=int, help="soak requests (default 10,000; smoke 200; 0: no soak)")
+    parser.add_argument(
+        "--long", action=argparse.BooleanOptionalAction, default=True, help="the request of 256 long texts (default)"
+    )
     parser.add_argument("--max-seconds", type=float, default=120, help="cap on each load level and on the soak")
     args = parser.parse_args(argv)
     requests = args.requests or (40 if args.smoke else 600)
-    soak_requests = args.soak or (200 if args.smoke else 10_000)
+    soak_requests = args.soak if args.soak is not None else 200 if args.smoke else 10_000
     out: dict = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "levels": {}}
     for name, batch in (("batched", 32), ("unbatched", 1)):
         with serving(args.model, batch) as (port, process):
             load(port, 8, min(requests, 64), args.max_seconds)  # warm-up
             out["levels"][name] = [load(port, c, requests, args.max_seconds) for c in (1, 8, 32)]
-            if name == "batched":
+            if name == "batched" and args.long:
                 out["long_request"] = long_request(port)
+            if name == "batched" and soak_requests:
                 out["soak"] = soak(port, process, soak_requests, 10 * args.max_seconds)
     print(f"{'server':<10} {'conc.':>5} {'req/s':>7} {'texts/s':>8} {'p50 ms':>7} {'p99 ms':>7}")
     for name, levels in out["levels"].items():
@@ -196,14 +201,16 @@ def main(argv: list[str] | None = None) -> dict:
         for b, u in zip(out["levels"]["batched"], out["levels"]["unbatched"])
     }
     print("batched / unbatched texts/s: " + ", ".join(f"concurrency {c}: {r}x" for c, r in out["ratio"].items()))
-    long = out["long_request"]
-    print(f"one request of 256 texts of 100,000 characters: {long['seconds']} s, all truncated: {long['truncated']}")
-    s = out["soak"]
-    print(
-        f"soak: {s['requests']} requests, {s['valid_answered_right']}/{s['valid']} valid answered right, "
-        f"{s['malformed_refused_4xx']}/{s['malformed']} malformed refused with a 4xx, "
-        f"RSS {s['rss_after_warmup_mb']} -> {s['rss_at_end_mb']} MB ({s['rss_growth']:+.1%})"
-    )
+    if long := out.get("long_request"):
+        print(
+            f"one request of 256 texts of 100,000 characters: {long['seconds']} s, all truncated: {long['truncated']}"
+        )
+    if s := out.get("soak"):
+        print(
+            f"soak: {s['requests']} requests, {s['valid_answered_right']}/{s['valid']} valid answered right, "
+            f"{s['malformed_refused_4xx']}/{s['malformed']} malformed refused with a 4xx, "
+            f"RSS {s['rss_after_warmup_mb']} -> {s['rss_at_end_mb']} MB ({s['rss_growth']:+.1%})"
+        )
     print(json.dumps(out))
     return out
 

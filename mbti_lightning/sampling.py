@@ -1,4 +1,4 @@
-"""Length-aware batching: fewer pad tokens in training, sorted batches in evaluation."""
+"""Length-aware batching: fewer pad tokens in training, sorted batches in evaluation and serving."""
 
 from __future__ import annotations
 
@@ -84,3 +84,14 @@ class LengthGroupedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return len(self._batches()[self.rank :: self.num_replicas])
+
+
+def runs_within(lengths: Sequence[int], tokens: int) -> list[list[int]]:
+    """Indices of `lengths` sorted by length, cut into runs whose padded size (rows x the run's longest) stays
+    within `tokens` (a longer row runs alone)."""
+    runs: list[list[int]] = [[]]
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if runs[-1] and (len(runs[-1]) + 1) * lengths[i] > tokens:
+            runs.append([])
+        runs[-1].append(i)
+    return runs if runs[0] else []

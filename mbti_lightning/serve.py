@@ -27,6 +27,7 @@ from mbti_lightning import loading
 from mbti_lightning.data.tokenized import tokenize
 from mbti_lightning.loading import Loaded
 from mbti_lightning.predict import per_author, prediction_records
+from mbti_lightning.sampling import runs_within
 
 try:  # the `serve` extra
     import litserve as ls
@@ -39,8 +40,10 @@ try:  # the `serve` extra
 except ImportError as err:
     raise ImportError('mbti-lightning serve needs LitServe: pip install "mbti-lightning[serve]"') from err
 
-#: Texts are padded and run in chunks of this many.
-CHUNK = 64
+#: Tokens one forward pass holds (rows x the longest; the texts sorted by length, so they pad little), on a CPU
+#: and on an accelerator. A CPU's larger passes fall out of its caches: MiniLM, texts of 7-50 tokens sorted,
+#: 168 texts/s in passes of 16 texts against 131 in passes of 32 (unsorted passes of 32: 128).
+PASS_TOKENS = {"cpu": 512, "accelerator": 32_768}
 
 
 #: Per-request limits, set by `main` before the server starts: its HTTP processes are forked from this one.
@@ -102,14 +105,18 @@ def answer(served: Loaded, requests: list[dict]) -> list[dict]:
             encoded["input_ids"][i], encoded["truncated"][i] = whole["input_ids"][0], whole["truncated"][0]
     truncated = encoded["truncated"]
     device = served.model.device
-    log_probs: dict[str, list[torch.Tensor]] = {head: [] for head in served.model.heads}
-    for start in range(0, len(texts), CHUNK):
-        ids = encoded["input_ids"][start : start + CHUNK]
+    parts: dict[str, list[torch.Tensor]] = {head: [] for head in served.model.heads}
+    runs = runs_within(
+        [len(ids) for ids in encoded["input_ids"]], PASS_TOKENS["cpu" if device.type == "cpu" else "accelerator"]
+    )
+    for run in runs:
+        ids = [encoded["input_ids"][i] for i in run]
         batch = served.tokenizer.pad({"input_ids": ids}, pad_to_multiple_of=8, return_tensors="pt").to(device)
         logits = served.model.head_logits(served.model(batch["input_ids"], batch["attention_mask"]))
         for head, x in zip(served.model.heads, logits):
-            log_probs[head].append(x.float().log_softmax(-1).cpu())
-    log_probs = {head: torch.cat(parts) for head, parts in log_probs.items()}
+            parts[head].append(x.float().log_softmax(-1).cpu())
+    order = torch.tensor([i for run in runs for i in run]).argsort()  # back to the requests' order
+    log_probs = {head: torch.cat(p)[order] for head, p in parts.items()}
     out, start = [], 0
     for request in requests:
         rows = slice(start, start + len(request["texts"]))

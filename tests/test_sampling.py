@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from mbti_lightning.sampling import LengthGroupedSampler
+from mbti_lightning.sampling import LengthGroupedSampler, runs_within
 
 _rng = random.Random(0)
 LENGTHS = [_rng.randint(150, 290) for _ in range(1000)]
@@ -61,3 +61,14 @@ def test_resume_skips_the_batches_already_trained_on_in_the_saved_epoch_only():
     sampler.set_epoch(1)
     sampler.resume(epoch=0, batches_done=10)  # a state saved in epoch 0 resumes epoch 0's order, whatever came before
     assert list(sampler) == first[10:] and first[10:] != full[10:]
+
+
+def test_serving_runs_are_sorted_within_the_token_budget_and_cover_every_text_once():
+    lengths = [30, 5, 12, 500, 7, 30, 9, 64, 3]
+    runs = runs_within(lengths, 64)
+    assert sorted(i for run in runs for i in run) == list(range(len(lengths)))
+    flat = [lengths[i] for run in runs for i in run]
+    assert flat == sorted(lengths)
+    for run in runs:  # a run's padded size stays within the budget, but for a row longer than it, alone
+        assert len(run) * max(lengths[i] for i in run) <= 64 or len(run) == 1
+    assert runs[-1] == [3] and runs_within([], 64) == []
