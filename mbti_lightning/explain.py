@@ -6,15 +6,15 @@ mentions masked, truncated as in training). What is explained is the shown lette
 other letter (for the 16-way type, its log-probability). The reference is a mix of two texts without content,
 every word the padding token and every word the unknown token (special tokens kept), weighted so that their
 mean answer is undecided (`neutral_weights`; Expected Gradients' distribution of references; where both lean
-one way, the nearer): a text's
-contributions then add up, within captum's convergence delta, to its answer minus an undecided one, so they
-add up toward the letter shown. Positive is toward the letter shown. Word pieces are summed into words.
+one way, the nearer): a text's contributions then add up, within captum's convergence delta, to its answer
+minus an undecided one, so they add up toward the letter shown. Positive is toward the letter shown. Word
+pieces are summed into words.
 
 Faithfulness as ERASER measures it (DeYoung et al., 2020): comprehensiveness, the fall of the shown letter's
 probability when the top k% of a text's tokens by contribution are removed, and sufficiency, its fall when
 only they are kept, for k in `SHARES`, each against the same count of tokens chosen at random; summarised as
-differences with a 95% bootstrap interval over texts. Removing a token replaces it by the unknown token (else the
-mask token) where the tokenizer has one, else deletes it (padding would move a decoder's pooled token).
+differences with a 95% bootstrap interval over texts. Removing a token replaces it by the unknown token (else
+the mask token) where the tokenizer has one, else deletes it (padding would move a decoder's pooled token).
 Leaks: words that are type vocabulary (types, INxJ, Ni, "introvert"...) among a text's five strongest words
 are flagged. Writes a self-contained HTML page and JSON with every number.
 """
