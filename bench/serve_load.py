@@ -1,7 +1,7 @@
 """Load on `mbti-lightning serve`: batched against unbatched, then a soak with malformed requests.
 
 Starts the server on a free loopback port (127.0.0.1 only), once with `--max-batch-size 32` (batches of
-the requests waiting, the default) and once with `--max-batch-size 1` (batching off), and sends one-text
+the requests waiting, the default loop) and once with `--max-batch-size 1` (batching off), and sends one-text
 requests at concurrency 1, 8 and 32: prints requests/s, texts/s and p50/p99 latency, and the batched/unbatched texts/s ratio at each
 concurrency, measured in the same run; then the time of one request of 256 texts of 100,000 characters
 (the default limits). Then a soak on the batched server: `--soak` requests of which

@@ -18,6 +18,7 @@ import functools
 import os
 import secrets
 import signal
+import time
 from typing import Any
 
 import torch
@@ -89,7 +90,7 @@ def longest_token(tokenizer) -> int:
     return max(len(token) for token in tokenizer.get_vocab())
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def answer(served: Loaded, requests: list[dict]) -> list[dict]:
     """The answers to `requests` (each ``{"texts": [...], "person": bool}``), run as one batch of texts."""
     texts = [text for request in requests for text in request["texts"]]
@@ -109,9 +110,10 @@ def answer(served: Loaded, requests: list[dict]) -> list[dict]:
     runs = runs_within(
         [len(ids) for ids in encoded["input_ids"]], PASS_TOKENS["cpu" if device.type == "cpu" else "accelerator"]
     )
+    multiple = None if device.type == "cpu" else 8  # tensor cores want multiples of 8; a CPU only pays for them
     for run in runs:
         ids = [encoded["input_ids"][i] for i in run]
-        batch = served.tokenizer.pad({"input_ids": ids}, pad_to_multiple_of=8, return_tensors="pt").to(device)
+        batch = served.tokenizer.pad({"input_ids": ids}, pad_to_multiple_of=multiple, return_tensors="pt").to(device)
         logits = served.model.head_logits(served.model(batch["input_ids"], batch["attention_mask"]))
         for head, x in zip(served.model.heads, logits):
             parts[head].append(x.float().log_softmax(-1).cpu())
@@ -132,28 +134,49 @@ def answer(served: Loaded, requests: list[dict]) -> list[dict]:
     return out
 
 
-class _FirstThen:
-    """A request queue whose first item was already taken: `collate_requests` reads it back first."""
+class _Gathering:
+    """A request queue whose first item was already taken (`collate_requests` reads it back first) and that, while
+    fewer than `expected` requests have been read, waits for the next until `deadline`."""
 
-    def __init__(self, first: Any, queue: Any) -> None:
-        self.first, self.queue = [first], queue
+    def __init__(self, first: Any, queue: Any, expected: int, deadline: float) -> None:
+        self.first, self.queue, self.expected, self.deadline, self.read = [first], queue, expected, deadline, 0
 
     def get_nowait(self) -> Any:
-        return self.first.pop() if self.first else self.queue.get_nowait()
+        self.read += 1
+        if self.first:
+            return self.first.pop()
+        wait = self.deadline - time.monotonic() if self.read <= self.expected else 0
+        return self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
+
+
+#: Seconds a batch waits for requests still expected (see `WhatIsWaiting`). MiniLM on this project's 2-core CPU,
+#: 32 clients, three runs each: 30 ms gave 137-149 texts/s (batches of 26-31) against 126-145 with no wait
+#: (batches of 12-21, in uneven pairs); one client waits for nothing either way.
+PATIENCE_S = 0.03
 
 
 class WhatIsWaiting(BatchedLoop):
-    """Batches of the requests that are waiting, never a wait for more: the worker sleeps until a request comes,
-    then runs it with every request queued meanwhile (up to --max-batch-size). A lone request is answered at
-    once; under load, requests queue while a batch runs and make up the next. (LitServe's own loop with a batch
-    timeout waits out the timeout for a lone request, and with none it polls the queue without sleeping.)
+    """Batches of the requests that are waiting, with a wait only for those the last batch says are coming: the
+    worker sleeps until a request comes, then runs it with every request queued meanwhile (up to
+    --max-batch-size), waiting up to `patience` seconds while the batch is smaller than the last one. A lone client
+    is answered at once (its last batch was one request); under load, the clients answered by one batch ask again
+    together and make up the next, rather than splitting into a small batch and a large one. (LitServe's own loop
+    with a batch timeout waits out the timeout for a lone request, and with none it polls the queue without
+    sleeping.)
 
     It reuses LitServe's `collate_requests` (litserve.loops.base; pyproject bounds litserve, and
     tests/test_private_apis.py checks the names)."""
 
+    def __init__(self, patience: float = PATIENCE_S) -> None:
+        super().__init__()
+        self.patience, self.expected = patience, 1
+
     def get_batch_requests(self, lit_api, request_queue, transport):
         first = request_queue.get()  # sleeps while nothing is asked
-        return collate_requests(self, lit_api, _FirstThen(first, request_queue), transport)
+        queue = _Gathering(first, request_queue, self.expected, time.monotonic() + self.patience)
+        payloads, timed_out = collate_requests(self, lit_api, queue, transport)
+        self.expected = max(len(payloads), 1)
+        return payloads, timed_out
 
 
 class MBTIAPI(ls.LitAPI):

@@ -13,6 +13,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from queue import Queue
+from threading import Timer
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -224,3 +227,31 @@ def test_the_key_is_checked_before_the_body_is_read_and_long_texts_are_cut_befor
             s.bind(("127.0.0.1", port))
             s.listen()
     assert "Shutting down LitServe" in log.read_text()
+
+
+def test_a_batch_waits_for_the_clients_the_last_batch_answered_and_a_lone_client_waits_for_nothing():
+    from mbti_lightning.serve import WhatIsWaiting
+
+    loop = WhatIsWaiting(patience=1.0)
+    loop.put_response = lambda **_: None  # the START message to each client, not under test here
+    api = SimpleNamespace(batch_timeout=0, max_batch_size=8, request_timeout=-1, stream=False)
+    queue = Queue()
+
+    def batch(now: int, later: int = 0) -> tuple[int, float]:
+        """The size of the next batch when `now` requests wait and `later` come 0.2 s later, and its wait."""
+        for i in range(now):
+            queue.put((0, f"now{i}", time.monotonic(), i))
+        for i in range(later):
+            Timer(0.2, queue.put, [(0, f"later{i}", time.monotonic(), i)]).start()
+        start = time.monotonic()
+        payloads, _ = loop.get_batch_requests(api, queue, None)
+        return len(payloads), time.monotonic() - start
+
+    size, took = batch(1, later=1)
+    assert size == 1 and took < 0.15  # a lone client is answered at once
+    assert batch(0) == (1, pytest.approx(0.2, abs=0.15))  # the later one, alone
+    assert batch(3)[0] == 3
+    assert batch(1, later=2)[0] == 3  # three were answered together: three are awaited
+    assert batch(1)[0] == 1  # one client left: a wait of at most `patience`, once
+    size, took = batch(1, later=1)
+    assert size == 1 and took < 0.15
