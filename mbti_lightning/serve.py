@@ -106,11 +106,10 @@ def answer(served: Loaded, requests: list[dict]) -> list[dict]:
             encoded["input_ids"][i], encoded["truncated"][i] = whole["input_ids"][0], whole["truncated"][0]
     truncated = encoded["truncated"]
     device = served.model.device
+    on_cpu = device.type == "cpu"
     parts: dict[str, list[torch.Tensor]] = {head: [] for head in served.model.heads}
-    runs = runs_within(
-        [len(ids) for ids in encoded["input_ids"]], PASS_TOKENS["cpu" if device.type == "cpu" else "accelerator"]
-    )
-    multiple = None if device.type == "cpu" else 8  # tensor cores want multiples of 8; a CPU only pays for them
+    runs = runs_within([len(ids) for ids in encoded["input_ids"]], PASS_TOKENS["cpu" if on_cpu else "accelerator"])
+    multiple = None if on_cpu else 8  # tensor cores want multiples of 8; a CPU only pays for them
     for run in runs:
         ids = [encoded["input_ids"][i] for i in run]
         batch = served.tokenizer.pad({"input_ids": ids}, pad_to_multiple_of=multiple, return_tensors="pt").to(device)
@@ -139,12 +138,12 @@ class _Gathering:
     fewer than `expected` requests have been read, waits for the next until `deadline`."""
 
     def __init__(self, first: Any, queue: Any, expected: int, deadline: float) -> None:
-        self.first, self.queue, self.expected, self.deadline, self.read = [first], queue, expected, deadline, 0
+        self.first, self.queue, self.expected, self.deadline, self.read = first, queue, expected, deadline, 0
 
     def get_nowait(self) -> Any:
         self.read += 1
-        if self.first:
-            return self.first.pop()
+        if self.read == 1:
+            return self.first
         wait = self.deadline - time.monotonic() if self.read <= self.expected else 0
         return self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
 
