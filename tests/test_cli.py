@@ -177,3 +177,11 @@ def test_predicting_leaves_no_log_folder_behind(tmp_path):
     assert (tmp_path / "p.csv").is_file()
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "logs").rglob("*")) == before
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_a_run_shorter_than_the_validation_interval_validates_after_its_last_step(tmp_path):
+    """The demo validates every 100 batches; a user's `--trainer.max_steps 6` run validates at step 6 instead of
+    never (no best checkpoint), and says so."""
+    with pytest.warns(UserWarning, match=r"val_check_interval \(100\) is longer than the run \(trainer.max_steps 6"):
+        folder = fit_demo(tmp_path, "--data.keep_fraction", "0.2", "--trainer.max_steps", "6")
+    assert [p.name.split("-mcc")[0] for p in folder.glob("best-*.ckpt")] == ["best-step6"]

@@ -258,13 +258,24 @@ class MBTIDataModule(L.LightningDataModule):
         return DataLoader(_Rows(rows), sampler=sampler, **kwargs)
 
     def _validate_within_epochs(self, batches: int) -> None:
-        """A `trainer.val_check_interval` (in batches) longer than an epoch of `batches` makes Lightning stop;
-        a shipped config with a user's smaller file must still run, so validation moves to each epoch's end."""
+        """A `trainer.val_check_interval` (in batches) longer than an epoch of `batches` makes Lightning stop, and
+        one longer than a `trainer.max_steps` run never validates (no best checkpoint); a shipped config with a
+        user's smaller file or shorter run must still run and validate, so validation moves to the run's last batch
+        or to each epoch's end."""
         trainer = self.trainer
         limit = trainer.limit_train_batches
         batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
-        interval = trainer.val_check_interval
-        if isinstance(interval, int) and interval > batches > 0 and trainer.check_val_every_n_epoch is not None:
+        interval, per_epoch = trainer.val_check_interval, trainer.check_val_every_n_epoch is not None
+        run = trainer.max_steps * trainer.accumulate_grad_batches
+        if not isinstance(interval, int) or batches == 0:
+            return
+        if interval > run > 0 and (run <= batches or not per_epoch):
+            rank_zero_warn(
+                f"trainer.val_check_interval ({interval}) is longer than the run (trainer.max_steps "
+                f"{trainer.max_steps}, {run} training batches); validating after its last batch instead"
+            )
+            trainer.val_check_interval = run
+        elif interval > batches and per_epoch:
             rank_zero_warn(
                 f"trainer.val_check_interval ({interval}) is longer than an epoch ({batches} training batches); "
                 "validating at the end of each epoch instead"
