@@ -15,6 +15,7 @@ gracefully (`stop_on_signals`). See docs/serving.md.
 # No `from __future__ import annotations`: LitServe and FastAPI read decode_request's request model at run time.
 import argparse
 import functools
+import multiprocessing
 import os
 import secrets
 import signal
@@ -38,6 +39,7 @@ try:  # the `serve` extra
     from fastapi.responses import JSONResponse
     from litserve.loops import BatchedLoop
     from litserve.loops.base import collate_requests
+    from litserve.transport.process_transport import MPQueueTransport
 except ImportError as err:
     raise ImportError('mbti-lightning serve needs LitServe: pip install "mbti-lightning[serve]"') from err
 
@@ -176,6 +178,25 @@ class WhatIsWaiting(BatchedLoop):
         payloads, timed_out = collate_requests(self, lit_api, queue, transport)
         self.expected = max(len(payloads), 1)
         return payloads, timed_out
+
+
+class DirectQueues(ls.LitServer):
+    """A LitServer whose requests and answers go through pipes between the HTTP process and the worker
+    (`multiprocessing` queues), not through queues held by a manager process: there every put and get is a round
+    trip to a third process, which a busy CPU may not schedule at once, and the HTTP process's put blocks its event
+    loop. MiniLM, 32 clients on this project's 2-core CPU, three alternating runs: 113-140 texts/s against
+    103-130 (bench/RESULTS.md). LitServe's own `fast_queue` (ZeroMQ answers) would help too, but 0.2.19 ignores it
+    (Lightning-AI/LitServe#751).
+
+    It replaces what LitServer._init_manager made (`litapi_request_queues`, `_transport`; pyproject bounds
+    litserve, and tests/test_private_apis.py checks the names)."""
+
+    def _init_manager(self, num_api_servers: int):
+        manager = super()._init_manager(num_api_servers)
+        spawn = multiprocessing.get_context("spawn")  # as LitServe starts its workers
+        self.litapi_request_queues = {path: spawn.Queue() for path in self.litapi_request_queues}
+        self._transport = MPQueueTransport(manager, [spawn.Queue() for _ in range(num_api_servers)])
+        return manager
 
 
 class MBTIAPI(ls.LitAPI):
@@ -338,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     # Bytes: JSON may escape a character as \\uXXXX twice (12 bytes, a surrogate pair), plus the keys and quotes.
     max_body = args.max_chars * args.max_texts * 12 + 64 * 1024
-    server = ls.LitServer(
+    server = DirectQueues(
         api,
         accelerator=args.accelerator,
         devices=devices,

@@ -33,6 +33,8 @@ PRIVATE = [
     ("bitsandbytes", "bitsandbytes.optim.optimizer", "Optimizer8bit.to_gpu", "optim.AdamW8bit.step"),
     ("litserve", "litserve.loops.base", "collate_requests", "serve.WhatIsWaiting"),
     ("litserve", "litserve.loops", "BatchedLoop.get_batch_requests", "serve.WhatIsWaiting"),
+    ("litserve", "litserve", "LitServer._init_manager", "serve.DirectQueues"),
+    ("litserve", "litserve.transport.process_transport", "MPQueueTransport", "serve.DirectQueues"),
     ("transformers", "transformers.initialization", "no_init_weights", "loading.model_from_checkpoint"),
 ]
 
