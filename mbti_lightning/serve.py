@@ -188,8 +188,9 @@ class DirectQueues(ls.LitServer):
     103-130 (bench/RESULTS.md). LitServe's own `fast_queue` (ZeroMQ answers) would help too, but 0.2.19 ignores it
     (Lightning-AI/LitServe#751).
 
-    It replaces what LitServer._init_manager made (`litapi_request_queues`, `_transport`; pyproject bounds
-    litserve, and tests/test_private_apis.py checks the names)."""
+    It replaces what LitServer._init_manager made (`litapi_request_queues`, `_transport`): pyproject bounds
+    litserve, tests/test_private_apis.py checks the names it imports or overrides, and tests/test_serve.py that
+    the server reads the queues made here."""
 
     def _init_manager(self, num_api_servers: int):
         manager = super()._init_manager(num_api_servers)

@@ -246,7 +246,7 @@ class MBTIDataModule(L.LightningDataModule):
             "persistent_workers": hp.num_workers > 0,
         }
         if train and self.trainer:
-            self._validate_within_epochs(len(sampler))
+            self._validate_where_training_reaches(len(sampler))
             loop = self.trainer.fit_loop.epoch_loop
             self._train_loader = _ResumableLoader(
                 _Rows(rows), sampler=sampler, batches_done=lambda: loop.batch_progress.current.processed, **kwargs
@@ -257,7 +257,7 @@ class MBTIDataModule(L.LightningDataModule):
             return self._train_loader
         return DataLoader(_Rows(rows), sampler=sampler, **kwargs)
 
-    def _validate_within_epochs(self, batches: int) -> None:
+    def _validate_where_training_reaches(self, batches: int) -> None:
         """A `trainer.val_check_interval` (in batches) longer than an epoch of `batches` makes Lightning stop, and
         one longer than a `trainer.max_steps` run never validates (no best checkpoint); a shipped config with a
         user's smaller file or shorter run must still run and validate, so validation moves to the run's last batch
@@ -266,9 +266,9 @@ class MBTIDataModule(L.LightningDataModule):
         limit = trainer.limit_train_batches
         batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
         interval, per_epoch = trainer.val_check_interval, trainer.check_val_every_n_epoch is not None
-        run = trainer.max_steps * trainer.accumulate_grad_batches
         if not isinstance(interval, int) or batches == 0:
             return
+        run = trainer.max_steps * trainer.accumulate_grad_batches
         if interval > run > 0 and (run <= batches or not per_epoch):
             rank_zero_warn(
                 f"trainer.val_check_interval ({interval}) is longer than the run (trainer.max_steps "
