@@ -1,4 +1,5 @@
-"""The progress bar and the throughput log, both of which read the GPU only at logging steps.
+"""The progress bar (or, without a terminal, progress lines) and the throughput log, which read the GPU only at
+logging steps.
 
 Reading a value from the GPU (``.item()``, ``torch.cuda.synchronize()``) makes the CPU wait until
 every queued kernel has run, and the GPU then idles until the CPU has queued the next batch's
@@ -15,7 +16,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import _plugin_to_compute_dtype, get_available_flops
+from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 
 
 def _logging_now(trainer: L.Trainer) -> bool:
@@ -45,6 +48,49 @@ class ProgressBar(RichProgressBar):
         shown = super().get_metrics(trainer, pl_module)
         shown.pop("v_num", None)  # the logger's version, which Rich's bar would print as "0.000"
         return shown if self._loss is None else {**shown, "train/loss": self._loss}
+
+
+class LogLines(LightningProgressBar):
+    """Progress for a log file (stdout not a terminal: SLURM, ``nohup``, CI), where a live bar shows nothing: one
+    line per logging step (``trainer.log_every_n_steps``) with the step, the epoch, ``train/loss`` and the rate,
+    and one line per validation with its metrics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._since = (0, time.perf_counter())  # (optimizer step, time) of the last line
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._since = (trainer.global_step, time.perf_counter())
+
+    @rank_zero_only
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int
+    ) -> None:
+        if not self._enabled or not _logging_now(trainer):
+            return
+        step, now = trainer.global_step, time.perf_counter()
+        rate = (step - self._since[0]) / max(now - self._since[1], 1e-9)
+        self._since = (step, now)
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        loss = trainer.callback_metrics.get("train/loss")
+        shown = f" train/loss {float(loss):.4f}" if loss is not None else ""
+        print(f"epoch {trainer.current_epoch} step {step}/{total}{shown} {rate:.2f} steps/s", flush=True)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._enabled or trainer.sanity_checking:
+            return
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+        values = " ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
+        print(f"epoch {trainer.current_epoch} step {trainer.global_step} validation: {values}", flush=True)
+        self._since = (trainer.global_step, time.perf_counter())  # validation time is not training's rate
 
 
 class Throughput(L.Callback):

@@ -13,24 +13,13 @@ from typing import Any
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from mbti_lightning import baseline, calibration, demo
 from mbti_lightning.evaluation import METRICS
+from mbti_lightning.loading import is_hub_id
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 EXAMPLES = ["i already made a packing list for the trip next month", "whatever lol lets just improvise this weekend"]
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether `name` is a hub repo id rather than a local path or the demo."""
-    if name == demo.DEMO or Path(name).exists():
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 def hub_dataset(data_hp: dict) -> str | None:
@@ -48,12 +37,64 @@ def base_model(model_hp: dict, local: bool | None = None) -> str | None:
     return None if model_hp.get("from_scratch") or local else name
 
 
+def _file_names(files: str | list | dict) -> str | list | dict:
+    """`data_files` with each path cut to its file name: a machine's folders are nobody else's business."""
+    if isinstance(files, dict):
+        return {split: _file_names(names) for split, names in files.items()}
+    return [Path(str(f)).name for f in files] if isinstance(files, list) else Path(str(files)).name
+
+
 def _dataset_name(data_hp: dict) -> str:
     files = data_hp.get("data_files")
     if not files:
         return data_hp.get("dataset", "unknown")
-    names = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files
-    return f"{data_hp['dataset']} files " + ", ".join(Path(str(name)).name for name in names)
+    names = _file_names(files)
+    names = names.values() if isinstance(names, dict) else [names] if isinstance(names, str) else names
+    return f"{data_hp['dataset']} files " + ", ".join(map(str, names))
+
+
+def model_name(model_hp: dict, local: bool | None = None) -> str:
+    """The base model as the card names it: a hub id as it is, a local folder by its own name alone."""
+    name = model_hp["model_name_or_path"]
+    return name if base_model(model_hp | {"from_scratch": False}, local) or name == demo.DEMO else Path(name).name
+
+
+#: Of the trainer's settings, those that change what is trained (never loggers, callbacks, plugins or folders).
+TRAINER_RECIPE = (
+    "max_epochs",
+    "max_steps",
+    "accumulate_grad_batches",
+    "precision",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+    "limit_train_batches",
+    "devices",
+    "num_nodes",
+    "deterministic",
+)
+#: Data settings of a run that are not part of its recipe: where files were on the training machine.
+DATA_LOCAL = ("predict_file", "tokenizer", "num_workers", "preprocessing_workers")
+
+
+def recipe(model_hp: dict, data_hp: dict, meta: dict) -> dict:
+    """What reproduces a run, safe to publish: the model and data settings and the trainer settings that change
+    what is trained (`TRAINER_RECIPE`), with local paths cut to file names; never logger or callback arguments
+    (API keys, tracking URIs with credentials), the machine's folders or a predict file."""
+    config = meta.get("config") or {}
+    trainer = config.get("trainer") or {}
+    data = {k: v for k, v in data_hp.items() if k not in DATA_LOCAL}
+    if data.get("data_files"):
+        data["data_files"] = _file_names(data["data_files"])
+    out = {
+        "seed_everything": config.get("seed_everything"),
+        "model": model_hp | {"model_name_or_path": model_name(model_hp, meta.get("local_model"))},
+        "data": data,
+        "trainer": {k: trainer[k] for k in TRAINER_RECIPE if trainer.get(k) is not None},
+        "checkpoint": {k: (config.get("checkpoint") or {}).get(k) for k in ("monitor", "mode")},
+    }
+    return {k: v for k, v in out.items() if v not in (None, {})}
 
 
 def eval_results(heads: dict, results: dict[str, dict], data_hp: dict, split: str) -> list[EvalResult]:
@@ -136,8 +177,7 @@ def model_card(
     entry (`meta`). `results` per head are `evaluation.figures` on `split`, `majority` the training split's most
     common class per head, `chosen_by` what chose the checkpoint (`loading.chosen_by`), `calibration_figures` per head what `evaluation.calibration_figures` returns, `example` the usage example's text and the model's answer to it (`export.example_answer`)."""
     heads = meta["heads"]
-    base = model_hp["model_name_or_path"]
-    recipe = meta.get("config") or {"model": model_hp, "data": data_hp}
+    base = model_name(model_hp, meta.get("local_model"))
     rendered = {
         head: {"posts": _table(result["posts"])} | ({"people": _table(result["people"])} if "people" in result else {})
         for head, result in results.items()
@@ -170,5 +210,5 @@ def model_card(
         confusion_files=confusion_files,
         data=data_hp,
         data_changed=data_changed,
-        recipe=yaml.safe_dump(recipe, sort_keys=False).strip(),
+        recipe=yaml.safe_dump(recipe(model_hp, data_hp, meta), sort_keys=False).strip(),
     )

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities import rank_zero_info
 
 from mbti_lightning import baseline, loading
-from mbti_lightning.callbacks import ProgressBar, Throughput
+from mbti_lightning.callbacks import LogLines, ProgressBar, Throughput
 from mbti_lightning.data import MBTIDataModule
 from mbti_lightning.errors import UserError
 from mbti_lightning.metrics import score_predictions
@@ -34,24 +34,36 @@ class MBTITrainer(Trainer):
     model take its weights in their trained dtype and its data settings, as the report, the server and the card do.
     """
 
-    def _loaded(self, model, datamodule, ckpt_path, allow_changed_data: bool, splits: bool = True):
-        """(model, data module, ckpt_path for Lightning) for a subcommand: with a checkpoint file (or an exported
-        model as ``model.model_name_or_path``), the model and data as `loading` gives them, the splits checked
-        where the subcommand reads them (`splits`)."""
-        name = model.hparams.model_name_or_path
-        if ckpt_path and (Path(ckpt_path).is_file() or loading.is_export(str(ckpt_path))):
-            source = str(ckpt_path)
-        else:  # an exported folder runs as exported, whatever `from_scratch` (a training setting) says
-            source = name if loading.is_export(name) else None
-        if source is None:
+    #: `ckpt_path` values that are Lightning's own names for a checkpoint of the run in this process.
+    LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
+
+    #: Options of how to run a model (`loading.RUNTIME_SETTINGS`) that the command line gave: they win over a
+    #: trained model's. Set by `MBTILightningCLI`.
+    runtime: dict[str, Any] = {}
+
+    def _loaded(self, model, datamodule, ckpt_path, allow_changed_data: bool, split: str | None):
+        """(model, data module, ckpt_path for Lightning) for a subcommand: with a checkpoint file, an exported folder
+        or a hub id (as ``--ckpt_path`` or ``model.model_name_or_path``), the model and data as `loading` gives them,
+        the splits checked where the subcommand reads `split` (None: a predict file). Every bad input stops before a
+        model is built."""
+        if ckpt_path in self.LIGHTNING_CKPT_NAMES:
             return model, datamodule, ckpt_path
-        # Options of how to run it (not what was trained) given on the command line: `_parse_ckpt_path` kept them.
-        loaded = loading.load(source, {key: model.hparams[key] for key in loading.RUNTIME_SETTINGS})
-        datamodule = loading.datamodule(loaded, datamodule)
-        if splits:
+        if ckpt_path:
+            source = str(ckpt_path)
+        else:  # an exported model runs as exported, whatever `from_scratch` (a training setting) says
+            name = model.hparams.model_name_or_path
+            source = name if loading.is_export(name) else None
+        loaded = source and loading.load(source, self.runtime)
+        if loaded:
+            datamodule = loading.datamodule(loaded, datamodule)
+        if split:
             datamodule.prepare_data()
             datamodule.setup("test")
+        if loaded and split:
             loading.check_splits(datamodule, loaded, allow_changed_data)
+        datamodule.check_inputs(split)
+        if not loaded:
+            return model, datamodule, ckpt_path
         rank_zero_info(
             f"model: {loaded.name} ({str(loaded.dtype).removeprefix('torch.')}), chosen by {loaded.chosen_by}"
         )
@@ -75,9 +87,8 @@ class MBTITrainer(Trainer):
                 folder may also go in ``--model.model_name_or_path``.
             allow_changed_data: Go on where the data no longer gives the splits the model was trained with.
         """
-        model, datamodule, ckpt_path = self._loaded(
-            model, datamodule, ckpt_path, allow_changed_data, splits=not datamodule.hparams.predict_file
-        )
+        split = None if datamodule.hparams.predict_file else "test"
+        model, datamodule, ckpt_path = self._loaded(model, datamodule, ckpt_path, allow_changed_data, split)
         return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
 
     def validate(
@@ -96,7 +107,7 @@ class MBTITrainer(Trainer):
             ckpt_path: A checkpoint written by ``fit``, loaded as `predict` loads it.
             allow_changed_data: Go on where the data no longer gives the splits the model was trained with.
         """
-        model, datamodule, ckpt_path = self._loaded(model, datamodule, ckpt_path, allow_changed_data)
+        model, datamodule, ckpt_path = self._loaded(model, datamodule, ckpt_path, allow_changed_data, "validation")
         return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def test(
@@ -115,7 +126,7 @@ class MBTITrainer(Trainer):
             ckpt_path: A checkpoint written by ``fit``, loaded as `predict` loads it.
             allow_changed_data: Go on where the data no longer gives the splits the model was trained with.
         """
-        model, datamodule, ckpt_path = self._loaded(model, datamodule, ckpt_path, allow_changed_data)
+        model, datamodule, ckpt_path = self._loaded(model, datamodule, ckpt_path, allow_changed_data, "test")
         return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def baseline(self, model: MBTIClassifier, datamodule: MBTIDataModule) -> dict[str, float]:
@@ -174,11 +185,12 @@ class MBTITrainer(Trainer):
 
         if importlib.util.find_spec("matplotlib") is None:
             raise UserError('the report\'s plots need matplotlib: pip install "mbti-lightning[export]"')
-        loaded = loading.load(ckpt_path)
+        loaded = loading.load(ckpt_path, self.runtime)
         datamodule = loading.datamodule(loaded, datamodule)
         datamodule.prepare_data()
         datamodule.setup("test")
         loading.check_splits(datamodule, loaded, allow_changed_data)
+        datamodule.check_inputs("test")
         folder = Path(out) if out else Path("reports") / f"{Path(ckpt_path).parent.name}-{Path(ckpt_path).stem}"
         return report.build(loaded, datamodule, folder, resamples, draws, calibrate)
 
@@ -204,8 +216,9 @@ class MBTITrainer(Trainer):
         from mbti_lightning import explain  # captum, only for this command
 
         source = ckpt_path or model.hparams.model_name_or_path
-        loaded = loading.load(source)
+        loaded = loading.load(source, self.runtime)
         datamodule = loading.datamodule(loaded, datamodule)
+        datamodule.check_inputs(None)
         authors = None
         if not texts:
             if not datamodule.hparams.predict_file:
@@ -276,6 +289,11 @@ class MBTILightningCLI(LightningCLI):
             if name in parsed:
                 self.config[name] = parsed[name]
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        given = model_keys_given(list(map(str, self._args))) if isinstance(self._args, list) else set()
+        self.trainer.runtime = {key: self.model.hparams[key] for key in given & set(loading.RUNTIME_SETTINGS)}
+
     def before_fit(self) -> None:
         """Stop before training where `checkpoint.dirpath` holds another target's run: its `last.ckpt` would stay
         beside this run's `last-v1.ckpt`, and commands that name `last.ckpt` would load the wrong model."""
@@ -306,7 +324,7 @@ class MBTILightningCLI(LightningCLI):
         # Lightning refuses a progress bar callback with `trainer.enable_progress_bar: false`.
         if self._get(self.config_init, "trainer", default={}).get("enable_progress_bar") is False:
             callbacks = self.trainer_defaults["callbacks"]
-            self.trainer_defaults["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]
+            self.trainer_defaults["callbacks"] = [c for c in callbacks if not isinstance(c, (ProgressBar, LogLines))]
         return super().instantiate_trainer(**kwargs)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
@@ -351,7 +369,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MBTILightningCL
         trainer_class=MBTITrainer,
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
-            "callbacks": [ProgressBar(), Throughput()],  # always added, never saved in config.yaml
+            # Always added, never saved in config.yaml; a log file (no terminal) gets lines, not a live bar.
+            "callbacks": [ProgressBar() if sys.stdout.isatty() else LogLines(), Throughput()],
             "plugins": [{"class_path": "mbti_lightning.checkpoint.AtomicCheckpointIO"}],
         },
         save_config_kwargs={"overwrite": True},

@@ -106,11 +106,14 @@ def recorded(loaded: Loaded, fitted: dict[str, calibration.Calibration], rules: 
         "target": list(heads),
         "max_length": loaded.max_length,
         "mask_type_mentions": loaded.mask,
-        "data": {key: value for key, value in loaded.data.items() if key != "tokenizer"},
+        # Not the data files: where they lay on this machine is nobody's business; a command on the export takes the
+        # user's own, and the split fingerprint checks that they give the same splits.
+        "data": {key: value for key, value in loaded.data.items() if key not in ("tokenizer", "data_files")},
         "splits": loaded.fingerprint,
         "calibration": calibrated or None,
         "calibration_kept": {head: cal.decision["why"] for head, cal in fitted.items() if cal.decision},
         "persons": {head: rule.to_dict() for head, rule in rules.items()},
+        "class_weight": loaded.model.class_weight.tolist(),  # the loss `validate` and `test` report, as in training
         "chosen_by": loaded.chosen_by,
     }
 
@@ -142,8 +145,14 @@ def _write_folder(folder: Path, loaded: Loaded, hf_model: torch.nn.Module, adapt
     return plots.training_plot(Path(log_dir) / "metrics.csv" if log_dir else None, folder / "val_metrics.png")
 
 
-def _check_arguments(out: Path, overwrite: bool, push_to_hub: str | None) -> str | None:
+def _check_arguments(ckpt: Path, out: Path, overwrite: bool, push_to_hub: str | None) -> str | None:
     """Everything that can fail before any work; the hub token when pushing."""
+    where = out.resolve()
+    if where == Path.cwd().resolve() or where in ckpt.resolve().parents:
+        raise ExportError(
+            f"--out {out} is {'the working folder' if where == Path.cwd().resolve() else 'a folder that holds --ckpt'}"
+            ": replacing it would delete what is in it (the checkpoints); give the export a folder of its own"
+        )
     token = hub_token() if push_to_hub else None
     if push_to_hub and not token:
         raise ExportError(
@@ -190,7 +199,7 @@ def export(
 
     A LoRA model is merged into its base, or with `adapter` saved as the adapter alone (plus the head).
     """
-    token = _check_arguments(out, overwrite, push_to_hub)
+    token = _check_arguments(ckpt, out, overwrite, push_to_hub)
     loaded = loading.from_checkpoint(ckpt)
     model, checkpoint = loaded.model, loaded.checkpoint
     if adapter and model.hparams.peft is None:

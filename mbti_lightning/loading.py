@@ -13,17 +13,20 @@ recorded splits, with one message for all of them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from lightning.pytorch.utilities import rank_zero_info
 from transformers.initialization import no_init_weights
 
 from mbti_lightning.data.sources import where
 from mbti_lightning.data.tokenized import SETTINGS
+from mbti_lightning.demo import DEMO
 from mbti_lightning.errors import UserError
 from mbti_lightning.labels import AXES, TYPES
 from mbti_lightning.persons import Persons, trained_prior
@@ -45,9 +48,11 @@ class LoadError(UserError):
 
 @dataclass
 class Loaded:
-    """A trained model ready to run, and everything needed to run it as it was trained and scored."""
+    """A trained model ready to run, and everything needed to run it as it was trained and scored. The model is
+    built on first use of `model`: a command checks its data and arguments first, with nothing loaded."""
 
-    model: Any  # MBTIClassifier in eval mode, its weights in `dtype`
+    build: Callable[[], Any] = field(repr=False)  # makes `model`
+    dtype: torch.dtype  # the model's weights', as trained (or exported)
     tokenizer: Any  # truncates at data["max_length"] with truncation=True
     data: dict[str, Any]  # the `DATA_SETTINGS` it was trained with (an export made before they were recorded: fewer)
     fingerprint: str | None  # which rows the splits held at fit time (`MBTIDataModule.split_fingerprint`)
@@ -59,9 +64,13 @@ class Loaded:
     run_settings: dict[str, Any] = field(default_factory=dict)  # the fit's other data settings (batch sizes, workers)
     checkpoint: dict | None = field(default=None, repr=False)  # the memory-mapped checkpoint, for the export
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(p.dtype for p in self.model.model.parameters() if p.is_floating_point())
+    @functools.cached_property
+    def model(self) -> Any:
+        """The `MBTIClassifier` in eval mode, its weights in `dtype`; TF32 matmuls on CUDA where training used them."""
+        model = self.build()
+        if model.hparams.tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        return model
 
     @property
     def max_length(self) -> int:
@@ -151,11 +160,11 @@ def from_checkpoint(path: Path, runtime: dict | None = None) -> Loaded:
     checkpoint = read_checkpoint(path)
     settings = hyperparameters(checkpoint, "datamodule_hyper_parameters")
     data = {k: v for k, v in settings.items() if k in DATA_SETTINGS}
-    model = model_from_checkpoint(checkpoint, runtime)
     tokenizer = load_tokenizer(data["tokenizer"])
     tokenizer.model_max_length = data["max_length"]
     return Loaded(
-        model=model,
+        build=functools.partial(model_from_checkpoint, checkpoint, runtime),
+        dtype=DTYPES[saved_dtype(checkpoint)],
         tokenizer=tokenizer,
         data=data,
         fingerprint=checkpoint["mbti_lightning"].get("splits"),
@@ -168,7 +177,7 @@ def from_checkpoint(path: Path, runtime: dict | None = None) -> Loaded:
     )
 
 
-def _target(config) -> str | list[str]:
+def _target(config, source: str = "") -> str | list[str]:
     """The target of an exported model, from what the export recorded, else from its labels."""
     recorded = getattr(config, "mbti_lightning", None) or {}
     if recorded.get("target"):
@@ -179,7 +188,13 @@ def _target(config) -> str | list[str]:
         return "mbti"
     if config.problem_type == "multi_label_classification":
         return [axis for axis, letters in AXES.items() if letters[1] in labels]
-    return next(axis for axis, letters in AXES.items() if list(letters) == labels)
+    axis = next((axis for axis, letters in AXES.items() if list(letters) == labels), None)
+    if axis is None:
+        raise LoadError(
+            f"{source or 'the model'} predicts {labels}, not MBTI letters or types: it was not written by "
+            "mbti-lightning-export (give an exported folder or hub id, or a checkpoint written by `fit`)"
+        )
+    return axis
 
 
 def _config_dtype(config) -> torch.dtype:
@@ -210,26 +225,50 @@ def _calibration_of(config, recorded: dict) -> tuple[dict | None, str]:
     return calibration, f"folded into the head at export, fitted on validation ({words})"
 
 
-def from_pretrained(source: str) -> Loaded:
+def model_from_pretrained(source: str, config: Any, runtime: dict | None = None) -> Any:
+    """The exported `MBTIClassifier` at `source` (its `config`) in the dtype it was saved in, with the class weights
+    and person rule its export recorded, run with `runtime` settings where given."""
+    from mbti_lightning.model import MBTIClassifier
+
+    recorded = getattr(config, "mbti_lightning", None) or {}
+    model = MBTIClassifier(model_name_or_path=source, target=_target(config), class_weights=None, **(runtime or {}))
+    with default_dtype(_config_dtype(config)):
+        model.configure_model()
+    if recorded.get("class_weight"):
+        model.class_weight.copy_(torch.tensor(recorded["class_weight"]))
+    recorded_persons = recorded.get("persons") or {}
+    model.persons = {
+        head: Persons.from_dict(recorded_persons[head]) if head in recorded_persons else Persons.uniform(len(classes))
+        for head, classes in model.heads.items()
+    }
+    return model.eval()
+
+
+def pretrained_config(source: str) -> Any | None:
+    """The config of model folder or hub id `source` where it is an export of this project's, else None."""
+    from transformers import AutoConfig
+
+    if not (Path(source) / "config.json").is_file() and not is_hub_id(source):
+        return None
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
+    return config if getattr(config, "mbti_lightning", None) is not None else None
+
+
+def from_pretrained(source: str, runtime: dict | None = None) -> Loaded:
     """An exported folder or hub id, in the dtype it was saved in, with what its export recorded."""
     from transformers import AutoConfig
 
-    from mbti_lightning.model import MBTIClassifier
     from mbti_lightning.tokenizer import load_tokenizer
 
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise LoadError(f"{source} is neither a checkpoint (.ckpt) nor a model folder or hub id: {err}") from None
+    _target(config, source)  # a model without letter labels stops here, before anything is built
     recorded = getattr(config, "mbti_lightning", None) or {}
-    model = MBTIClassifier(model_name_or_path=source, target=_target(config), class_weights=None)
-    with default_dtype(_config_dtype(config)):
-        model.configure_model()
-    recorded_persons = recorded.get("persons") or {}
-    model.persons = {
-        head: Persons.from_dict(recorded_persons[head]) if head in recorded_persons else Persons.uniform(len(classes))
-        for head, classes in model.heads.items()
-    }
     tokenizer = load_tokenizer(source)
     # Exports made before the data settings were recorded kept these two at the top level.
     data = recorded.get("data") or {
@@ -240,7 +279,8 @@ def from_pretrained(source: str) -> Loaded:
     tokenizer.model_max_length = data["max_length"]
     calibration, note = _calibration_of(config, recorded)
     return Loaded(
-        model=model.eval(),
+        build=functools.partial(model_from_pretrained, source, config, runtime),
+        dtype=_config_dtype(config),
         tokenizer=tokenizer,
         data=data,
         fingerprint=recorded.get("splits"),
@@ -248,22 +288,33 @@ def from_pretrained(source: str) -> Loaded:
         calibration_note=note,
         chosen_by=recorded.get("chosen_by", "not recorded by this export"),
         name=source,
+        # transformers' record of the hub commit a model was read from (private: see tests/test_private_apis.py)
         revision=getattr(config, "_commit_hash", None),
     )
 
 
 def load(source: str | Path, runtime: dict | None = None) -> Loaded:
-    """The model behind `source`: a `fit` checkpoint (``.ckpt``), an exported folder or a hub id; a checkpoint's
-    run with `runtime` settings (`RUNTIME_SETTINGS`) where given."""
-    loaded = from_checkpoint(Path(source), runtime) if str(source).endswith(".ckpt") else from_pretrained(str(source))
-    if loaded.model.hparams.tf32 and torch.cuda.is_available():  # as training computed
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return loaded
+    """The model behind `source`: a `fit` checkpoint (``.ckpt``), an exported folder or a hub id, run with `runtime`
+    settings (`RUNTIME_SETTINGS`) where given. Only its settings are read here; the model is built on first use."""
+    if str(source).endswith(".ckpt"):
+        return from_checkpoint(Path(source), runtime)
+    return from_pretrained(str(source), runtime)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is a hub repo id rather than a local path or the demo."""
+    if name == DEMO or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def is_export(name: str) -> bool:
-    """Whether model `name` (a ``model_name_or_path``) is a folder this project exported."""
-    return (Path(name) / "config.json").is_file() and '"mbti_lightning"' in (Path(name) / "config.json").read_text()
+    """Whether model `name` (a ``model_name_or_path``: a folder or a hub id) is a model this project exported."""
+    return pretrained_config(name) is not None
 
 
 def datamodule(loaded: Loaded, given: Any = None) -> Any:

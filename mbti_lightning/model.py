@@ -151,8 +151,9 @@ class MBTIClassifier(L.LightningModule):
                 if (counts == 0).any():  # the data module stops earlier; this guards custom ones
                     raise ValueError("a class has no training rows, so 'balanced' class weights are undefined")
                 self.class_weight[h].copy_(counts.sum() / (len(counts) * counts))
-        weights = self.class_weight.float().cpu()
-        self.persons = {head: Persons(trained_prior(c, w)) for head, c, w in zip(self.heads, train_counts, weights)}
+        if self.persons is None or stage == "fit":  # a loaded model brings its own (`loading`): calibrated, fitted
+            weights = self.class_weight.float().cpu()
+            self.persons = {h: Persons(trained_prior(c, w)) for h, c, w in zip(self.heads, train_counts, weights)}
         for metrics in (self.val_metrics, self.test_metrics):
             metrics.set_priors([p.log_prior for p in self.persons.values()])
 

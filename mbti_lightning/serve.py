@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             parser.exit(2, f"mbti-lightning serve: error: environment variable {args.api_key_env} is not set\n")
+    loading.load(args.model)  # a MODEL that cannot be served stops here, in one line, not inside a worker
     LIMITS.update(max_texts=args.max_texts, max_chars=args.max_chars)
     greedy = args.max_batch_size > 1 and args.batch_timeout == 0
     api = MBTIAPI(

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-# Nothing in the tests may reach a hub; fail loudly instead.
+# Nothing in the tests may reach a hub; fail loudly instead. The hub cache is the tests' own (fake_hub lays
+# uploaded models there), set before huggingface_hub reads it at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+_HUB_CACHE = tempfile.TemporaryDirectory(prefix="mbti-lightning-tests-hub-")
+os.environ["HF_HUB_CACHE"] = _HUB_CACHE.name
 
 REPO = Path(__file__).resolve().parents[1]
 

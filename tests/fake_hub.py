@@ -1,9 +1,14 @@
-"""huggingface_hub.HfApi at the network boundary: records what would be sent and keeps each repo's files."""
+"""huggingface_hub.HfApi at the network boundary: records what would be sent and keeps each repo's files; an
+uploaded folder is then in the hub cache as a download would leave it, so its hub id loads offline."""
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from fnmatch import fnmatch
 from pathlib import Path
+
+from huggingface_hub import constants
 
 
 class FakeHfApi:
@@ -47,3 +52,16 @@ class FakeHfApi:
         # As the Hub does: matching remote files are deleted in the same commit, .gitattributes never.
         kept = {f for f in remote if f == ".gitattributes" or not any(fnmatch(f, p) for p in patterns)}
         self.repos[repo_id]["files"] = kept | files
+        download(repo_id, folder)
+
+
+def download(repo_id: str, folder: Path) -> str:
+    """Lay `folder` in the hub cache as the snapshot of `repo_id`'s main branch (what `snapshot_download` leaves),
+    so `from_pretrained(repo_id)` reads it under HF_HUB_OFFLINE; returns the commit id."""
+    commit = hashlib.sha1(repo_id.encode() + b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()))
+    commit = commit.hexdigest()
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return commit

@@ -1,4 +1,5 @@
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ def test_every_config_says_how_to_run_it():
 def test_the_progress_bar_can_be_turned_off(enabled, tmp_path, monkeypatch):
     from mbti_lightning.callbacks import ProgressBar
 
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: the live bar
     monkeypatch.chdir(tmp_path)
     cli = cli_main(
         ["--config", str(REPO / "configs/demo.yaml"), "--trainer.enable_progress_bar", str(enabled).lower()], run=False
@@ -46,6 +48,7 @@ def test_the_progress_bar_can_be_turned_off(enabled, tmp_path, monkeypatch):
 def test_the_progress_bar_shows_the_loss_of_the_last_logging_step_and_no_version_number(tmp_path, monkeypatch):
     from mbti_lightning.callbacks import ProgressBar
 
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     monkeypatch.chdir(tmp_path)
     cli = cli_main(
         [
@@ -69,6 +72,25 @@ def test_the_progress_bar_shows_the_loss_of_the_last_logging_step_and_no_version
         logged = [row for row in csv.DictReader(f) if row["train/loss"]]
     assert [row["step"] for row in logged] == ["4", "9"]  # optimizer steps 5 and 10; 12 is not logged
     assert "v_num" not in shown and shown["train/loss"] == pytest.approx(float(logged[-1]["train/loss"]))
+
+
+def test_a_fit_writing_to_a_log_file_shows_a_line_per_logging_step_and_per_validation(tmp_path):
+    """As under SLURM or nohup: stdout is a file, no terminal."""
+    args = ["--trainer.max_steps", "30", "--trainer.log_every_n_steps", "10", "--trainer.val_check_interval", "15"]
+    with open(tmp_path / "job.log", "w") as log:
+        subprocess.run(
+            [sys.executable, "-m", "mbti_lightning", "fit", "--config", str(REPO / "configs/demo.yaml"), *args],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+            check=True,
+        )
+    text = (tmp_path / "job.log").read_text()
+    steps = re.findall(r"^epoch 0 step (\d+)/30 train/loss (\d+\.\d+) (\d+\.\d+) steps/s$", text, re.M)
+    assert [int(step) for step, _, _ in steps] == [10, 20, 30] and all(float(rate) > 0 for _, _, rate in steps)
+    validations = re.findall(r"^epoch 0 step (\d+) validation: .*val/mcc (-?\d+\.\d+)", text, re.M)
+    assert [int(step) for step, _ in validations] == [15, 30]
 
 
 def test_module_entry_point_shows_help_with_every_subcommand_under_the_programs_name():

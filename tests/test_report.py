@@ -164,7 +164,8 @@ def test_the_exported_cards_model_index_is_the_reports_test_figures(one_axis, tm
     }
     card = (out / "README.md").read_text()
     calibrated = report["heads"]["J-P"]["calibration"]
-    offsets = ", ".join(f"{letter} {b:+.3f}" for letter, b in calibrated["offsets"].items())
+    # The held-out check decides whether offsets are kept (this short fit's scores can go either way).
+    offsets = ", ".join(f"{letter} {b:+.3f}" for letter, b in (calibrated["offsets"] or {}).items()) or "none"
     assert (
         f"| J-P | {calibrated['temperature']:.4f} | {offsets} | {calibrated['ece_before']:.4f} | "
         f"{calibrated['ece_after']:.4f} | {calibrated['nll_before']:.4f} | {calibrated['nll_after']:.4f} |" in card

@@ -201,6 +201,19 @@ class MBTIDataModule(L.LightningDataModule):
             rank_zero_info(summary)
         log.info("tokenized splits from %s", path)
 
+    def check_inputs(self, split: str | None) -> None:
+        """A `UserError` where what a command reads is not there: the predict file, or `split` (after `setup`)."""
+        hp = self.hparams
+        if hp.predict_file and not Path(hp.predict_file).is_file():
+            raise UserError(f"data.predict_file {hp.predict_file} not found")
+        if split and split != "predict" and split not in (self.splits or {}):
+            fix = {
+                "seed": "its test rows are rows the seed split discards: set data.keep_fraction below 1",
+                "author": "set data.test_fraction, or data.keep_fraction below 1",
+                "predefined": "the data set has no such split",
+            }[hp.split]
+            raise UserError(f"{where(hp)} has no {split} split with data.split {hp.split!r}; {fix}")
+
     def split_fingerprint(self) -> str:
         """A hash of which source rows are in which split, with their labels, authors and token counts: what the
         checkpoint records at fit time and the export checks, so that edited data cannot slip training rows
@@ -220,12 +233,7 @@ class MBTIDataModule(L.LightningDataModule):
         hp = self.hparams
         rows = self.predict_rows if split == "predict" else self.splits.get(split)
         if rows is None:
-            fix = {
-                "seed": "its test rows are rows the seed split discards: set data.keep_fraction below 1",
-                "author": "set data.test_fraction, or data.keep_fraction below 1",
-                "predefined": "the data set has no such split",
-            }[hp.split]
-            raise UserError(f"{where(self.hparams)} has no {split} split with data.split {hp.split!r}; {fix}")
+            self.check_inputs(split)
         sampler = LengthGroupedSampler(
             rows["length"][:],
             batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
@@ -294,6 +302,7 @@ class MBTIDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.hparams.predict_file:
             return self._loader("predict")
+        self.check_inputs("test")
         test = self.splits["test"]  # ids are rows of the source data; authors are numbered; texts as the model saw them
         text = list(tokenized.decode(test, self.tokenizer))
         self.predict_inputs = {"id": test["source_row"][:], "author": test["author"][:], "text": text}

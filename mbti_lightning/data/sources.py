@@ -23,8 +23,8 @@ def read(builder: str, files, split: str | None, revision: str | None = None) ->
     not the format) is named in a ValueError. Every file the project reads as a table comes through here."""
     try:
         return load_dataset(builder, data_files=files, split=split, revision=revision)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as err:  # a local file, or a hub data set, that is not there
+        raise UserError(f"data {builder} {files or ''} not found: {err}".replace("  ", " ")) from None
     except Exception as err:  # datasets wraps a parser's error in its own
         if files is None:
             raise
@@ -53,7 +53,7 @@ def read_predict_file(hp: AttributeDict, heads: dict, tokenize_kwargs: dict) -> 
     (its number within the source row, from 0)."""
     path = Path(hp.predict_file)
     if not path.is_file():
-        raise FileNotFoundError(f"data.predict_file {path} not found")
+        raise UserError(f"data.predict_file {path} not found")
     if path.suffix == ".txt":
         try:
             texts: list = path.read_text(encoding="utf-8").splitlines()

@@ -1,0 +1,240 @@
+"""One number through every door: `test`, `report` and `predict --predictions.per author` on a checkpoint's export
+and on its Hub id, on a skewed axis with many posts per person; and what the export publishes."""
+
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from fake_hub import FakeHfApi
+from test_real_data import kaggle_args, kaggle_file
+
+from mbti_lightning.cli import cli_main
+from mbti_lightning.export import main as export_main
+from mbti_lightning.metrics import confusion, confusion_metrics
+
+HUB_ID = "someone/mbti-e-i"
+SECRETS = ("FAKE123", "s3cr3tpassw0rd")
+
+
+def run(folder: Path, *args: str) -> object:
+    mp = pytest.MonkeyPatch()
+    mp.chdir(folder)
+    mp.setattr(sys, "argv", ["mbti-lightning"])
+    try:
+        return cli_main(list(args))
+    finally:
+        mp.undo()
+
+
+def with_secret_loggers(ckpt: Path) -> None:
+    """Give the checkpoint's recorded config the loggers a user tracks runs with (as `fit` records them): a
+    Comet API key and an MLflow tracking URI with a password."""
+    checkpoint = torch.load(ckpt, weights_only=False)
+    config = checkpoint["mbti_lightning"]["config"]
+    config["trainer"]["logger"] = [
+        {"class_path": "lightning.pytorch.loggers.CometLogger", "init_args": {"api_key": SECRETS[0]}},
+        {
+            "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+            "init_args": {"tracking_uri": f"https://me:{SECRETS[1]}@mlflow.example.com"},
+        },
+    ]
+    torch.save(checkpoint, ckpt)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict:
+    """A short E-I fit (skewed: about 3 in 4 are I; persons of about 8 posts, split by person) on a Kaggle-shaped
+    file, its calibrated export pushed to a (fake) hub."""
+    folder = tmp_path_factory.mktemp("seams")
+    data = folder / "users.csv"
+    kaggle_file(data, num_rows=3000)
+    args = [
+        "--config",
+        str(REPO / "configs/demo.yaml"),
+        *kaggle_args(data),
+        "--data.target",
+        "E-I",
+        "--data.keep_fraction",
+        "1.0",
+        "--data.test_fraction",
+        "0.3",
+    ]
+    run(folder, "fit", *args, "--trainer.max_epochs", "2", "--trainer.val_check_interval", "1.0")
+    ckpt = folder / "checkpoints/demo/last.ckpt"
+    with_secret_loggers(ckpt)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_TOKEN", "hf_" + "y" * 34)
+    mp.setattr("mbti_lightning.export.HfApi", FakeHfApi)
+    FakeHfApi.reset()
+    try:
+        export_main(["--ckpt", str(ckpt), "--out", str(folder / "model"), "--push-to-hub", HUB_ID])
+    finally:
+        mp.undo()
+    return {"folder": folder, "args": args, "ckpt": ckpt, "out": folder / "model", "data": data}
+
+
+def scores_of_test(exported: dict, *model: str) -> dict[str, float]:
+    cli = run(exported["folder"], "test", *exported["args"], *model)
+    return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+
+
+def per_person_mcc(exported: dict, name: str, *model: str) -> tuple[float, list[dict]]:
+    """`predict --predictions.per author` on the test split, scored against each person's type."""
+    out = exported["folder"] / f"{name}.csv"
+    run(
+        exported["folder"],
+        "predict",
+        *exported["args"],
+        *model,
+        "--predictions.per",
+        "author",
+        "--predictions.output",
+        str(out),
+    )
+    rows = list(csv.DictReader(out.open()))
+    types = [row["type"] for row in csv.DictReader(exported["data"].open())]
+    truth = np.array([types[int(row["author"])][0] == "I" for row in rows], dtype=int)
+    votes = np.array([row["E-I"] == "I" for row in rows], dtype=int)
+    conf = confusion(truth, votes, np.arange(len(rows)), 2).sum(0)
+    return float(confusion_metrics(conf)["mcc"]), rows
+
+
+def test_test_report_and_predict_per_person_agree_on_an_export_and_its_hub_id(exported):
+    report_dir = exported["folder"] / "report"
+    run(exported["folder"], "report", *exported["args"], "--ckpt_path", str(exported["out"]), "--out", str(report_dir))
+    report = json.loads((report_dir / "report.json").read_text())
+    people = report["heads"]["E-I"]["figures"]["people"]["model"]
+    assert people["mcc"]["value"] > 0.2  # the model learnt something per person: the comparison below means something
+
+    by_folder = scores_of_test(exported, "--ckpt_path", str(exported["out"]))
+    assert by_folder["test/author/mcc"] == pytest.approx(people["mcc"]["value"], abs=1e-6)
+    assert by_folder["test/author/bal_acc"] == pytest.approx(people["bal_acc"]["value"], abs=1e-6)
+    by_hub_id = scores_of_test(exported, "--ckpt_path", HUB_ID)
+    by_name = scores_of_test(exported, "--model.model_name_or_path", HUB_ID, "--model.from_scratch", "false")
+    assert by_hub_id == by_folder == by_name
+
+    mcc, rows = per_person_mcc(exported, "folder", "--ckpt_path", str(exported["out"]))
+    assert mcc == pytest.approx(people["mcc"]["value"], abs=1e-6)
+    assert len(rows) == report["persons"]
+    for name, model in (("hub", ["--ckpt_path", HUB_ID]), ("named", ["--model.model_name_or_path", HUB_ID])):
+        assert per_person_mcc(exported, name, *model)[1] == rows
+
+
+def test_an_export_keeps_the_class_weights_its_loss_was_trained_with(exported):
+    """`validate` and `test` on an export report the class-weighted loss, as on its checkpoint."""
+    from mbti_lightning import loading
+
+    ckpt, out = loading.load(exported["ckpt"]).model, loading.load(exported["out"]).model
+    assert torch.equal(ckpt.class_weight, out.class_weight) and not torch.equal(out.class_weight, torch.ones(1, 2))
+
+
+def test_nothing_pushed_holds_a_logger_secret_or_a_local_path(exported):
+    assert HUB_ID in FakeHfApi.repos
+    uploaded = [p for p in _snapshot(HUB_ID).rglob("*") if p.is_file()]
+    assert {"README.md", "config.json", "model.safetensors"} <= {p.name for p in uploaded}
+    local = {str(exported["folder"]), str(Path.home()), str(REPO)}
+    for path in uploaded:
+        text = path.read_bytes().decode("utf-8", errors="ignore")
+        for secret in (*SECRETS, *local):
+            assert secret not in text, f"{path.name} holds {secret!r}"
+    card = (_snapshot(HUB_ID) / "README.md").read_text()
+    assert "users.csv" in card and "max_epochs: 2" in card and "Logger" not in card
+
+
+def _snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id))
+
+
+@pytest.mark.parametrize("out", [".", "checkpoints/demo", "checkpoints"])
+def test_an_export_over_the_checkpoints_or_the_working_folder_is_refused_before_any_work(exported, out, capsys):
+    folder = exported["folder"]
+    before = sorted(p.name for p in (folder / "checkpoints/demo").iterdir())
+    mp = pytest.MonkeyPatch()
+    mp.chdir(folder)
+    try:
+        with pytest.raises(SystemExit):
+            export_main(["--ckpt", "checkpoints/demo/last.ckpt", "--out", out, "--overwrite"])
+    finally:
+        mp.undo()
+    assert re.search(r"--out .* (the working folder|a folder that holds --ckpt)", capsys.readouterr().err)
+    assert sorted(p.name for p in (folder / "checkpoints/demo").iterdir()) == before
+
+
+@pytest.fixture
+def nothing_built(monkeypatch):
+    """Fails a test that builds a model: a bad input must stop before."""
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built before the bad input was found")
+
+    monkeypatch.setattr("mbti_lightning.backbone.build", built)
+
+
+def main_says(folder: Path, argv: list[str], capsys) -> str:
+    """What the `mbti-lightning` console script prints for `argv`: exit status 2, one line, no traceback."""
+    from mbti_lightning.cli import main
+
+    mp = pytest.MonkeyPatch()
+    mp.chdir(folder)
+    mp.setattr(sys, "argv", ["mbti-lightning", *argv])
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main()
+    finally:
+        mp.undo()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("mbti-lightning: error: ")]
+    return line
+
+
+def not_a_classifier_of_letters(folder: Path) -> Path:
+    """A Hugging Face classifier whose labels are not MBTI letters (someone else's sentiment model)."""
+    from transformers import Phi3Config, Phi3ForSequenceClassification
+
+    from mbti_lightning.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("demo")
+    config = Phi3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "negative", 1: "positive"},
+    )
+    Phi3ForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_every_bad_input_is_one_line_naming_it_before_any_model_is_built(exported, tmp_path, nothing_built, capsys):
+    folder, demo = exported["folder"], ["--config", str(REPO / "configs/demo.yaml")]
+    ckpt = str(exported["ckpt"])
+    said = main_says(folder, ["validate", *demo, "--ckpt_path", "typo.ckpt"], capsys)
+    assert "checkpoint not found: typo.ckpt" in said
+    said = main_says(folder, ["validate", *demo, "--ckpt_path", "someone/no-such-model"], capsys)
+    assert "someone/no-such-model is neither a checkpoint (.ckpt) nor a model folder or hub id" in said
+    said = main_says(
+        folder, ["predict", *exported["args"], "--ckpt_path", ckpt, "--data.predict_file", "gone.csv"], capsys
+    )
+    assert "data.predict_file gone.csv not found" in said
+    said = main_says(folder, ["validate", *demo, "--data.dataset", "csv", "--data.data_files", "gone.csv"], capsys)
+    assert re.search(r"data csv gone\.csv not found", said)
+    said = main_says(folder, ["predict", *demo, "--data.keep_fraction", "1.0"], capsys)
+    assert "has no test split with data.split 'seed'" in said
+    other = str(not_a_classifier_of_letters(tmp_path / "sentiment"))
+    for argv in (["serve", other], ["explain", *demo, "--ckpt_path", other, "--texts", '["hello"]']):
+        said = main_says(folder, argv, capsys)
+        assert f"{other} predicts ['negative', 'positive'], not MBTI letters or types" in said
+    said = main_says(folder, ["serve", str(tmp_path / "nothing-here")], capsys)
+    assert "nothing-here is neither a checkpoint (.ckpt) nor a model folder or hub id" in said
