@@ -238,3 +238,29 @@ def test_every_bad_input_is_one_line_naming_it_before_any_model_is_built(exporte
         assert f"{other} predicts ['negative', 'positive'], not MBTI letters or types" in said
     said = main_says(folder, ["serve", str(tmp_path / "nothing-here")], capsys)
     assert "nothing-here is neither a checkpoint (.ckpt) nor a model folder or hub id" in said
+
+
+def test_rows_without_an_author_are_persons_of_their_own_with_a_line_saying_how_many(tmp_path):
+    from mbti_lightning.data import MBTIDataModule
+    from mbti_lightning.demo import generate_rows
+
+    rows = generate_rows(num_rows=600, seed=2)
+    authors = [a if i % 5 else "" for i, a in enumerate(rows["author"])]  # every fifth row has none
+    authors[1] = None
+    path = tmp_path / "posts.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([["author", "body", "mbti"], *zip(authors, rows["body"], rows["mbti"])])
+    dm = MBTIDataModule(dataset="csv", data_files=str(path), tokenizer="demo", keep_fraction=1.0, split="author")
+    with pytest.warns(UserWarning, match=r"121 rows have no 'author'; each is taken as a person of its own"):
+        dm.setup("fit")
+    persons = sum(len(np.unique(part["author"][:])) for part in dm.splits.values())
+    assert persons == len({a for a in authors if a}) + 121
+
+    predict = tmp_path / "predict.csv"
+    with predict.open("w", newline="") as f:
+        csv.writer(f).writerows(
+            [["id", "author", "body"], [1, "ann", "a"], [2, "", "b"], [3, "", "c"], [4, "ann", "d"]]
+        )
+    dm = MBTIDataModule(tokenizer="demo", predict_file=str(predict))
+    dm.setup("predict")
+    assert dm.predict_inputs["author"] == ["ann", 2, 3, "ann"]

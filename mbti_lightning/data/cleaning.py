@@ -77,6 +77,9 @@ def clean(ds: Dataset, hp: AttributeDict, heads: dict) -> tuple[Dataset, dict[st
     else:
         source = np.arange(len(ds))
     authors = _ids(ds, author_column) if author_column else source
+    anonymous = _empty(ds, author_column) if author_column else np.zeros(len(ds), dtype=bool)
+    # Rows without an author are not one person: each source row of them is a person of its own.
+    authors = np.where(anonymous, authors.max(initial=-1) + 1 + source, authors)
 
     problems = [(f"with an empty {hp.text_column!r}", _empty(ds, hp.text_column), None)]
     if hp.type_column:
@@ -115,6 +118,12 @@ def clean(ds: Dataset, hp: AttributeDict, heads: dict) -> tuple[Dataset, dict[st
     if invalid.all():
         raise UserError(f"{where(hp)}: no usable rows left. {' '.join(messages)}")
     # What a shipped config does quietly to one's own file, said once.
+    if anonymous[~invalid].any():
+        rows = len(np.unique(source[anonymous & ~invalid]))
+        messages.append(
+            f"{where(hp)}: {rows} rows have no {author_column!r}; each is taken as a person of its own (not one "
+            "person together)"
+        )
     if hp.author_column and author_column is None:
         messages.append(
             f"{where(hp)} has no author column {hp.author_column!r}, so each row is its own person "

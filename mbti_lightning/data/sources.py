@@ -69,6 +69,8 @@ def read_predict_file(hp: AttributeDict, heads: dict, tokenize_kwargs: dict) -> 
         texts = ds[hp.text_column][:]
         ids = ds["id"][:] if "id" in ds.column_names else list(range(len(ds)))
         authors = ds[hp.author_column][:] if hp.author_column in ds.column_names else ids
+        # A row without an author is a person of its own, named by its id (not one person with every such row).
+        authors = [a if a is not None and str(a).strip() else i for a, i in zip(authors, ids)]
     else:
         raise UserError(f"data.predict_file must be a .txt, .csv or .jsonl file, got {path.name}")
     rows = [(i, 0, "" if text is None else str(text)) for i, text in enumerate(texts)]
