@@ -101,13 +101,14 @@ def hyperparameters(checkpoint: dict, key: str = "hyper_parameters") -> dict:
 
 
 def saved_dtype(checkpoint: dict) -> str:
-    """The backbone's dtype as trained: a 4-bit (QLoRA) base computed in bf16; otherwise that of the first
-    backbone weight the checkpoint holds (not the first tensor: that is the fp32 class-weight buffer)."""
+    """The backbone's dtype as trained: a 4-bit (QLoRA) base computed in bf16; otherwise the narrowest dtype of the
+    backbone weights the checkpoint holds (not the fp32 class-weight buffer): a bf16 run may keep some weights in
+    fp32 (peft's copy of the head, QLoRA's), never the reverse."""
     if hyperparameters(checkpoint).get("quantize"):
         return "bfloat16"
     weights = checkpoint["state_dict"].items()
-    weight = next(v for k, v in weights if k.startswith("model.") and v.is_floating_point())
-    return str(weight.dtype).removeprefix("torch.")
+    dtypes = {v.dtype for k, v in weights if k.startswith("model.") and v.is_floating_point()}
+    return str(min(dtypes, key=lambda d: torch.finfo(d).bits)).removeprefix("torch.")
 
 
 @contextlib.contextmanager
@@ -144,7 +145,13 @@ def model_from_checkpoint(checkpoint: dict, runtime: dict | None = None) -> Any:
     with default_dtype(DTYPES[saved_dtype(checkpoint)]), whole:
         model.configure_model()
     model.on_load_checkpoint(checkpoint)
-    model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading, assign=True)
+    # A weight saved in another dtype than the model's (an fp32 head on a bf16 base) is cast: one dtype computes.
+    built = model.state_dict()
+    state = {
+        k: v.to(built[k].dtype) if k in built and v.is_floating_point() and v.dtype != built[k].dtype else v
+        for k, v in checkpoint["state_dict"].items()
+    }
+    model.load_state_dict(state, strict=model.strict_loading, assign=True)
     counts = checkpoint["mbti_lightning"].get("train_counts") or [None] * len(model.heads)
     weights = model.class_weight.float()
     model.persons = {

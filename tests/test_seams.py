@@ -264,3 +264,44 @@ def test_rows_without_an_author_are_persons_of_their_own_with_a_line_saying_how_
     dm = MBTIDataModule(tokenizer="demo", predict_file=str(predict))
     dm.setup("predict")
     assert dm.predict_inputs["author"] == ["ann", 2, 3, "ann"]
+
+
+@pytest.mark.slow
+def test_a_lora_checkpoint_with_an_fp32_head_on_a_bf16_base_runs_through_every_command(tmp_path, monkeypatch):
+    """As QLoRA and peft leave it: the head saved in fp32, the adapters in bf16; every command computes in bf16."""
+    from test_lora import LORA
+
+    from mbti_lightning import loading
+
+    steps = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "10"]
+    lora = ["--model.from_scratch", "false", "--model.peft", LORA, "--trainer.precision", "bf16-true"]
+    run(tmp_path, "fit", "--config", str(REPO / "configs/demo.yaml"), *lora, *steps)
+    checkpoint = torch.load(tmp_path / "checkpoints/demo/last.ckpt", weights_only=False)
+    heads = [k for k in checkpoint["state_dict"] if ".score." in k]
+    for key in heads:
+        checkpoint["state_dict"][key] = checkpoint["state_dict"][key].float()
+    ckpt = tmp_path / "fp32_head.ckpt"
+    torch.save(checkpoint, ckpt)
+    assert heads and loading.load(ckpt).model.model.dtype == torch.bfloat16
+
+    (tmp_path / "texts.txt").write_text("i made a plan for the week\nwhatever lol\n")
+    demo = ["--config", str(REPO / "configs/demo.yaml")]
+    for name in ("fp32_head.ckpt", "checkpoints/demo/last.ckpt"):
+        out = f"{name.replace('/', '_')}.csv"
+        run(
+            tmp_path,
+            "predict",
+            *demo,
+            "--ckpt_path",
+            name,
+            "--data.predict_file",
+            "texts.txt",
+            "--predictions.output",
+            out,
+        )
+    assert (tmp_path / "fp32_head.ckpt.csv").read_text() == (tmp_path / "checkpoints_demo_last.ckpt.csv").read_text()
+    assert "test/mcc" in run(tmp_path, "test", *demo, "--ckpt_path", str(ckpt)).trainer.callback_metrics
+    run(tmp_path, "report", *demo, "--ckpt_path", str(ckpt), "--out", str(tmp_path / "report"), "--resamples", "50")
+    export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "model")])
+    loaded = loading.load(tmp_path / "model")
+    assert loaded.dtype == torch.bfloat16 and json.loads((tmp_path / "report/report.json").read_text())["rows"] > 0
