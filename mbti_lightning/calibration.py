@@ -24,14 +24,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from mbti_lightning.metrics import calibration_error
+from torchmetrics.classification import MulticlassCalibrationError
 
 T_MIN, T_MAX = 0.05, 20.0
 #: The number of confidence bins of every calibration figure: ECE, its per-class gap and the diagram.
 BINS = 15
 #: The ridge of the `carrier` fit, relative to the mean squared input feature.
 RIDGE = 1e-2
+
+
+def calibration_error(num_classes: int) -> MulticlassCalibrationError:
+    """Expected calibration error (`BINS` bins, L1) of the predicted class's probability."""
+    return MulticlassCalibrationError(num_classes, n_bins=BINS, validate_args=False)
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,15 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from lightning.pytorch.utilities import rank_zero_info
 from transformers.initialization import no_init_weights
 
+from mbti_lightning.data import MBTIDataModule
 from mbti_lightning.data.sources import where
 from mbti_lightning.data.tokenized import SETTINGS
 from mbti_lightning.demo import DEMO
 from mbti_lightning.errors import UserError
 from mbti_lightning.labels import AXES, TYPES
+from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.persons import Persons, trained_prior
+from mbti_lightning.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: The data settings a model is trained with: which rows make each split, and how a text is prepared. The rest
@@ -136,7 +139,6 @@ def model_from_checkpoint(checkpoint: dict, runtime: dict | None = None) -> Any:
     """The checkpoint's `MBTIClassifier` in the dtype it was trained in, its weights the checkpoint's own tensors
     (memory-mapped, so never two copies), run with `runtime` settings (`RUNTIME_SETTINGS`) where given. A 4-bit
     (QLoRA) base is rebuilt in bf16: merging needs it, and a CPU cannot load 4 bits."""
-    from mbti_lightning.model import MBTIClassifier
 
     model = MBTIClassifier(**hyperparameters(checkpoint) | (runtime or {}) | {"quantize": None})
     # Where the checkpoint holds every weight, the model is built without initialising them: its memory is never
@@ -162,7 +164,6 @@ def model_from_checkpoint(checkpoint: dict, runtime: dict | None = None) -> Any:
 
 
 def from_checkpoint(path: Path, runtime: dict | None = None) -> Loaded:
-    from mbti_lightning.tokenizer import load_tokenizer
 
     checkpoint = read_checkpoint(path)
     settings = hyperparameters(checkpoint, "datamodule_hyper_parameters")
@@ -235,7 +236,6 @@ def _calibration_of(config, recorded: dict) -> tuple[dict | None, str]:
 def model_from_pretrained(source: str, config: Any, runtime: dict | None = None) -> Any:
     """The exported `MBTIClassifier` at `source` (its `config`) in the dtype it was saved in, with the class weights
     and person rule its export recorded, run with `runtime` settings where given."""
-    from mbti_lightning.model import MBTIClassifier
 
     recorded = getattr(config, "mbti_lightning", None) or {}
     model = MBTIClassifier(model_name_or_path=source, target=_target(config), class_weights=None, **(runtime or {}))
@@ -267,8 +267,6 @@ def pretrained_config(source: str) -> Any | None:
 def from_pretrained(source: str, runtime: dict | None = None) -> Loaded:
     """An exported folder or hub id, in the dtype it was saved in, with what its export recorded."""
     from transformers import AutoConfig
-
-    from mbti_lightning.tokenizer import load_tokenizer
 
     try:
         config = AutoConfig.from_pretrained(source)
@@ -327,7 +325,6 @@ def is_export(name: str) -> bool:
 def datamodule(loaded: Loaded, given: Any = None) -> Any:
     """The data module of `loaded`'s data settings, the other settings (batch sizes, workers, the predict file)
     from `given` (the command's data module), else the fit's; one line names each setting `given` had otherwise."""
-    from mbti_lightning.data import MBTIDataModule
 
     settings = hyperparameters({"h": dict(given.hparams)}, "h") if given is not None else dict(loaded.run_settings)
     for key, value in loaded.data.items():

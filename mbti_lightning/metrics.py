@@ -13,7 +13,6 @@ from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryF1Score,
     MulticlassAccuracy,
-    MulticlassCalibrationError,
     MulticlassF1Score,
     MulticlassMatthewsCorrCoef,
     MulticlassRecall,
@@ -21,6 +20,7 @@ from torchmetrics.classification import (
 from torchmetrics.utilities import dim_zero_cat
 
 from mbti_lightning import persons
+from mbti_lightning.calibration import calibration_error
 
 
 class MatthewsCorrCoef(MulticlassMatthewsCorrCoef):
@@ -70,11 +70,6 @@ def score_predictions(
 def _mean() -> MeanMetric:
     """A weighted mean that keeps NaN (a NaN loss shows as NaN) and so never reads values back to the CPU."""
     return MeanMetric(nan_strategy="disable")
-
-
-def calibration_error(num_classes: int) -> MulticlassCalibrationError:
-    """Expected calibration error (15 bins, L1) of the predicted class's probability."""
-    return MulticlassCalibrationError(num_classes, n_bins=15, validate_args=False)
 
 
 class AuthorMetrics(Metric):

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mbti_lightning import calibration
+
 #: Validation persons (with two posts or more) needed to fit the person-level temperature.
 MIN_PERSONS = 20
 
@@ -95,8 +97,6 @@ class Persons:
 def fit(log_probs: torch.Tensor, labels: np.ndarray, persons: np.ndarray, log_prior: torch.Tensor) -> Persons:
     """`Persons` for scores with `log_prior`, its temperature fitted on the persons of a split (validation) where
     at least `MIN_PERSONS` of them have two posts or more; a person's label is the most common of their posts'."""
-    from mbti_lightning import calibration  # which imports the metrics, which import this module
-
     persons = torch.as_tensor(persons)
     sizes = torch.bincount(persons)
     if int((sizes >= 2).sum()) < MIN_PERSONS:
