@@ -20,6 +20,7 @@ from scipy import stats
 
 from mbti_lightning import calibration, folding
 from mbti_lightning import persons as person_rules
+from mbti_lightning.errors import UserError
 from mbti_lightning.metrics import confusion, confusion_metrics
 
 #: The headline metrics: key -> (name in tables, the Hub's metric type).
@@ -83,6 +84,11 @@ def bootstrap(samples: tuple[np.ndarray, ...], statistic, resamples: int, seed: 
     """The `LEVEL` percentile interval of a vectorized `statistic` (returning one row per figure) over bootstrap
     resamples of the persons: the first axis of each of `samples`, drawn together (paired). Percentile intervals
     keep the cost at one pass over the resamples."""
+    if len(samples[0]) < 2:
+        raise UserError(
+            f"the split scored has {len(samples[0])} person: an interval that resamples persons needs two or more "
+            "(give the split more persons: data.test_fraction, data.val_fraction, or more data)"
+        )
     batch = max(1, int(2e7 // (samples[0].size * len(samples))))  # bounds the memory of one batch of resamples
     result = stats.bootstrap(
         samples,
@@ -94,7 +100,7 @@ def bootstrap(samples: tuple[np.ndarray, ...], statistic, resamples: int, seed: 
         batch=batch,
         method="percentile",
         confidence_level=LEVEL,
-        random_state=np.random.default_rng(seed),
+        rng=np.random.default_rng(seed),
     )
     return result.confidence_interval
 

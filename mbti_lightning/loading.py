@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from lightning.pytorch.utilities import rank_zero_info
 from transformers.initialization import no_init_weights
@@ -293,9 +294,17 @@ def from_pretrained(source: str, runtime: dict | None = None) -> Loaded:
         calibration_note=note,
         chosen_by=recorded.get("chosen_by", "not recorded by this export"),
         name=source,
-        # transformers' record of the hub commit a model was read from (private: see tests/test_private_apis.py)
-        revision=getattr(config, "_commit_hash", None),
+        revision=hub_commit(source),
     )
+
+
+def hub_commit(source: str) -> str | None:
+    """The hub commit whose files a hub id `source` was read from (its snapshot's name in the hub cache); None for
+    a local folder."""
+    if not is_hub_id(source):
+        return None
+    cached = try_to_load_from_cache(source, "config.json")
+    return Path(cached).parent.name if isinstance(cached, str) else None
 
 
 def load(source: str | Path, runtime: dict | None = None) -> Loaded:

@@ -103,6 +103,7 @@ def fit(log_probs: torch.Tensor, labels: np.ndarray, persons: np.ndarray, log_pr
         return Persons(log_prior)
     k = log_probs.shape[-1]
     truth = torch.zeros(len(sizes), k).index_add_(0, persons, torch.eye(k)[torch.as_tensor(labels)]).argmax(-1)
+    several = sizes >= 2  # a single post's person says nothing of how posts add up
     x = logits(log_probs, persons, log_prior)
-    cal = calibration.fit(x, truth, offsets=False, name="persons")
+    cal = calibration.fit(x[several], truth[several], offsets=False, name="persons")
     return Persons(log_prior, cal.temperature)

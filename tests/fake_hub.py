@@ -14,13 +14,14 @@ from huggingface_hub import constants
 class FakeHfApi:
     calls: list = []
     repos: dict[str, dict] = {}  # repo id -> {"private": bool, "files": set of paths}
+    commits: dict[str, str] = {}  # repo id -> the commit of its last upload
 
     def __init__(self, token=None):
         self.calls.append(("token", token))
 
     @classmethod
     def reset(cls) -> None:
-        cls.calls, cls.repos = [], {}
+        cls.calls, cls.repos, cls.commits = [], {}, {}
 
     def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
         self.calls.append(("create_repo", repo_id, private))
@@ -52,7 +53,7 @@ class FakeHfApi:
         # As the Hub does: matching remote files are deleted in the same commit, .gitattributes never.
         kept = {f for f in remote if f == ".gitattributes" or not any(fnmatch(f, p) for p in patterns)}
         self.repos[repo_id]["files"] = kept | files
-        download(repo_id, folder)
+        self.commits[repo_id] = download(repo_id, folder)
 
 
 def download(repo_id: str, folder: Path) -> str:

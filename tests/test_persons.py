@@ -101,3 +101,26 @@ def test_the_reports_per_person_figures_are_scikit_learns_on_the_same_votes():
     people = figures["J-P"]["people"]["model"]
     assert people["mcc"]["value"] == pytest.approx(matthews_corrcoef(truth, votes))
     assert people["macro_f1"]["value"] == pytest.approx(f1_score(truth, votes, average="macro"))
+
+
+def test_the_persons_temperature_is_fitted_on_persons_with_several_posts_only():
+    """Single-post persons' scores are a post's, not a sum's: adding many of them must not move the temperature."""
+    logits, labels, person = weak_posts(40, 20, 0.5, seed=3)
+    prior = persons.Persons.uniform(2).log_prior
+    alone = persons.fit(logits.log_softmax(-1), labels, person, prior)
+    singles, single_labels, _ = weak_posts(400, 1, 0.5, seed=4)
+    both = persons.fit(
+        torch.cat([logits, 5 * singles]).log_softmax(-1),  # overconfident single posts: a lower temperature's pull
+        np.concatenate([labels, single_labels]),
+        np.concatenate([person, 40 + np.arange(400)]),
+        prior,
+    )
+    assert alone.calibrated and both.temperature == pytest.approx(alone.temperature, rel=1e-6)
+
+
+def test_a_split_of_one_person_is_named_not_a_traceback():
+    from mbti_lightning.errors import UserError
+
+    one = np.ones((1, 4))
+    with pytest.raises(UserError, match="the split scored has 1 person: an interval that resamples persons needs two"):
+        evaluation.scored({"model": one.reshape(1, 2, 2)}, 100, 0)

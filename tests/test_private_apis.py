@@ -36,6 +36,8 @@ PRIVATE = [
     ("litserve", "litserve", "LitServer._init_manager", "serve.DirectQueues"),
     ("litserve", "litserve.transport.process_transport", "MPQueueTransport", "serve.DirectQueues"),
     ("transformers", "transformers.initialization", "no_init_weights", "loading.model_from_checkpoint"),
+    ("torch", "torch", "_foreach_mul_", "model.MBTIClassifier.on_before_optimizer_step"),
+    ("peft", "peft.utils.other", "ModulesToSaveWrapper.active_adapters", "folding.classification_head"),
 ]
 
 
@@ -52,6 +54,17 @@ def _adamw8bit():
     return bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(4))])
 
 
+def _wrapped_head():
+    import torch
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return ModulesToSaveWrapper(torch.nn.Linear(2, 2), "default")
+
+
+def _trainer_loop():
+    return _trainer().fit_loop.epoch_loop
+
+
 def _dataset():
     from datasets import Dataset
 
@@ -64,6 +77,9 @@ INSTANCE = [
     ("bitsandbytes", _adamw8bit, "is_paged", "optim.AdamW8bit.step"),
     ("bitsandbytes", _adamw8bit, "initialized", "optim.AdamW8bit.step"),
     ("datasets", _dataset, "_fingerprint", "data.MBTIDataModule: the cache key"),
+    ("peft", _wrapped_head, "modules_to_save", "folding.classification_head"),
+    ("peft", _wrapped_head, "original_module", "backbone.training_flops_per_token"),
+    ("lightning", _trainer_loop, "batch_progress", "data.MBTIDataModule: the resumable loader's position"),
 ]
 #: bitsandbytes' Triton kernels, which the fused optimizer step builds on (needs Triton).
 TRITON = [

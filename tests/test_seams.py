@@ -118,6 +118,9 @@ def test_test_report_and_predict_per_person_agree_on_an_export_and_its_hub_id(ex
     by_hub_id = scores_of_test(exported, "--ckpt_path", HUB_ID)
     by_name = scores_of_test(exported, "--model.model_name_or_path", HUB_ID, "--model.from_scratch", "false")
     assert by_hub_id == by_folder == by_name
+    from mbti_lightning import loading
+
+    assert loading.load(HUB_ID).revision == FakeHfApi.commits[HUB_ID] and loading.load(exported["out"]).revision is None
 
     mcc, rows = per_person_mcc(exported, "folder", "--ckpt_path", str(exported["out"]))
     assert mcc == pytest.approx(people["mcc"]["value"], abs=1e-6)
