@@ -3,11 +3,13 @@ that change how it is built (loaded or random, LoRA, 4 bits, gradient checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.data import AttributeDict
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from mbti_lightning import demo
@@ -63,6 +65,30 @@ def training_flops_per_token(model: torch.nn.Module) -> int:
     used = [p for name, p in model.named_parameters() if p is not embedding and "original_module" not in name]
     trained = sum(_weights(p) for p in used if p.requires_grad)
     return 6 * trained + 4 * (sum(_weights(p) for p in used) - trained)
+
+
+def flops_per_batch(model: torch.nn.Module, flops_per_token: int, seq: int, tokens: int) -> int:
+    """Training FLOPs of a batch of `tokens` real tokens padded to `seq`: `training_flops_per_token` plus attention,
+    12 x layers x hidden x seq per token."""
+    config = model.config
+    return (flops_per_token + 12 * config.num_hidden_layers * config.hidden_size * seq) * tokens
+
+
+#: The SDPA attention kernels by the names `model.sdpa_kernels` takes.
+SDPA_KERNELS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def sdpa_kernels(kernels: list[str] | None) -> contextlib.AbstractContextManager:
+    """Restrict SDPA attention to `kernels` (names of `SDPA_KERNELS`, in order of preference); None: PyTorch's
+    choice."""
+    if not kernels:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPA_KERNELS[k] for k in kernels], set_priority=True)
 
 
 def _repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

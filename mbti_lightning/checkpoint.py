@@ -11,8 +11,10 @@ import numpy as np
 import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 
 from mbti_lightning.cache import atomic_open
+from mbti_lightning.errors import UserError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -57,6 +59,24 @@ def set_rng_states(states: dict[str, Any]) -> None:
     if "cuda" in states and torch.cuda.is_available():
         for device, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(state, device)
+
+
+def restore(module: Any, checkpoint: dict) -> None:
+    """What a `MBTIClassifier` does with a checkpoint it loads: stop where it predicts other heads than `module`;
+    continue the run's random streams only for a resumed fit (validate, test, predict and the export, which loads
+    with no trainer, must not change the caller's)."""
+    saved = checkpoint.get("mbti_lightning", {})
+    if "heads" in saved and saved["heads"] != module.heads:
+        raise UserError(
+            f"the checkpoint predicts {', '.join(saved['heads'])} but this run's target is "
+            f"{', '.join(module.heads)}; set data.target to the checkpoint's"
+        )
+    try:
+        fitting = module.trainer.state.fn == TrainerFn.FITTING
+    except RuntimeError:  # not attached to a trainer
+        fitting = False
+    if "rng" in saved and fitting:
+        set_rng_states(saved["rng"])
 
 
 def trained_weights(state_dict: dict[str, Any], module: torch.nn.Module) -> dict[str, Any]:

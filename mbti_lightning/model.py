@@ -2,38 +2,44 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mbti_lightning import backbone
-from mbti_lightning.checkpoint import run_metadata, set_rng_states, trained_weights
-from mbti_lightning.errors import UserError
+from mbti_lightning.checkpoint import restore, run_metadata, trained_weights
 from mbti_lightning.labels import heads
+from mbti_lightning.loss import StepNormalizedLoss
 from mbti_lightning.metrics import EvalMetrics
 from mbti_lightning.persons import Persons, trained_prior
 
-SDPA_KERNELS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "math": SDPBackend.MATH,
-}
+
+def check_arguments(
+    target: str | list[str], class_weights: Any, peft: dict | None, quantize: str | None, from_scratch: bool
+) -> None:
+    """Stop on arguments that cannot work together, naming them."""
+    found = heads(target)
+    classes = max(len(c) for c in found.values())
+    if isinstance(class_weights, list) and (len(found) > 1 or len(class_weights) != classes):
+        raise ValueError(
+            f"model.class_weights as a list needs one axis and {classes} values; got "
+            f"{class_weights} for {target}. Use 'balanced' or null for several heads."
+        )
+    if quantize and peft is None:
+        raise ValueError("model.quantize needs model.peft: a 4-bit base can only be trained through adapters")
+    if quantize and from_scratch:
+        raise ValueError(
+            "model.quantize needs model.from_scratch false: bitsandbytes quantizes the base's weights as they load"
+        )
 
 
-# Over 200 lines with its docstring, which documents every option for `--help`; the code is about 210.
-class MBTIClassifier(L.LightningModule):
+class MBTIClassifier(StepNormalizedLoss):
     """Fine-tunes ``AutoModelForSequenceClassification`` on one MBTI axis, several axes, or the type.
 
     One axis: two logits and class-weighted cross entropy, normalised by the summed class weights of
-    the whole optimizer step (all accumulated micro-batches, all ranks), so gradient accumulation
-    and data parallelism give the same gradient as one large batch. Several axes: one logit per axis
+    the whole optimizer step (all micro-batches, all ranks: `StepNormalizedLoss`). Several axes: one logit per axis
     (the log-odds of its second letter; Hugging Face's ``multi_label_classification``) from the same
     backbone pass, each with its own class weights; the loss is the mean over axes of the weighted
     cross entropy, normalised by the step's number of rows. ``mbti``: one 16-way head.
@@ -54,10 +60,8 @@ class MBTIClassifier(L.LightningModule):
         tf32: Allow TF32 matmuls on CUDA.
         attn_implementation: Attention kernel, e.g. ``sdpa`` or ``eager``.
         sdpa_kernels: The kernels SDPA attention may use, in order of preference (``flash``,
-            ``efficient``, ``cudnn``, ``math``); null lets PyTorch choose. On H100/H200, recent
-            PyTorch prefers cuDNN, which took about 1.5 ms of CPU per call in this project's
-            profile (bench/RESULTS.md) and builds a plan for each new batch shape; the GPU presets
-            prefer flash.
+            ``efficient``, ``cudnn``, ``math``); null lets PyTorch choose (cuDNN on H100/H200: 1.5 ms of
+            CPU a call in bench/RESULTS.md; the GPU presets prefer flash).
         skip_padding_mask: Don't pass the padding mask. Exact for decoder-only (causal) models with
             right padding: real tokens never attend to the pads after them, and pooling finds the
             last real token from the ids. Without a mask, SDPA can use its flash kernel.
@@ -102,6 +106,7 @@ class MBTIClassifier(L.LightningModule):
         skip_nonfinite_batches: int = 0,
     ) -> None:
         super().__init__()
+        check_arguments(target, class_weights, peft, quantize, from_scratch)
         self.save_hyperparameters()
         self.heads = heads(target)
         classes = max(len(c) for c in self.heads.values())
@@ -109,11 +114,6 @@ class MBTIClassifier(L.LightningModule):
             self.id2label = {i: letters[1] for i, letters in enumerate(self.heads.values())}
         else:
             self.id2label = dict(enumerate(next(iter(self.heads.values()))))
-        if isinstance(class_weights, list) and (len(self.heads) > 1 or len(class_weights) != classes):
-            raise ValueError(
-                f"model.class_weights as a list needs one axis and {classes} values; got "
-                f"{class_weights} for {target}. Use 'balanced' or null for several heads."
-            )
         weights = (
             torch.tensor([class_weights]) if isinstance(class_weights, list) else torch.ones(len(self.heads), classes)
         )
@@ -122,14 +122,6 @@ class MBTIClassifier(L.LightningModule):
         self.val_metrics, self.test_metrics = EvalMetrics(self.heads), EvalMetrics(self.heads)
         # How posts make a person's answer: the prior the scores carry; set from the training split, or by `loading`.
         self.persons: dict[str, Persons] | None = None
-        self._step_weight = 0.0  # the current optimizer step's loss normaliser so far: class weights (or rows)
-        self._skipped = 0  # batches skipped for a non-finite loss
-        if quantize and peft is None:
-            raise ValueError("model.quantize needs model.peft: a 4-bit base can only be trained through adapters")
-        if quantize and from_scratch:
-            raise ValueError(
-                "model.quantize needs model.from_scratch false: bitsandbytes quantizes the base's weights as they load"
-            )
         # With adapters on a loadable base, checkpoints hold only the trained weights (see on_save_checkpoint).
         self._adapter_only = peft is not None and not from_scratch
         self.strict_loading = not self._adapter_only
@@ -170,38 +162,18 @@ class MBTIClassifier(L.LightningModule):
         checkpoint["mbti_lightning"] = run_metadata(self)  # what mbti-lightning-export needs
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("mbti_lightning", {})
-        if "heads" in saved and saved["heads"] != self.heads:
-            raise UserError(
-                f"the checkpoint predicts {', '.join(saved['heads'])} but this run's target is "
-                f"{', '.join(self.heads)}; set data.target to the checkpoint's"
-            )
-        if "rng" in saved and self._resuming_a_fit():
-            set_rng_states(saved["rng"])
-
-    def _resuming_a_fit(self) -> bool:
-        """Only a resumed fit continues the run's random streams; validate, test, predict and export
-        (which loads with no trainer) must not change the caller's."""
-        try:
-            return self.trainer.state.fn == TrainerFn.FITTING
-        except RuntimeError:  # not attached to a trainer
-            return False
+        restore(self, checkpoint)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(batch, seq) right-padded token ids -> (batch, num_labels) logits in fp32."""
         mask = None if self.hparams.skip_padding_mask else attention_mask
-        with self._sdpa_kernels():
+        with backbone.sdpa_kernels(self.hparams.sdpa_kernels):
             return self.model(input_ids=input_ids, attention_mask=mask).logits.float()
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        with self._sdpa_kernels():  # gradient checkpointing runs the forward pass again in here
+        # Gradient checkpointing runs the forward pass again in here.
+        with backbone.sdpa_kernels(self.hparams.sdpa_kernels):
             super().backward(loss, *args, **kwargs)
-
-    def _sdpa_kernels(self) -> contextlib.AbstractContextManager:
-        kernels = self.hparams.sdpa_kernels
-        if not kernels:
-            return contextlib.nullcontext()
-        return sdpa_kernel([SDPA_KERNELS[k] for k in kernels], set_priority=True)
 
     def head_logits(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """(batch, num_labels) -> one (batch, classes) tensor per head; an axis's logit z becomes [0, z]."""
@@ -218,56 +190,21 @@ class MBTIClassifier(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         _, _, ce, weight = self._shared_step(batch)
-        config = self.model.config
-        seq = batch["input_ids"].shape[1]  # attention FLOPs: 12 x layers x hidden x seq per token
-        per_token = self._flops_per_token + 12 * config.num_hidden_layers * config.hidden_size * seq
-        self.flops_per_batch = per_token * batch["num_tokens"]  # read by callbacks.Throughput
-        weighted = (weight * ce).sum() / len(self.heads)
-        if not torch.isfinite(weighted):
-            return self._nonfinite(weighted, batch_idx)
+        # Read by callbacks.Throughput.
+        seq = batch["input_ids"].shape[1]
+        self.flops_per_batch = backbone.flops_per_batch(self.model, self._flops_per_token, seq, batch["num_tokens"])
         norm = weight.sum().detach() if len(self.heads) == 1 else weight.new_tensor(len(ce))
-        self._step_weight = self._step_weight + norm
-        self.log("train/loss", weighted.detach() / norm, batch_size=len(ce))  # callbacks.ProgressBar shows it
-        # Summed, not averaged: on_before_optimizer_step divides by the whole step's weight (or rows).
-        return weighted
-
-    def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
-        where = f"at optimizer step {self.global_step}, batch {batch_idx} of epoch {self.current_epoch}"
-        if self._skipped >= self.hparams.skip_nonfinite_batches:
-            raise FloatingPointError(
-                f"training loss is {loss.item()} {where}. Training stopped; checkpoints already written are "
-                f"untouched. Set model.skip_nonfinite_batches to skip up to N such batches (skipped so far: "
-                f"{self._skipped})."
-            )
-        self._skipped += 1
-        rank_zero_warn(
-            f"skipping a batch with training loss {loss.item()} {where} "
-            f"({self._skipped} of at most {self.hparams.skip_nonfinite_batches})"
-        )
-        self.log("train/skipped_batches", float(self._skipped))
-        return None  # Lightning skips the backward pass of this batch
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over
-        # ranks; undo both and divide by the step's total class weight over all ranks instead.
-        total = self.trainer.strategy.reduce(torch.as_tensor(self._step_weight, device=self.device), reduce_op="sum")
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:  # none if every micro-batch of the step was skipped
-            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
-        self._step_weight = 0.0
+        # Summed, not averaged: the step's weight (or rows) divides it once (`StepNormalizedLoss`).
+        return self.step_loss((weight * ce).sum() / len(self.heads), norm, len(ce), batch_idx)
 
     def _eval_step(self, batch: dict, metrics: EvalMetrics) -> None:
         logits, labels, ce, weight = self._shared_step(batch)
         authors = batch["author"]
         if batch.get("padded"):  # leave out the copies that only keep ranks in step (sampling.PADDING)
             keep = batch["row"] >= 0
-            logits, labels, ce, weight, authors = (
+            logits, (labels, ce, weight, authors) = (
                 [x[keep] for x in logits],
-                labels[keep],
-                ce[keep],
-                weight[keep],
-                authors[keep],
+                (x[keep] for x in (labels, ce, weight, authors)),
             )
         if len(self.heads) == 1:  # the weighted mean over the whole set, as one large batch
             metrics.update(logits, labels, ce[:, 0], weight[:, 0], authors)

@@ -74,6 +74,7 @@ def test_the_progress_bar_shows_the_loss_of_the_last_logging_step_and_no_version
     assert "v_num" not in shown and shown["train/loss"] == pytest.approx(float(logged[-1]["train/loss"]))
 
 
+@pytest.mark.slow
 def test_a_fit_writing_to_a_log_file_shows_a_line_per_logging_step_and_per_validation(tmp_path):
     """As under SLURM or nohup: stdout is a file, no terminal."""
     args = ["--trainer.max_steps", "30", "--trainer.log_every_n_steps", "10", "--trainer.val_check_interval", "15"]
@@ -93,6 +94,7 @@ def test_a_fit_writing_to_a_log_file_shows_a_line_per_logging_step_and_per_valid
     assert [int(step) for step, _ in validations] == [15, 30]
 
 
+@pytest.mark.slow
 def test_module_entry_point_shows_help_with_every_subcommand_under_the_programs_name():
     result = subprocess.run([sys.executable, "-m", "mbti_lightning", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("usage: mbti-lightning ")

@@ -90,6 +90,7 @@ def assert_card_metadata_equals_its_tables(out: Path, heads: list[str]) -> None:
     assert len(table) == 4 * len(heads) and from_metadata == table
 
 
+@pytest.mark.slow
 def test_sixteen_way_type_head_trains_and_exports(tmp_path):
     ckpt = fit(tmp_path, "--data.target", "mbti", "--trainer.limit_train_batches", "200")
     final = metrics_of(ckpt)

@@ -82,6 +82,7 @@ def check_fused_kernel_matches_the_plain_step(device: str) -> None:
         assert (states[True][key] != states[False][key]).float().mean() < 0.02
 
 
+@pytest.mark.slow
 def test_fused_kernel_matches_the_plain_step_in_tritons_interpreter():
     pytest.importorskip("triton")
     # The interpreter must be on before any Triton kernel is defined: a process of its own.
@@ -122,6 +123,7 @@ def test_a_kernel_that_cannot_run_falls_back_to_the_plain_step_with_one_warning(
     assert optimizer.state[automatic]["step"] == 3
 
 
+@pytest.mark.slow
 def test_importing_the_optimizer_prints_no_warning_about_a_4bit_cpu_kernel():
     import subprocess
     import sys

@@ -16,6 +16,7 @@ from conftest import REPO
 from mbti_lightning.cli import cli_main
 from mbti_lightning.data import MBTIDataModule, author_split
 from mbti_lightning.demo import generate_rows
+from mbti_lightning.errors import UserError
 from mbti_lightning.labels import AXES, TYPES
 from mbti_lightning.persons import Persons
 from mbti_lightning.predict import per_author, prediction_records
@@ -359,7 +360,7 @@ def test_a_hub_data_sets_revision_reaches_load_dataset_and_the_cache_key(monkeyp
 
     monkeypatch.setattr("mbti_lightning.data.sources.load_dataset", fake_load_dataset)
     dm = MBTIDataModule(dataset="minhaozhang/mbti", revision="abc123", tokenizer="demo")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="data minhaozhang/mbti not found: stop here"):
         load_raw(dm.hparams)
     assert seen["name"] == "minhaozhang/mbti" and seen["revision"] == "abc123"
     assert preprocessing_args(dm.hparams)["revision"] == "abc123"

@@ -308,3 +308,29 @@ def test_a_lora_checkpoint_with_an_fp32_head_on_a_bf16_base_runs_through_every_c
     export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "model")])
     loaded = loading.load(tmp_path / "model")
     assert loaded.dtype == torch.bfloat16 and json.loads((tmp_path / "report/report.json").read_text())["rows"] > 0
+
+
+def test_predictions_on_the_test_split_name_authors_as_the_file_does_and_number_exploded_posts(tmp_path):
+    from mbti_lightning.data import MBTIDataModule
+    from mbti_lightning.demo import generate_rows
+
+    rows = generate_rows(num_rows=600, seed=2)
+    path = tmp_path / "posts.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([["author", "body", "mbti"], *zip(rows["author"], rows["body"], rows["mbti"])])
+    dm = MBTIDataModule(dataset="csv", data_files=str(path), tokenizer="demo", keep_fraction=0.8, split="author")
+    dm.setup("test")
+    dm.predict_dataloader()
+    assert set(dm.predict_inputs["author"]) <= set(rows["author"]) and "post" not in dm.predict_inputs
+
+    users = kaggle_file(tmp_path / "users.csv", num_rows=600)
+    args = dict(kaggle_args(users)[i : i + 2] for i in range(0, len(kaggle_args(users)), 2))
+    settings = {k.removeprefix("--data."): None if v == "null" else v for k, v in args.items()}
+    settings |= {"mask_type_mentions": True, "keep_fraction": 0.8, "tokenizer": "demo"}
+    dm = MBTIDataModule(**settings)
+    dm.setup("test")
+    dm.predict_dataloader()
+    inputs = dm.predict_inputs
+    pairs = list(zip(inputs["id"], inputs["post"]))
+    assert len(set(pairs)) == len(pairs) and max(inputs["post"]) > 0
+    assert inputs["author"] == [str(i) for i in inputs["id"]]  # no author column: each source row is a person

@@ -26,6 +26,12 @@ def _normalized(ds: Dataset, name: str) -> np.ndarray:
     return np.asarray(encoded.dictionary.to_pylist(), dtype=str)[encoded.indices.to_numpy()]
 
 
+def _normalized_names(ds: Dataset, name: str) -> np.ndarray:
+    """Column `name`'s values as strings ('' where missing), without a Python string per row."""
+    encoded = pc.dictionary_encode(pc.cast(_column(ds, name), pa.string()).combine_chunks().fill_null(""))
+    return np.asarray(encoded.dictionary.to_pylist(), dtype=object)[encoded.indices.to_numpy()]
+
+
 def _ids(ds: Dataset, name: str) -> np.ndarray:
     """Each row's number for its value in column `name` (e.g. author names -> 0, 1, 2, ...; missing is one value)."""
     encoded = pc.dictionary_encode(pc.cast(_column(ds, name), pa.string()).combine_chunks(), null_encoding="encode")
@@ -42,13 +48,15 @@ def _empty(ds: Dataset, name: str) -> np.ndarray:
 
 
 def _explode(batch: dict[str, list], indices: list[int], column: str, separator: str) -> dict[str, list]:
-    """One row per post of each row's `separator`-joined posts; other columns repeat, `__row__` is the source row."""
-    out: dict[str, list] = {name: [] for name in [*batch, "__row__"]}
+    """One row per post of each row's `separator`-joined posts; other columns repeat, `__row__` is the source row and
+    `__post__` the post's number in it (from 0)."""
+    out: dict[str, list] = {name: [] for name in [*batch, "__row__", "__post__"]}
     for i, row in enumerate(indices):
         posts = (batch[column][i] or "").split(separator)
         for name in batch:
             out[name] += posts if name == column else [batch[name][i]] * len(posts)
         out["__row__"] += [row] * len(posts)
+        out["__post__"] += list(range(len(posts)))
     return out
 
 
@@ -56,7 +64,9 @@ def clean(ds: Dataset, hp: AttributeDict, heads: dict) -> tuple[Dataset, dict[st
     """Explode, label and validate `ds`: (usable rows, their per-row arrays, messages on dropped rows).
 
     The arrays, aligned with the usable rows: ``labels`` (class ids), ``strata`` (type, or the axis
-    letters there are), ``author`` (author ids) and ``source_row`` (row number in the source, from 0).
+    letters there are), ``author`` (author ids), ``author_name`` (the author column's value, else the source
+    row), ``source_row`` (row number in the source, from 0) and, with `explode_separator`, ``post`` (the post's
+    number within its source row).
     """
     if hp.author_column and hp.author_column not in ds.column_names and hp.split == "author":
         raise UserError(
@@ -73,13 +83,16 @@ def clean(ds: Dataset, hp: AttributeDict, heads: dict) -> tuple[Dataset, dict[st
             desc="one row per post",
             fn_kwargs={"column": hp.text_column, "separator": hp.explode_separator},
         )
-        source = np.asarray(_column(ds, "__row__"))
+        source, post = np.asarray(_column(ds, "__row__")), np.asarray(_column(ds, "__post__"))
     else:
-        source = np.arange(len(ds))
+        source, post = np.arange(len(ds)), np.zeros(len(ds), dtype=np.int64)
     authors = _ids(ds, author_column) if author_column else source
     anonymous = _empty(ds, author_column) if author_column else np.zeros(len(ds), dtype=bool)
     # Rows without an author are not one person: each source row of them is a person of its own.
     authors = np.where(anonymous, authors.max(initial=-1) + 1 + source, authors)
+    # What a user calls each person: the author column's value, else (no column, or none given) the source row.
+    names = _normalized_names(ds, author_column) if author_column else source.astype(str)
+    names = np.where(anonymous, source.astype(str), names)
 
     problems = [(f"with an empty {hp.text_column!r}", _empty(ds, hp.text_column), None)]
     if hp.type_column:
@@ -135,7 +148,8 @@ def clean(ds: Dataset, hp: AttributeDict, heads: dict) -> tuple[Dataset, dict[st
             "used, the rest discarded (set data.keep_fraction: 1.0 to use them all)"
         )
     valid = np.flatnonzero(~invalid)
-    arrays = {"labels": labels, "strata": strata, "author": authors, "source_row": source}
+    arrays = {"labels": labels, "strata": strata, "author": authors, "author_name": names, "source_row": source}
+    arrays |= {"post": post} if hp.explode_separator else {}
     return ds.select(valid), {name: values[valid] for name, values in arrays.items()}, messages
 
 

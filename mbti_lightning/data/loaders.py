@@ -1,11 +1,14 @@
-"""Batches: rows read a whole batch at a time, dynamic padding, and a training loader that can resume."""
+"""Batches: rows read a whole batch at a time, dynamic padding, a training loader that can resume, and where
+validation falls in an epoch of them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import lightning as L
 import torch
 from datasets import Dataset
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
@@ -55,3 +58,28 @@ class _ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.resume(state["epoch"], state["batches_done"])
+
+
+def validate_where_training_reaches(trainer: L.Trainer, batches: int) -> None:
+    """A `trainer.val_check_interval` (in batches) longer than an epoch of `batches` makes Lightning stop, and
+    one longer than a `trainer.max_steps` run never validates (no best checkpoint); a shipped config with a
+    user's smaller file or shorter run must still run and validate, so validation moves to the run's last batch
+    or to each epoch's end."""
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    interval, per_epoch = trainer.val_check_interval, trainer.check_val_every_n_epoch is not None
+    if not isinstance(interval, int) or batches == 0:
+        return
+    run = trainer.max_steps * trainer.accumulate_grad_batches
+    if interval > run > 0 and (run <= batches or not per_epoch):
+        rank_zero_warn(
+            f"trainer.val_check_interval ({interval}) is longer than the run (trainer.max_steps "
+            f"{trainer.max_steps}, {run} training batches); validating after its last batch instead"
+        )
+        trainer.val_check_interval = run
+    elif interval > batches and per_epoch:
+        rank_zero_warn(
+            f"trainer.val_check_interval ({interval}) is longer than an epoch ({batches} training batches); "
+            "validating at the end of each epoch instead"
+        )
+        trainer.val_check_interval = 1.0

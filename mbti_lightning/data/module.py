@@ -2,6 +2,26 @@
 
 The steps live beside it: `sources` (reading), `cleaning` (labels and dropped rows), `splits`,
 `tokenized` (tokenizing and the cache) and `loaders` (batches).
+
+Rows are read from the hub, local files or the demo corpus; `explode_separator` turns rows of
+joined posts into one row per post. Rows with an empty text or an invalid label are dropped and
+reported (or, with ``invalid_rows: error``, stop the run). Splits:
+
+- ``seed``: the seed recipe's two stratified row splits, exactly. Test (and predict) take rows that
+  split discards, as many as validation has: never seen in training or model selection.
+- ``author``: the same fractions over authors instead of rows (stratified by each author's type),
+  so no author has posts on both sides; see `author_split`.
+- ``predefined``: the data set's own ``train``, ``validation`` (or ``valid``/``val``/``dev``) and
+  ``test`` splits.
+
+Types too rare to stratify are pooled by their target letters, with a warning (see
+`splits.stratified_split`).
+
+Training batches group rows of similar length (see `LengthGroupedSampler`) unless
+`group_by_length` is false; evaluation batches are sorted by length and carry their row numbers
+(`batch["row"]`) and author ids (`batch["author"]`). Splits are tokenized once and cached under
+``$MBTI_LIGHTNING_CACHE/tokenized`` (default ``~/.cache/mbti_lightning``), keyed by the data,
+the tokenizer and every setting of `MBTIDataModule` that changes them.
 """
 
 from __future__ import annotations
@@ -22,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from mbti_lightning.cache import build_atomically, cache_root
 from mbti_lightning.data import splits, tokenized
-from mbti_lightning.data.loaders import Collator, _ResumableLoader, _Rows
+from mbti_lightning.data.loaders import Collator, _ResumableLoader, _Rows, validate_where_training_reaches
 from mbti_lightning.data.sources import load_raw, read_predict_file, where
 from mbti_lightning.errors import UserError
 from mbti_lightning.labels import AXES, check_axis, heads
@@ -32,29 +52,41 @@ from mbti_lightning.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 
-# Over 200 lines with its docstring, which documents every option for `--help`; the code is about 160.
+#: What to do where a split a command reads is missing, per `data.split`.
+NO_SPLIT = {
+    "seed": "its test rows are rows the seed split discards: set data.keep_fraction below 1",
+    "author": "set data.test_fraction, or data.keep_fraction below 1",
+    "predefined": "the data set has no such split",
+}
+
+
+def check_arguments(
+    found_heads: dict,
+    max_length: int,
+    keep_fraction: float,
+    val_fraction: float,
+    test_fraction: float,
+    type_column: str | None,
+    axis_columns: dict[str, str] | None,
+) -> None:
+    """Stop on data settings that cannot work, naming them."""
+    if max_length <= 0:
+        raise UserError(f"data.max_length must be positive, got {max_length}")
+    if not 0 < keep_fraction <= 1 or not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 - val_fraction:
+        raise UserError(
+            f"data.keep_fraction must be in (0, 1], data.val_fraction in (0, 1) and data.test_fraction in "
+            f"[0, 1 - val_fraction), got {keep_fraction}, {val_fraction} and {test_fraction}"
+        )
+    for axis in axis_columns or {}:
+        check_axis(axis)
+    needed = list(AXES) if "mbti" in found_heads else list(found_heads)
+    if type_column is None and set(needed) - set(axis_columns or {}):
+        raise UserError(f"without data.type_column, data.axis_columns must name a column for each of {needed}")
+
+
 class MBTIDataModule(L.LightningDataModule):
-    """MBTI posts -> cleaned, labelled, split and tokenized train / validation / test splits.
-
-    Rows are read from the hub, local files or the demo corpus; `explode_separator` turns rows of
-    joined posts into one row per post. Rows with an empty text or an invalid label are dropped and
-    reported (or, with ``invalid_rows: error``, stop the run). Splits:
-
-    - ``seed``: the seed recipe's two stratified row splits, exactly. Test (and predict) take rows that
-      split discards, as many as validation has: never seen in training or model selection.
-    - ``author``: the same fractions over authors instead of rows (stratified by each author's type),
-      so no author has posts on both sides; see `author_split`.
-    - ``predefined``: the data set's own ``train``, ``validation`` (or ``valid``/``val``/``dev``) and
-      ``test`` splits.
-
-    Types too rare to stratify are pooled by their target letters, with a warning (see
-    `splits.stratified_split`).
-
-    Training batches group rows of similar length (see `LengthGroupedSampler`) unless
-    `group_by_length` is false; evaluation batches are sorted by length and carry their row numbers
-    (`batch["row"]`) and author ids (`batch["author"]`). Splits are tokenized once and cached under
-    ``$MBTI_LIGHTNING_CACHE/tokenized`` (default ``~/.cache/mbti_lightning``), keyed by the data,
-    the tokenizer and every setting below that changes them.
+    """MBTI posts -> cleaned, labelled, split and tokenized train / validation / test splits (see the module's
+    docstring for the splits, batches and cache).
 
     Args:
         dataset: Hugging Face dataset id, a builder name (``csv``, ``json`` for .json/.jsonl,
@@ -133,18 +165,7 @@ class MBTIDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.heads = heads(target)
-        if max_length <= 0:
-            raise UserError(f"data.max_length must be positive, got {max_length}")
-        if not 0 < keep_fraction <= 1 or not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 - val_fraction:
-            raise UserError(
-                f"data.keep_fraction must be in (0, 1], data.val_fraction in (0, 1) and data.test_fraction in "
-                f"[0, 1 - val_fraction), got {keep_fraction}, {val_fraction} and {test_fraction}"
-            )
-        for axis in axis_columns or {}:
-            check_axis(axis)
-        needed = list(AXES) if "mbti" in self.heads else list(self.heads)
-        if type_column is None and set(needed) - set(axis_columns or {}):
-            raise UserError(f"without data.type_column, data.axis_columns must name a column for each of {needed}")
+        check_arguments(self.heads, max_length, keep_fraction, val_fraction, test_fraction, type_column, axis_columns)
         self.save_hyperparameters()
         self.tokenizer = None
         self.splits: DatasetDict | None = None
@@ -207,12 +228,7 @@ class MBTIDataModule(L.LightningDataModule):
         if hp.predict_file and not Path(hp.predict_file).is_file():
             raise UserError(f"data.predict_file {hp.predict_file} not found")
         if split and split != "predict" and split not in (self.splits or {}):
-            fix = {
-                "seed": "its test rows are rows the seed split discards: set data.keep_fraction below 1",
-                "author": "set data.test_fraction, or data.keep_fraction below 1",
-                "predefined": "the data set has no such split",
-            }[hp.split]
-            raise UserError(f"{where(hp)} has no {split} split with data.split {hp.split!r}; {fix}")
+            raise UserError(f"{where(hp)} has no {split} split with data.split {hp.split!r}; {NO_SPLIT[hp.split]}")
 
     def split_fingerprint(self) -> str:
         """A hash of which source rows are in which split, with their labels, authors and token counts: what the
@@ -254,7 +270,7 @@ class MBTIDataModule(L.LightningDataModule):
             "persistent_workers": hp.num_workers > 0,
         }
         if train and self.trainer:
-            self._validate_where_training_reaches(len(sampler))
+            validate_where_training_reaches(self.trainer, len(sampler))
             loop = self.trainer.fit_loop.epoch_loop
             self._train_loader = _ResumableLoader(
                 _Rows(rows), sampler=sampler, batches_done=lambda: loop.batch_progress.current.processed, **kwargs
@@ -264,31 +280,6 @@ class MBTIDataModule(L.LightningDataModule):
                 self._resume_at = None
             return self._train_loader
         return DataLoader(_Rows(rows), sampler=sampler, **kwargs)
-
-    def _validate_where_training_reaches(self, batches: int) -> None:
-        """A `trainer.val_check_interval` (in batches) longer than an epoch of `batches` makes Lightning stop, and
-        one longer than a `trainer.max_steps` run never validates (no best checkpoint); a shipped config with a
-        user's smaller file or shorter run must still run and validate, so validation moves to the run's last batch
-        or to each epoch's end."""
-        trainer = self.trainer
-        limit = trainer.limit_train_batches
-        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
-        interval, per_epoch = trainer.val_check_interval, trainer.check_val_every_n_epoch is not None
-        if not isinstance(interval, int) or batches == 0:
-            return
-        run = trainer.max_steps * trainer.accumulate_grad_batches
-        if interval > run > 0 and (run <= batches or not per_epoch):
-            rank_zero_warn(
-                f"trainer.val_check_interval ({interval}) is longer than the run (trainer.max_steps "
-                f"{trainer.max_steps}, {run} training batches); validating after its last batch instead"
-            )
-            trainer.val_check_interval = run
-        elif interval > batches and per_epoch:
-            rank_zero_warn(
-                f"trainer.val_check_interval ({interval}) is longer than an epoch ({batches} training batches); "
-                "validating at the end of each epoch instead"
-            )
-            trainer.val_check_interval = 1.0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -303,7 +294,9 @@ class MBTIDataModule(L.LightningDataModule):
         if self.hparams.predict_file:
             return self._loader("predict")
         self.check_inputs("test")
-        test = self.splits["test"]  # ids are rows of the source data; authors are numbered; texts as the model saw them
+        test = self.splits["test"]  # ids are rows of the source data; authors by name; texts as the model saw them
         text = list(tokenized.decode(test, self.tokenizer))
-        self.predict_inputs = {"id": test["source_row"][:], "author": test["author"][:], "text": text}
+        self.predict_inputs = {"id": test["source_row"][:], "author": test["author_name"][:], "text": text}
+        if "post" in test.column_names:  # one source row's posts share its id
+            self.predict_inputs["post"] = test["post"][:]
         return self._loader("test")

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from mbti_lightning.masking import mask_type_mentions
 
 #: Bump when preprocessing changes in a way that makes older cached splits wrong.
-CACHE_VERSION = "4"  # 4: rows without an author are persons of their own
+CACHE_VERSION = "4"  # 4: rows without an author are persons of their own; author names and post numbers
 
 
 def tokenize(
@@ -121,8 +121,9 @@ def build(
         columns = ds.select_columns([hp.text_column])
         labels = arrays["labels"] if len(heads) > 1 else arrays["labels"][:, 0]
         columns = columns.add_column("labels", labels.tolist())
-        for key in ("author", "source_row"):
-            columns = columns.add_column(key, arrays[key].tolist())
+        for key in ("author", "author_name", "source_row", "post"):
+            if key in arrays:
+                columns = columns.add_column(key, arrays[key].tolist())
         splits[name] = columns.map(
             tokenize,
             batched=True,
