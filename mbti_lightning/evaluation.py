@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from mbti_lightning import calibration, folding
+from mbti_lightning import baseline, calibration, folding
 from mbti_lightning import persons as person_rules
 from mbti_lightning.errors import UserError
 from mbti_lightning.metrics import confusion, confusion_metrics
@@ -64,6 +64,23 @@ def split_outputs(model, dm, split: str, inputs: bool = False) -> SplitOutputs:
     return SplitOutputs(logits, labels, persons, torch.cat(collected)[order] if inputs else None)
 
 
+def majority_log_probs(counts: list[torch.Tensor], rows: int) -> list[np.ndarray]:
+    """Per head, the training split's most common class as (rows, classes) log-probabilities (0 and -inf)."""
+    return [np.where(np.arange(len(c)) == int(c.argmax()), 0.0, -np.inf)[None].repeat(rows, 0) for c in counts]
+
+
+def comparisons(dm, split: str) -> tuple[dict[str, list[np.ndarray]], baseline.Baseline | None]:
+    """What a model is compared with on `dm`'s `split`, as `figures` takes them (per head (rows, classes)
+    log-probabilities): the TF-IDF baseline fitted on the training split (where scikit-learn is installed; also
+    returned, fitted) and the majority class."""
+    rows = len(dm.splits[split])
+    others = {"majority": majority_log_probs(dm.train_label_counts(), rows)}
+    if not baseline.available():
+        return others, None
+    fitted = baseline.fit(dm)
+    return {"baseline": fitted.log_probs(dm, split)} | others, fitted
+
+
 def person_votes(
     log_probs: np.ndarray, labels: np.ndarray, persons: np.ndarray, log_prior: torch.Tensor | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +89,7 @@ def person_votes(
     ``val/author/*`` and ``predict --predictions.per author`` decide."""
     k = log_probs.shape[1]
     prior = person_rules.Persons.uniform(k).log_prior if log_prior is None else log_prior
-    return person_rules.votes(log_probs, persons, prior), confusion(labels, labels, persons, k).sum(2).argmax(1)
+    return person_rules.votes(log_probs, persons, prior), person_rules.labels_of(labels, persons, k).numpy()
 
 
 def summed(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -177,7 +194,7 @@ def person_calibration(rule, log_probs: torch.Tensor, labels: np.ndarray, person
     top class over persons, and whether the rule was fitted for persons at all."""
     index = torch.as_tensor(persons)
     k = log_probs.shape[-1]
-    truth = torch.as_tensor(confusion(labels, labels, persons, k).sum(2).argmax(1))
+    truth = person_rules.labels_of(labels, persons, k)
     person_log_probs = rule.log_probs(log_probs, index)
     return {
         "temperature": rule.temperature,

@@ -23,7 +23,7 @@ import torch
 from dotenv import dotenv_values
 from huggingface_hub import HfApi, get_token
 
-from mbti_lightning import baseline, calibration, evaluation, folding, loading, plots, report
+from mbti_lightning import calibration, evaluation, folding, loading, plots
 from mbti_lightning.card import EXAMPLES, model_card
 from mbti_lightning.errors import UserError
 from mbti_lightning.loading import DTYPES, Loaded, hyperparameters
@@ -194,13 +194,15 @@ def export(
     revision: str | None = None,
     create_pr: bool = False,
     allow_changed_data: bool = False,
+    runtime: dict[str, Any] | None = None,
 ) -> Path:
     """Write the model folder at `out` (and upload it if `push_to_hub`); return `out`.
 
-    A LoRA model is merged into its base, or with `adapter` saved as the adapter alone (plus the head).
+    A LoRA model is merged into its base, or with `adapter` saved as the adapter alone (plus the head). `runtime`:
+    options of how to run it over the checkpoint's (`loading.RUNTIME_SETTINGS`), e.g. another attention kernel.
     """
     token = _check_arguments(ckpt, out, overwrite, push_to_hub)
-    loaded = loading.from_checkpoint(ckpt)
+    loaded = loading.from_checkpoint(ckpt, runtime)
     model, checkpoint = loaded.model, loaded.checkpoint
     if adapter and model.hparams.peft is None:
         raise ExportError(f"--adapter needs a LoRA checkpoint (model.peft); {ckpt} was fully fine-tuned")
@@ -228,9 +230,7 @@ def export(
     saved = evaluation.split_outputs(model, dm, split)
     example = EXAMPLES[0], example_answer(model, loaded.tokenizer, EXAMPLES[0])
     counts = dm.train_label_counts()
-    others = {"majority": report.majority_log_probs(counts, len(saved.labels))}
-    if baseline.available():
-        others = {"baseline": baseline.fit(dm).log_probs(dm, split)} | others
+    others, _ = evaluation.comparisons(dm, split)
     priors = {head: rule.log_prior for head, rule in rules.items()}
     results = evaluation.figures(model.heads, saved, others, RESAMPLES, priors=priors)
     calibrated = evaluation.calibration_figures(fitted, raw.logits, saved.logits, saved.labels, model.heads)
@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_false",
         help="export the raw scores, without temperature scaling",
     )
+    parser.add_argument("--model-option", action="append", metavar="KEY=VALUE", help=loading.MODEL_OPTION_HELP)
     args = parser.parse_args(argv)
     try:
         out = export(
@@ -344,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
             args.revision,
             args.create_pr,
             args.allow_changed_data,
+            loading.parse_runtime(args.model_option),
         )
     except UserError as err:
         parser.exit(2, f"mbti-lightning-export: error: {err}\n")

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from lightning.pytorch.utilities import rank_zero_info
+from transformers import AutoConfig, AutoModelForSequenceClassification
 from transformers.initialization import no_init_weights
 
 from mbti_lightning.data import MBTIDataModule
@@ -42,6 +44,24 @@ DATA_SETTINGS = (*SETTINGS, "tokenizer")
 #: Model settings of how to run a model, not of what was trained: a command line's values are used over a
 #: checkpoint's.
 RUNTIME_SETTINGS = ("attn_implementation", "sdpa_kernels", "skip_padding_mask", "compile", "tf32")
+MODEL_OPTION_HELP = (
+    "how to run the model, over what it was trained with (repeatable): attn_implementation=eager (a model trained "
+    "with flash attention, on a CPU), sdpa_kernels=[math], skip_padding_mask=false, compile=false, tf32=false"
+)
+
+
+def parse_runtime(options: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` options of how to run a model (`RUNTIME_SETTINGS`; values as YAML: ``compile=false``,
+    ``sdpa_kernels=[math]``), as the export's and the server's ``--model-option`` take them."""
+    runtime = {}
+    for option in options or []:
+        key, has_value, value = option.partition("=")
+        if key not in RUNTIME_SETTINGS or not has_value:
+            raise UserError(f"--model-option {option!r}: give KEY=VALUE with KEY one of {', '.join(RUNTIME_SETTINGS)}")
+        runtime[key] = yaml.safe_load(value)
+    return runtime
+
+
 #: Every command that reads the splits takes this flag (mbti-lightning-export also as --allow-changed-data).
 ALLOW_CHANGED_DATA = "--allow_changed_data"
 
@@ -234,14 +254,20 @@ def _calibration_of(config, recorded: dict) -> tuple[dict | None, str]:
     return calibration, f"folded into the head at export, fitted on validation ({words})"
 
 
-def model_from_pretrained(source: str, config: Any, runtime: dict | None = None) -> Any:
+def model_from_pretrained(source: str, config: Any, runtime: dict | None = None, adapter: bool = False) -> Any:
     """The exported `MBTIClassifier` at `source` (its `config`) in the dtype it was saved in, with the class weights
-    and person rule its export recorded, run with `runtime` settings where given."""
-
+    and person rule its export recorded, run with `runtime` settings where given. An `adapter` export (LoRA
+    adapters and the head, ``--adapter``) is put on its base by transformers' peft integration."""
     recorded = getattr(config, "mbti_lightning", None) or {}
     model = MBTIClassifier(model_name_or_path=source, target=_target(config), class_weights=None, **(runtime or {}))
     with default_dtype(_config_dtype(config)):
-        model.configure_model()
+        if adapter:
+            attention = model.hparams.attn_implementation
+            model.model = AutoModelForSequenceClassification.from_pretrained(
+                source, config=config, dtype=_config_dtype(config), attn_implementation=attention
+            )
+        else:
+            model.configure_model()
     if recorded.get("class_weight"):
         model.class_weight.copy_(torch.tensor(recorded["class_weight"]))
     recorded_persons = recorded.get("persons") or {}
@@ -252,14 +278,24 @@ def model_from_pretrained(source: str, config: Any, runtime: dict | None = None)
     return model.eval()
 
 
+def read_config(source: str) -> tuple[Any, bool]:
+    """The classifier config of model folder or hub id `source`, and whether it is an adapter export (its config in
+    ``classifier_config/``, beside the adapters); OSError or ValueError where there is none."""
+    try:
+        return AutoConfig.from_pretrained(source), False
+    except (OSError, ValueError) as err:
+        try:
+            return AutoConfig.from_pretrained(source, subfolder="classifier_config"), True
+        except (OSError, ValueError):
+            raise err from None
+
+
 def pretrained_config(source: str) -> Any | None:
     """The config of model folder or hub id `source` where it is an export of this project's, else None."""
-    from transformers import AutoConfig
-
-    if not (Path(source) / "config.json").is_file() and not is_hub_id(source):
+    if not Path(source).is_dir() and not is_hub_id(source):
         return None
     try:
-        config = AutoConfig.from_pretrained(source)
+        config, _ = read_config(source)
     except (OSError, ValueError):
         return None
     return config if getattr(config, "mbti_lightning", None) is not None else None
@@ -267,10 +303,8 @@ def pretrained_config(source: str) -> Any | None:
 
 def from_pretrained(source: str, runtime: dict | None = None) -> Loaded:
     """An exported folder or hub id, in the dtype it was saved in, with what its export recorded."""
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(source)
+        config, adapter = read_config(source)
     except (OSError, ValueError) as err:
         raise LoadError(f"{source} is neither a checkpoint (.ckpt) nor a model folder or hub id: {err}") from None
     _target(config, source)  # a model without letter labels stops here, before anything is built
@@ -285,7 +319,7 @@ def from_pretrained(source: str, runtime: dict | None = None) -> Loaded:
     tokenizer.model_max_length = data["max_length"]
     calibration, note = _calibration_of(config, recorded)
     return Loaded(
-        build=functools.partial(model_from_pretrained, source, config, runtime),
+        build=functools.partial(model_from_pretrained, source, config, runtime, adapter),
         dtype=_config_dtype(config),
         tokenizer=tokenizer,
         data=data,

@@ -8,51 +8,40 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torchmetrics import MeanMetric, Metric, MetricCollection
-from torchmetrics.classification import (
-    BinaryF1Score,
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MulticlassMatthewsCorrCoef,
-    MulticlassRecall,
-)
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.utilities import dim_zero_cat
 
 from mbti_lightning import persons
 from mbti_lightning.calibration import calibration_error
 
+#: The headline metrics, in the order every table and log shows them.
+SCORES = ("acc", "bal_acc", "macro_f1", "mcc")
 
-class MatthewsCorrCoef(MulticlassMatthewsCorrCoef):
-    """MCC that is 0 when all predictions (or all targets) are one class, as scikit-learn's.
 
-    For such a 2x2 confusion matrix torchmetrics returns a small eps-based value instead (0.0086 for a
-    constant answer on a 59/41 split), which would credit a majority-class model with skill.
+class ClassificationScores(MulticlassConfusionMatrix):
+    """Accuracy, balanced accuracy, macro-F1 and MCC of one head, from its confusion matrix by `confusion_metrics`:
+    the same computation as the report's and the card's, so a figure is the same wherever it is logged. Balanced
+    accuracy and macro-F1 average over the classes present (a class absent from the labels is not a recall of 0);
+    MCC is 0 for a constant answer (torchmetrics' own gives a small eps-based value).
+
+    Without torchmetrics' checks of the class ids: the data module validates labels, and each check would make the
+    CPU wait for the GPU in every evaluation batch.
     """
 
-    def compute(self) -> torch.Tensor:
-        if (self.confmat.sum(0) > 0).sum() < 2 or (self.confmat.sum(1) > 0).sum() < 2:
-            return torch.zeros((), device=self.confmat.device)
-        return super().compute()
+    def __init__(self, num_classes: int, prefix: str = "") -> None:
+        super().__init__(num_classes, validate_args=False)
+        self.prefix = prefix
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        conf = super().compute()
+        values = confusion_metrics(conf.double().cpu().numpy())
+        return {f"{self.prefix}{key}": torch.tensor(float(values[key]), device=conf.device) for key in SCORES}
 
 
-def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Accuracy, F1 (of class 1 for two classes, as the seed; macro otherwise), MCC and balanced accuracy.
-
-    Without torchmetrics' checks of the class ids: the data module validates labels, and each check
-    would make the CPU wait for the GPU in every evaluation batch.
-    """
-    args = {"validate_args": False}
-    f1 = BinaryF1Score(**args) if num_classes == 2 else MulticlassF1Score(num_classes, average="macro", **args)
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(num_classes, average="micro", **args),
-            "f1": f1,
-            "mcc": MatthewsCorrCoef(num_classes, **args),
-            "bal_acc": MulticlassRecall(num_classes, average="macro", **args),
-        },
-        prefix=prefix,
-    )
+def classification_metrics(num_classes: int, prefix: str) -> ClassificationScores:
+    """`ClassificationScores` of a head with `num_classes`, its names behind `prefix`."""
+    return ClassificationScores(num_classes, prefix)
 
 
 def score_predictions(
@@ -78,7 +67,7 @@ class AuthorMetrics(Metric):
     Each author's answer adds up the evidence of their posts, the prior counting once (`persons.logits`,
     with the `log_prior` the scores carry; uniform until it is set), and the author's label is the most
     common label of their posts. `compute` returns
-    ``author/{acc,f1,mcc,bal_acc}``, ``author/count`` (how many authors) and, once `majority_class`
+    ``author/{acc,bal_acc,macro_f1,mcc}``, ``author/count`` (how many authors) and, once `majority_class`
     (the training split's most common class) is set, ``majority_acc`` and ``author/majority_acc``:
     the accuracy of always answering it, over the posts and over the authors. States are
     concatenated across processes, so under DDP every rank computes on all posts.
@@ -107,10 +96,7 @@ class AuthorMetrics(Metric):
         n_authors = int(author.max()) + 1
         rule = persons.Persons.uniform(self.num_classes) if self.log_prior is None else persons.Persons(self.log_prior)
         votes = persons.logits(log_probs, author, rule.log_prior.to(log_probs.device))
-        label_counts = votes.new_zeros(n_authors, self.num_classes).index_add_(
-            0, author, F.one_hot(labels, self.num_classes).to(votes.dtype)
-        )
-        author_labels = label_counts.argmax(-1)
+        author_labels = persons.labels_of(labels, author, self.num_classes)
         scores = classification_metrics(self.num_classes, "author/").to(votes.device)
         scores.update(votes.argmax(-1), author_labels)
         values = {**scores.compute(), "author/count": torch.tensor(float(n_authors), device=votes.device)}
@@ -127,7 +113,7 @@ class EvalMetrics(torch.nn.Module):
     baselines (see `set_majority`). With one head
     the names are plain (``mcc``, ``author/mcc``); with several they are per head (``J-P/mcc``) plus
     their mean under the plain name, so ``val/mcc`` is always the number that picks checkpoints.
-    ``type_acc`` (all four letters right) is there when the heads make up whole types.
+    ``type_acc`` (all four letters right) is there with the four axes' heads.
     """
 
     def __init__(self, heads: dict[str, tuple[str, ...]]) -> None:
@@ -137,7 +123,7 @@ class EvalMetrics(torch.nn.Module):
         self.posts = torch.nn.ModuleDict({head: classification_metrics(len(c), "") for head, c in heads.items()})
         self.calibration = torch.nn.ModuleDict({head: calibration_error(len(c)) for head, c in heads.items()})
         self.authors = torch.nn.ModuleDict({head: AuthorMetrics(len(c)) for head, c in heads.items()})
-        self.type_acc = _mean() if "mbti" in heads or len(heads) == 4 else None
+        self.type_acc = _mean() if len(heads) == 4 else None  # one 16-way head: `acc` is the type's
 
     def update(
         self,

@@ -51,6 +51,17 @@ def logits(log_probs: torch.Tensor, persons: torch.Tensor, log_prior: torch.Tens
     return evidence.new_zeros(n, log_probs.shape[-1]).index_add_(0, persons, evidence) + log_prior.double()
 
 
+def labels_of(labels: torch.Tensor | np.ndarray, persons: torch.Tensor | np.ndarray, k: int) -> torch.Tensor:
+    """(posts,) class ids and (posts,) person numbers 0..n-1 -> (n,) each person's label: the most common label of
+    their posts (the lowest class id on a tie). The one definition every figure per person uses."""
+    labels, persons = torch.as_tensor(labels), torch.as_tensor(persons, device=torch.as_tensor(labels).device)
+    n = int(persons.max()) + 1 if len(persons) else 0
+    counts = torch.zeros(n, k, device=labels.device).index_put_(
+        (persons, labels), torch.ones(len(labels), device=labels.device), accumulate=True
+    )
+    return counts.argmax(-1)
+
+
 def calibrated_prior(log_prior: torch.Tensor, cal) -> torch.Tensor:
     """The log prior of scores calibrated by `cal` (a `calibration.Calibration`): the calibration is an affine map
     of the logits, so a post with no evidence (the prior's logits) maps to the calibrated scores' prior. (Offsets
@@ -102,7 +113,7 @@ def fit(log_probs: torch.Tensor, labels: np.ndarray, persons: np.ndarray, log_pr
     if int((sizes >= 2).sum()) < MIN_PERSONS:
         return Persons(log_prior)
     k = log_probs.shape[-1]
-    truth = torch.zeros(len(sizes), k).index_add_(0, persons, torch.eye(k)[torch.as_tensor(labels)]).argmax(-1)
+    truth = labels_of(labels, persons, k)
     several = sizes >= 2  # a single post's person says nothing of how posts add up
     x = logits(log_probs, persons, log_prior)
     cal = calibration.fit(x[several], truth[several], offsets=False, name="persons")

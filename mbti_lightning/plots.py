@@ -10,9 +10,8 @@ import torch
 
 from mbti_lightning.calibration import BINS
 
-#: The validation metrics logged during training, for the card's plot of them (not ``val/f1``: for two classes
-#: it is the F1 of the second letter, which beside the card's macro-F1 would read as the same figure).
-LOGGED = {"acc": "accuracy", "mcc": "MCC", "bal_acc": "balanced accuracy"}
+#: The validation metrics logged during training, for the card's plot of them.
+LOGGED = {"acc": "accuracy", "mcc": "MCC", "bal_acc": "balanced accuracy", "macro_f1": "macro-F1"}
 
 
 def training_plot(metrics_csv: Path | None, out: Path) -> bool:

@@ -35,11 +35,6 @@ COVERAGES = (1.0, 0.75, 0.5, 0.25)
 TOP_FEATURES = 20
 
 
-def majority_log_probs(counts: list[torch.Tensor], rows: int) -> list[np.ndarray]:
-    """Per head, the training split's most common class as (rows, classes) log-probabilities (0 and -inf)."""
-    return [np.where(np.arange(len(c)) == int(c.argmax()), 0.0, -np.inf)[None].repeat(rows, 0) for c in counts]
-
-
 def how_much_text(
     log_probs: dict[str, np.ndarray],
     labels: np.ndarray,
@@ -54,7 +49,7 @@ def how_much_text(
     system's prior in `priors`, see `persons`), averaged over `draws` draws: the confusion counts of the draws
     are averaged per person, then resampled by person as everywhere."""
     rng = np.random.default_rng(0)
-    truth = confusion(labels, labels, persons, k).sum(2).argmax(1)
+    truth = person_rules.labels_of(labels, persons, k).numpy()
     people = np.arange(len(truth))
     out = []
     for n in POSTS:
@@ -152,12 +147,8 @@ def build(loaded: Loaded, dm, out: Path, resamples: int = 1000, draws: int = 10,
     rules = model.persons if val is None else evaluation.persons_for(model.persons, val, fitted)
     priors = {head: rule.log_prior for head, rule in rules.items()}
     rows = len(test.labels)
-    others = {"majority": majority_log_probs(dm.train_label_counts(), rows)}
-    fitted_baseline = None
-    if baseline.available():
-        fitted_baseline = baseline.fit(dm)
-        others = {"baseline": fitted_baseline.log_probs(dm, "test")} | others
-    else:
+    others, fitted_baseline = evaluation.comparisons(dm, "test")
+    if fitted_baseline is None:
         rank_zero_warn('the report\'s baseline needs scikit-learn: pip install "mbti-lightning[baseline]"')
     # The model as exported: calibrated (a class offset can move a letter), so these are the card's figures.
     exported = evaluation.SplitOutputs(calibrated, test.labels, test.persons)

@@ -204,12 +204,12 @@ class MBTIAPI(ls.LitAPI):
     """LitServe's shape: the model is loaded once per worker in `setup`; requests are checked in
     `PredictRequest`, run together in `predict`, and answered one by one."""
 
-    def __init__(self, source: str, **kwargs: Any) -> None:
+    def __init__(self, source: str, runtime: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(api_path="/predict", **kwargs)
-        self.source = source
+        self.source, self.runtime = source, runtime
 
     def setup(self, device: str) -> None:
-        self.served = loading.load(self.source)
+        self.served = loading.load(self.source, self.runtime)
         self.served.model.to(device)
 
     def decode_request(self, request: PredictRequest) -> dict:
@@ -343,17 +343,20 @@ def main(argv: list[str] | None = None) -> None:
         default=30,
         help="seconds requests in flight get to finish after SIGTERM or Ctrl-C (a second signal stops at once)",
     )
+    parser.add_argument("--model-option", action="append", metavar="KEY=VALUE", help=loading.MODEL_OPTION_HELP)
     args = parser.parse_args(argv)
+    runtime = loading.parse_runtime(args.model_option)
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             parser.exit(2, f"mbti-lightning serve: error: environment variable {args.api_key_env} is not set\n")
-    loading.load(args.model)  # a MODEL that cannot be served stops here, in one line, not inside a worker
+    loading.load(args.model, runtime)  # a MODEL that cannot be served stops here, in one line, not in a worker
     LIMITS.update(max_texts=args.max_texts, max_chars=args.max_chars)
     greedy = args.max_batch_size > 1 and args.batch_timeout == 0
     api = MBTIAPI(
         args.model,
+        runtime,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
         loop=WhatIsWaiting() if greedy else "auto",

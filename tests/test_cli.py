@@ -117,7 +117,7 @@ def test_demo_fit_learns_and_validate_reproduces_the_best_checkpoint(tmp_path, m
     rows = [row for row in read_metrics(tmp_path / "logs") if row["val/mcc"]]
     best = max(rows, key=lambda row: float(row["val/mcc"]))
     assert float(best["val/mcc"]) >= 0.4
-    assert {"val/loss", "val/acc", "val/f1", "val/bal_acc", "train/loss"} <= set(rows[0])
+    assert {"val/loss", "val/acc", "val/macro_f1", "val/bal_acc", "train/loss"} <= set(rows[0])
     assert all(0 < float(row["val/ece"]) < 0.5 for row in rows)  # calibration error at every validation
     # Throughput at every logging step (every 10 optimizer steps in the demo), not in between.
     speed = [row for row in read_metrics(tmp_path / "logs") if row["train/device/items_per_sec"]]
@@ -133,7 +133,7 @@ def test_demo_fit_learns_and_validate_reproduces_the_best_checkpoint(tmp_path, m
     )
 
     cli = cli_main(["validate", "--config", str(REPO / "configs/demo.yaml"), "--ckpt_path", str(ckpt)])
-    for key in ("val/mcc", "val/acc", "val/f1", "val/bal_acc", "val/loss"):
+    for key in ("val/mcc", "val/acc", "val/macro_f1", "val/bal_acc", "val/loss"):
         assert cli.trainer.callback_metrics[key].item() == pytest.approx(float(best[key]), abs=1e-6), key
 
 

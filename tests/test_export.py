@@ -440,7 +440,7 @@ def test_a_failed_overwrite_keeps_the_old_folder(trained, tmp_path, monkeypatch)
 def test_an_exported_model_predicts_through_the_cli_as_its_checkpoint_does(
     trained, tmp_path, monkeypatch, recwarn, caplog
 ):
-    """A published model (here its export folder) works as `model.model_name_or_path` or `--ckpt_path`, under a
+    """An exported folder (its hub id: tests/test_seams.py) works as `model.model_name_or_path` or `--ckpt_path`, under a
     config that trains from scratch too: `predict` writes the checkpoint's predictions; a command line whose target
     is not the model's is told the model's is used."""
     out = tmp_path / "model"

@@ -131,3 +131,19 @@ def test_qlora_needs_a_gpu_an_adapter_and_weights_to_load():
 def test_a_misspelt_lora_setting_is_named():
     with pytest.raises(ValueError, match="model.peft: .*'rank'"):
         MBTIClassifier(model_name_or_path="demo", peft={"rank": 8}).configure_model()
+
+
+@pytest.mark.slow
+def test_an_adapter_export_runs_through_the_projects_commands_as_the_merged_one(lora_run, tmp_path, monkeypatch):
+    """`--adapter` folders load as exports do (`loading`): predict gives the merged export's answers."""
+    for how in ([], ["--adapter"]):
+        export_main(["--ckpt", str(lora_run / "last.ckpt"), "--out", str(tmp_path / f"export{len(how)}"), *how])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["mbti-lightning"])
+    Path("texts.txt").write_text("\n".join(TEXTS) + "\n")
+    for name in ("export0", "export1"):
+        predict = ["predict", "--config", str(REPO / "configs/demo.yaml"), "--data.predict_file", "texts.txt"]
+        cli_main([*predict, "--ckpt_path", name, "--predictions.output", f"{name}.csv"])
+    merged, adapter = (list(csv.DictReader(open(f"{name}.csv"))) for name in ("export0", "export1"))
+    assert [r["J-P"] for r in adapter] == [r["J-P"] for r in merged]
+    assert [float(r["J-P_prob"]) for r in adapter] == pytest.approx([float(r["J-P_prob"]) for r in merged], abs=2e-4)

@@ -78,11 +78,13 @@ def test_author_metrics_match_a_hand_computation():
     # Two updates, as two batches (or two ranks) would give.
     metric.update(torch.stack([torch.zeros(3), log_odds[:3]], 1), torch.tensor([1, 1, 1]), torch.tensor([7, 7, 3]))
     metric.update(torch.stack([torch.zeros(3), log_odds[3:]], 1), torch.tensor([1, 1, 0]), torch.tensor([3, 3, 9]))
-    # Means: author 7 +0.5 -> 1 (label 1, right); author 3 -1/3 -> 0 (label 1, wrong); author 9 -0.5 -> 0 (label 0, right).
-    # TP 1, FN 1, TN 1, FP 0: MCC (1*1 - 0) / sqrt(1*2*1*2) = 0.5; F1 of class 1 = 2/3; balanced acc (0.5 + 1) / 2.
+    # The posts' evidence summed (a uniform prior): author 7 +1 -> 1 (label 1, right); author 3 -1 -> 0 (label 1,
+    # wrong); author 9 -0.5 -> 0 (label 0, right).
+    # TP 1, FN 1, TN 1, FP 0: MCC (1*1 - 0) / sqrt(1*2*1*2) = 0.5; F1 of class 1 2/3 and of class 0 2/3, so
+    # macro-F1 2/3; balanced acc (0.5 + 1) / 2.
     expected = {
         "author/acc": 2 / 3,
-        "author/f1": 2 / 3,
+        "author/macro_f1": 2 / 3,
         "author/mcc": 0.5,
         "author/bal_acc": 0.75,
         "author/count": 3,

@@ -94,7 +94,7 @@ def assert_card_metadata_equals_its_tables(out: Path, heads: list[str]) -> None:
 def test_sixteen_way_type_head_trains_and_exports(tmp_path):
     ckpt = fit(tmp_path, "--data.target", "mbti", "--trainer.limit_train_batches", "200")
     final = metrics_of(ckpt)
-    assert float(final["val/type_acc"]) == pytest.approx(float(final["val/acc"]))
+    assert "val/type_acc" not in final  # one 16-way head: its accuracy is the type's, logged once
     assert float(final["val/mcc"]) > 0.05  # well above chance for 16 classes
     out = tmp_path / "model"
     export_main(["--ckpt", str(ckpt), "--out", str(out)])

@@ -172,7 +172,7 @@ def test_ddp_with_two_processes_syncs_metrics_and_writes_one_checkpoint(tmp_path
         "val/loss",
         "val/mcc",
         "val/acc",
-        "val/f1",
+        "val/macro_f1",
         "val/author/mcc",
         "val/author/count",
         "val/majority_acc",

@@ -102,9 +102,12 @@ def report_of(ckpt: Path, *args: str) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def assert_every_figure(report: dict, heads: list[str], learnt: bool = True) -> None:
-    """`learnt`: the heads learnt enough in the short fit that their most confident answers are the best."""
+def assert_every_figure(report: dict, heads: list[str]) -> None:
+    """Every figure of every head; where a head learnt in the short fit (post MCC above 0.2; at least one did), its
+    most confident answers are its best and a person's answer gains from more of their posts."""
     assert report["split"] == "test" and report["resamples"] == 1000 and report["persons"] < report["rows"]
+    learnt = {head: report["heads"][head]["figures"]["posts"]["model"]["mcc"]["value"] > 0.2 for head in heads}
+    assert any(learnt.values()), learnt
     for head in heads:
         h = report["heads"][head]
         for level in ("posts", "people"):
@@ -114,13 +117,13 @@ def assert_every_figure(report: dict, heads: list[str], learnt: bool = True) -> 
                     low, high = figure["interval"]
                     assert low <= figure["value"] <= high, (head, level, system, key)
         assert set(h["coverage"]) == {"100%", "75%", "50%", "25%"}
-        assert h["coverage"]["25%"] >= h["coverage"]["100%"] or not learnt
+        assert h["coverage"]["25%"] >= h["coverage"]["100%"] or not learnt[head]
         curve = h["how_much_text"]
         assert [p["posts"] for p in curve] == [1, 2, 5, 10, 25, "all"]
         for key in ("acc", "macro_f1"):  # more text never makes it worse, beyond the interval
             points = [p["model"][key] for p in curve]
             assert all(b["value"] >= a["interval"][0] for a, b in zip(points, points[1:])), (head, key, points)
-            assert points[-1]["value"] > points[0]["value"] or not learnt
+            assert points[-1]["value"] > points[0]["value"] or not learnt[head]
         assert {"temperature", "ece_before", "ece_after", "nll_before", "nll_after"} <= set(h["calibration"])
     assert report["leak_audit"]["features"] and report["leak_audit"]["masked_rows"] is None
 
@@ -177,7 +180,7 @@ def test_the_exported_cards_model_index_is_the_reports_test_figures(one_axis, tm
 def test_report_for_four_axes_has_the_published_average(tmp_path):
     ckpt = fit_demo(tmp_path, *SHORT, "--data.target", "all") / "last.ckpt"
     report = report_of(ckpt, "--data.target", "all")
-    assert_every_figure(report, list(AXES), learnt=False)  # N-S (7% S) barely learns in 80 steps
+    assert_every_figure(report, list(AXES))  # N-S (7% S) barely learns in 80 steps: its gains are not checked
     average = report["axis_average_macro_f1_per_person"]
     per_axis = [report["heads"][axis]["figures"]["people"]["model"]["macro_f1"]["value"] for axis in AXES]
     assert average["model"]["value"] == pytest.approx(sum(per_axis) / 4)

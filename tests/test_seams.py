@@ -15,6 +15,7 @@ from fake_hub import FakeHfApi
 from test_real_data import kaggle_args, kaggle_file
 
 from mbti_lightning.cli import cli_main
+from mbti_lightning.errors import UserError
 from mbti_lightning.export import main as export_main
 from mbti_lightning.metrics import confusion, confusion_metrics
 
@@ -334,3 +335,25 @@ def test_predictions_on_the_test_split_name_authors_as_the_file_does_and_number_
     pairs = list(zip(inputs["id"], inputs["post"]))
     assert len(set(pairs)) == len(pairs) and max(inputs["post"]) > 0
     assert inputs["author"] == [str(i) for i in inputs["id"]]  # no author column: each source row is a person
+
+
+def test_options_of_how_to_run_a_model_reach_the_export_and_the_server(exported, monkeypatch, capsys):
+    """As README promises for every command: `--model-option attn_implementation=eager` over the checkpoint's."""
+    from mbti_lightning import loading, serve
+
+    seen = {}
+
+    def stop(source, runtime=None):
+        seen[str(source)] = runtime
+        raise loading.LoadError("stop here")
+
+    monkeypatch.setattr(loading, "from_checkpoint", stop)
+    monkeypatch.setattr(loading, "load", stop)
+    argv = ["--model-option", "attn_implementation=eager", "--model-option", "sdpa_kernels=[math]"]
+    with pytest.raises(SystemExit):
+        export_main(["--ckpt", str(exported["ckpt"]), "--out", str(exported["folder"] / "eager"), *argv])
+    with pytest.raises(loading.LoadError):
+        serve.main([str(exported["out"]), *argv])
+    assert list(seen.values()) == [{"attn_implementation": "eager", "sdpa_kernels": ["math"]}] * 2
+    with pytest.raises(UserError, match="--model-option 'max_length=3': give KEY=VALUE with KEY one of"):
+        serve.main([str(exported["out"]), "--model-option", "max_length=3"])
