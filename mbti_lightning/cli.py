@@ -41,6 +41,21 @@ class MBTITrainer(Trainer):
     #: trained model's. Set by `MBTILightningCLI`.
     runtime: dict[str, Any] = {}
 
+    def _load(self, source: str | None, datamodule, allow_changed_data: bool, split: str | None):
+        """(`loading.Loaded` of `source`, or None; the data module of its data settings) with every input a command
+        reads checked first, nothing built: the model, the data files, the splits it was trained with, `split` (None:
+        a predict file)."""
+        loaded = loading.load(source, self.runtime) if source else None
+        if loaded:
+            datamodule = loading.datamodule(loaded, datamodule)
+        if split:
+            datamodule.prepare_data()
+            datamodule.setup("test")
+        if loaded and split:
+            loading.check_splits(datamodule, loaded, allow_changed_data)
+        datamodule.check_inputs(split)
+        return loaded, datamodule
+
     def _loaded(self, model, datamodule, ckpt_path, allow_changed_data: bool, split: str | None):
         """(model, data module, ckpt_path for Lightning) for a subcommand: with a checkpoint file, an exported folder
         or a hub id (as ``--ckpt_path`` or ``model.model_name_or_path``), the model and data as `loading` gives them,
@@ -53,15 +68,7 @@ class MBTITrainer(Trainer):
         else:  # an exported model runs as exported, whatever `from_scratch` (a training setting) says
             name = model.hparams.model_name_or_path
             source = name if loading.is_export(name) else None
-        loaded = source and loading.load(source, self.runtime)
-        if loaded:
-            datamodule = loading.datamodule(loaded, datamodule)
-        if split:
-            datamodule.prepare_data()
-            datamodule.setup("test")
-        if loaded and split:
-            loading.check_splits(datamodule, loaded, allow_changed_data)
-        datamodule.check_inputs(split)
+        loaded, datamodule = self._load(source, datamodule, allow_changed_data, split)
         if not loaded:
             return model, datamodule, ckpt_path
         rank_zero_info(
@@ -185,12 +192,7 @@ class MBTITrainer(Trainer):
 
         if importlib.util.find_spec("matplotlib") is None:
             raise UserError('the report\'s plots need matplotlib: pip install "mbti-lightning[export]"')
-        loaded = loading.load(ckpt_path, self.runtime)
-        datamodule = loading.datamodule(loaded, datamodule)
-        datamodule.prepare_data()
-        datamodule.setup("test")
-        loading.check_splits(datamodule, loaded, allow_changed_data)
-        datamodule.check_inputs("test")
+        loaded, datamodule = self._load(ckpt_path, datamodule, allow_changed_data, "test")
         folder = Path(out) if out else Path("reports") / f"{Path(ckpt_path).parent.name}-{Path(ckpt_path).stem}"
         return report.build(loaded, datamodule, folder, resamples, draws, calibrate)
 
@@ -216,9 +218,7 @@ class MBTITrainer(Trainer):
         from mbti_lightning import explain  # captum, only for this command
 
         source = ckpt_path or model.hparams.model_name_or_path
-        loaded = loading.load(source, self.runtime)
-        datamodule = loading.datamodule(loaded, datamodule)
-        datamodule.check_inputs(None)
+        loaded, datamodule = self._load(source, datamodule, False, None)
         authors = None
         if not texts:
             if not datamodule.hparams.predict_file:

@@ -26,7 +26,7 @@ def test_throughput_bench_smoke_runs_and_reports_ratios(tmp_path, monkeypatch, c
 
 
 def test_training_and_validation_read_values_back_from_the_device_only_where_needed(monkeypatch):
-    """Each read makes the CPU wait for the GPU. Per training batch, only the finite-loss check and
+    """Each read makes the CPU wait for the GPU. Per training batch, only the finite-loss check (loss.py) and
     transformers' mask check read a value (the collator's token count is a CPU tensor); the loss and
     the throughput are read at logging steps (one in ten here). Per validation batch, only
     transformers' check does."""
@@ -41,7 +41,7 @@ def test_training_and_validation_read_values_back_from_the_device_only_where_nee
     mask_check = "__bool__ in transformers/masking_utils.py"
     assert every_batch("training") == {
         mask_check,
-        f"__bool__ in {REPO}/mbti_lightning/model.py",
+        f"__bool__ in {REPO}/mbti_lightning/loss.py",  # the finite-loss check
         f"__int__ in {REPO}/mbti_lightning/data/loaders.py",
     }
     # torchmetrics' calibration error checks whether its inputs are probabilities with a read on CPU
