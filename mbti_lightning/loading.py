@@ -160,7 +160,6 @@ def model_from_checkpoint(checkpoint: dict, runtime: dict | None = None) -> Any:
     """The checkpoint's `MBTIClassifier` in the dtype it was trained in, its weights the checkpoint's own tensors
     (memory-mapped, so never two copies), run with `runtime` settings (`RUNTIME_SETTINGS`) where given. A 4-bit
     (QLoRA) base is rebuilt in bf16: merging needs it, and a CPU cannot load 4 bits."""
-
     model = MBTIClassifier(**hyperparameters(checkpoint) | (runtime or {}) | {"quantize": None})
     # Where the checkpoint holds every weight, the model is built without initialising them: its memory is never
     # touched before the checkpoint's tensors replace it (a random Phi-3-mini takes a minute and 7.6 GB to make).
@@ -185,7 +184,7 @@ def model_from_checkpoint(checkpoint: dict, runtime: dict | None = None) -> Any:
 
 
 def from_checkpoint(path: Path, runtime: dict | None = None) -> Loaded:
-
+    """A `fit` checkpoint's settings, its model built on first use (`model_from_checkpoint`)."""
     checkpoint = read_checkpoint(path)
     settings = hyperparameters(checkpoint, "datamodule_hyper_parameters")
     data = {k: v for k, v in settings.items() if k in DATA_SETTINGS}
