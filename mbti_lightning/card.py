@@ -2,8 +2,8 @@
 
 The metadata carries what the Hub reads: ``model-index`` (every metric of every head on the split
 the card's figures are on: test where the run has one, else validation; from `EvalResult`),
-``base_model`` (a hub id only), ``datasets`` (a hub data set only), ``language``, ``license``, ``library_name``, ``pipeline_tag``, ``tags`` and ``widget``
-examples for the inference box.
+``base_model`` (a hub id only), ``datasets`` (a hub data set only), ``language``, ``license``,
+``library_name``, ``pipeline_tag``, ``tags`` and ``widget`` examples for the inference box.
 """
 
 from __future__ import annotations
