@@ -58,3 +58,38 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Move folder `new` to `out`, replacing an existing `out` so that `out` is the old or the new folder at
+    every instant: the old one is renamed aside, the new one in, and if that fails the old one comes back."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = out.with_name(f".{out.name}.replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old)
+
+
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A new folder beside `out` to write into; on success it replaces `out` (`replace_folder`), on any failure or
+    stop (an exception, a signal) it is removed and `out` is as it was: never half of the new folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(8)}")
+    tmp.mkdir()  # with the umask's permissions, as the result is meant to be shared (mkdtemp's are private)
+    try:
+        yield tmp
+        # Some writers (safetensors') make private files; every file gets the mode the umask gives a new one.
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(tmp.stat().st_mode & 0o666)
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ from mbti_lightning.errors import UserError
 from mbti_lightning.metrics import score_predictions
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.predict import PredictionWriter
+from mbti_lightning.signals import Stopped, stop_on_signals
 
 DESCRIPTION = "Fine-tune, evaluate, explain and serve MBTI classifiers (docs: README.md)."
 EPILOG = (
@@ -192,8 +193,9 @@ class MBTITrainer(Trainer):
 
         if importlib.util.find_spec("matplotlib") is None:
             raise UserError('the report\'s plots need matplotlib: pip install "mbti-lightning[export]"')
-        loaded, datamodule = self._load(ckpt_path, datamodule, allow_changed_data, "test")
         folder = Path(out) if out else Path("reports") / f"{Path(ckpt_path).parent.name}-{Path(ckpt_path).stem}"
+        report.check_out(folder)
+        loaded, datamodule = self._load(ckpt_path, datamodule, allow_changed_data, "test")
         return report.build(loaded, datamodule, folder, resamples, draws, calibrate)
 
     def explain(
@@ -382,13 +384,17 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MBTILightningCL
 
 def main() -> None:
     """The `mbti-lightning` console script; `serve` is a LitServe server, not a Trainer subcommand. A known bad
-    input (`UserError`) prints its message alone."""
+    input (`UserError`) prints its message alone; SIGTERM or SIGINT stop any other command (`signals`)."""
     try:
         if sys.argv[1:2] == ["serve"]:
             from mbti_lightning import serve
 
             return serve.main(sys.argv[2:])
+        stop_on_signals()
         cli_main()
     except UserError as err:
         sys.stderr.write(f"mbti-lightning: error: {err}\n")
         sys.exit(2)
+    except Stopped as stopped:
+        sys.stderr.write(f"mbti-lightning: {stopped}\n")
+        sys.exit(stopped.exit_code)

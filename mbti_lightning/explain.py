@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mbti_lightning import faithfulness
+from mbti_lightning.cache import atomic_open
 from mbti_lightning.loading import Loaded
 from mbti_lightning.masking import PLACEHOLDER, is_type_vocabulary, mask_type_mentions
 from mbti_lightning.predict import per_author, prediction_records
@@ -362,8 +363,11 @@ def run(loaded: Loaded, texts: list[str], authors: list | None, out: Path, steps
         else loaded.tokenizer.convert_ids_to_tokens(explainer.removal),
         "draws": faithfulness.DRAWS,
     }
-    out.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "summary": summaries, "people": people, "texts": explained}
-    (out / "explanations.json").write_text(json.dumps(report, indent=2))
-    (out / "explanations.html").write_text(render(explained, model.heads, summaries, people, meta))
+    for name, text in (
+        ("explanations.json", json.dumps(report, indent=2)),
+        ("explanations.html", render(explained, model.heads, summaries, people, meta)),
+    ):
+        with atomic_open(out / name, "w") as f:  # whole, or the earlier file: never half of one
+            f.write(text)
     return report

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +22,13 @@ from dotenv import dotenv_values
 from huggingface_hub import HfApi, get_token
 
 from mbti_lightning import calibration, evaluation, folding, loading, plots
+from mbti_lightning.cache import atomic_folder
 from mbti_lightning.card import EXAMPLES, model_card
 from mbti_lightning.errors import UserError
 from mbti_lightning.loading import DTYPES, Loaded, hyperparameters
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.persons import Persons
+from mbti_lightning.signals import Stopped, stop_on_signals
 
 TOKEN_NAMES = ("HF_TOKEN", "HF_HUB_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 #: Bootstrap resamples of the persons behind the card's intervals.
@@ -47,23 +47,6 @@ def hub_token(env_file: Path = Path(".env")) -> str | None:
         return token
     values = dotenv_values(env_file)
     return next((values[name] for name in TOKEN_NAMES if values.get(name)), None)
-
-
-def replace_folder(new: Path, out: Path) -> None:
-    """Move folder `new` to `out`, replacing an existing `out` so that `out` is the old or the new folder at
-    every instant: the old one is renamed aside, the new one in, and if that fails the old one comes back."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = out.with_name(f".{out.name}.replaced")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old)
 
 
 def transformers_model(
@@ -235,10 +218,7 @@ def export(
     results = evaluation.figures(model.heads, saved, others, RESAMPLES, priors=priors)
     calibrated = evaluation.calibration_figures(fitted, raw.logits, saved.logits, saved.labels, model.heads)
     majority = {head: classes[int(c.argmax())] for (head, classes), c in zip(model.heads.items(), counts)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}")
-    tmp.mkdir()  # with the umask's permissions, as the result is meant to be shared (mkdtemp's are private)
-    try:
+    with atomic_folder(out) as tmp:
         has_plot = _write_folder(tmp, loaded, hf_model, adapter)
         confusion_files = plot_evaluation(tmp, model.heads, saved, split, raw.logits if calibrate_scores else None)
         card = model_card(
@@ -259,13 +239,6 @@ def export(
             example=example,
         )
         card.save(tmp / "README.md")
-        # Some writers (safetensors') make private files; every file gets the mode the umask gives a new one.
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                path.chmod(tmp.stat().st_mode & 0o666)
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     if push_to_hub:
         mcc = sum(r["posts"]["model"]["mcc"]["value"] for r in results.values()) / len(results)
@@ -331,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--model-option", action="append", metavar="KEY=VALUE", help=loading.MODEL_OPTION_HELP)
     args = parser.parse_args(argv)
+    stop_on_signals()
     try:
         out = export(
             args.ckpt,
@@ -349,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except UserError as err:
         parser.exit(2, f"mbti-lightning-export: error: {err}\n")
+    except Stopped as stopped:
+        parser.exit(stopped.exit_code, f"mbti-lightning-export: {stopped}\n")
     print(
         f"exported to {out}"
         + (f" and uploaded to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else "")

@@ -22,6 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mbti_lightning import baseline, evaluation, plots
 from mbti_lightning import persons as person_rules
+from mbti_lightning.cache import atomic_folder
+from mbti_lightning.errors import UserError
 from mbti_lightning.labels import AXES
 from mbti_lightning.loading import Loaded
 from mbti_lightning.masking import is_type_vocabulary
@@ -121,10 +123,26 @@ def axis_average(people: dict[str, dict[str, np.ndarray]], resamples: int) -> di
     }
 
 
+def check_out(out: Path) -> None:
+    """A `UserError` where folder `out` holds anything but an earlier report: the report replaces it whole."""
+    if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise UserError(f"--out {out} is the working folder or holds it; give the report a folder of its own")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise UserError(f"--out {out} holds other files than a report; give the report a folder of its own")
+
+
 def build(loaded: Loaded, dm, out: Path, resamples: int = 1000, draws: int = 10, calibrate: bool = True) -> dict:
-    """Every figure of the report for the `loaded` model on `dm`'s test split, written to `out`. A checkpoint's
-    scores are calibrated on validation first, as the export does, unless not `calibrate`; an export's are
-    reported as they are (calibrated at export, or not)."""
+    """Every figure of the report for the `loaded` model on `dm`'s test split, written to `out` whole (a stop or a
+    failure leaves the earlier report, or none). A checkpoint's scores are calibrated on validation first, as the
+    export does, unless not `calibrate`; an export's are reported as they are (calibrated at export, or not)."""
+    check_out(out)
+    with atomic_folder(out) as folder:
+        report = _build(loaded, dm, folder, resamples, draws, calibrate)
+    rank_zero_info(f"report written to {out / 'report.md'}")
+    return report
+
+
+def _build(loaded: Loaded, dm, out: Path, resamples: int, draws: int, calibrate: bool) -> dict:
     dm.setup("test")
     dm.test_dataloader()  # a clear error, naming the fix for the split in use, when there is no test split
     model, heads = loaded.model, loaded.model.heads
@@ -240,7 +258,6 @@ def build(loaded: Loaded, dm, out: Path, resamples: int = 1000, draws: int = 10,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     _render(report, heads, out)
-    rank_zero_info(f"report written to {out / 'report.md'}")
     return report
 
 
