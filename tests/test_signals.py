@@ -74,8 +74,8 @@ def test_the_export_stops_mid_run_and_leaves_the_old_folder_as_it_was(exported, 
     assert code == TERM and [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
-@pytest.mark.parametrize("command", ["predict", "explain", "baseline"])
-def test_predict_explain_and_baseline_stop_mid_run_and_write_nothing(exported, monkeypatch, capsys, command):  # noqa: F811
+@pytest.mark.parametrize("command", ["fit", "predict", "explain", "baseline"])
+def test_fit_predict_explain_and_baseline_stop_mid_run_and_write_nothing(exported, monkeypatch, capsys, command):  # noqa: F811
     folder, texts = exported["folder"], exported["folder"] / "texts.txt"
     texts.write_text("i plan everything\nwhatever lol\n" * 50)
     ckpt = ["--ckpt_path", str(exported["ckpt"])]
@@ -84,11 +84,19 @@ def test_predict_explain_and_baseline_stop_mid_run_and_write_nothing(exported, m
         + ["--predictions.output", "stopped.csv"],
         "explain": ["explain", *exported["args"], *ckpt, "--data.predict_file", str(texts), "--out", "stopped"],
         "baseline": ["baseline", *exported["args"], "--trainer.logger.init_args.name", "stopped"],
+        "fit": [
+            "fit",
+            *exported["args"],
+            "--checkpoint.dirpath",
+            "stopped",
+            "--trainer.logger.init_args.name",
+            "stopped",
+        ],
     }[command]
     if command == "baseline":
         signal_at(monkeypatch, baseline, "split_labels", call=1)
-    else:
-        signal_at(monkeypatch, MBTIClassifier, "forward", call=1)
+    else:  # in fit, the third training batch (the sanity check runs first)
+        signal_at(monkeypatch, MBTIClassifier, "forward", call=5 if command == "fit" else 1)
     monkeypatch.setattr(sys, "argv", ["mbti-lightning", *argv])
     code, _ = stopped(folder, main, capsys)
     assert code == TERM
