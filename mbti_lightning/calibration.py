@@ -57,6 +57,15 @@ class Calibration:
         offsets = torch.tensor(self.offsets, dtype=torch.float64)
         return out + (offsets if self.carrier is None else carried.double()[:, None] * offsets)
 
+    def invert(self, calibrated: torch.Tensor, carried: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits this maps to `calibrated` (up to a constant per row, which no probability sees): a model's raw
+        scores from its exported, calibrated ones, without running the raw model again."""
+        out = calibrated.double()
+        if self.offsets:
+            offsets = torch.tensor(self.offsets, dtype=torch.float64)
+            out = out - (offsets if self.carrier is None else carried.double()[:, None] * offsets)
+        return out * self.temperature
+
 
 def nll(
     logits: torch.Tensor, labels: torch.Tensor, cal: Calibration = Calibration(), carried: torch.Tensor | None = None

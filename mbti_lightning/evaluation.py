@@ -46,6 +46,16 @@ class SplitOutputs:
         """`head`'s logits under `cal`."""
         return cal(self.logits[head], None if cal.carrier is None else self.inputs @ cal.carrier)
 
+    def under(self, fitted: dict[str, calibration.Calibration], invert: bool = False) -> SplitOutputs:
+        """These outputs with every head's logits calibrated by `fitted` (with `invert`: uncalibrated, raw scores
+        from calibrated ones), as fp32."""
+        logits = {}
+        for head, x in self.logits.items():
+            cal = fitted[head]
+            carried = None if cal.carrier is None else self.inputs @ cal.carrier
+            logits[head] = (cal.invert(x, carried) if invert else cal(x, carried)).float()
+        return SplitOutputs(logits, self.labels, self.persons, self.inputs)
+
 
 def split_outputs(model, dm, split: str, inputs: bool = False) -> SplitOutputs:
     """`model` (an `MBTIClassifier`) over `dm`'s split `split`, through its forward pass (what `pipeline` runs);

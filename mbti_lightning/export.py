@@ -203,14 +203,19 @@ def export(
             for level, h in held.items()
         )
         print(f"calibration of {head}: {cal.decision['why']}" + (f" (held out: {numbers})" if numbers else ""))
-    raw = raw_val if split == "validation" else evaluation.split_outputs(model, dm, split)
-
     rules = evaluation.persons_for(model.persons, raw_val, fitted)  # persons, as the exported scores make them
     hf_model = transformers_model(model, fitted, adapter, dtype)
     (hf_model.get_base_model() if adapter else hf_model).config.mbti_lightning = recorded(loaded, fitted, rules)
-    # Every figure is of the model as written: calibrated and cast, through the forward pass pipeline runs.
+    # The model runs once per split. Every figure on the test split is of the model as written (calibrated and cast,
+    # through the forward pass pipeline runs), its raw scores the written ones with the calibration taken out;
+    # without a test split, the card's validation figures are the raw scores calibrated.
     model.model = hf_model
-    saved = evaluation.split_outputs(model, dm, split)
+    if split == "validation":
+        raw, saved = raw_val, raw_val.under(fitted)
+    else:
+        carried = any(cal.carrier is not None for cal in fitted.values())
+        saved = evaluation.split_outputs(model, dm, split, inputs=carried)
+        raw = saved.under(fitted, invert=True)
     example = EXAMPLES[0], example_answer(model, loaded.tokenizer, EXAMPLES[0])
     counts = dm.train_label_counts()
     others, _ = evaluation.comparisons(dm, split)

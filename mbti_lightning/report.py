@@ -153,7 +153,7 @@ def _build(loaded: Loaded, dm, out: Path, resamples: int, draws: int, calibrate:
     val = evaluation.split_outputs(model, dm, "validation", inputs) if loaded.checkpoint is not None else None
     if fit:
         fitted = evaluation.calibrate(val, fit=True)
-        calibrated = {head: test.calibrated(head, fitted[head]).float() for head in heads}
+        calibrated = test.under(fitted).logits
         note = "fitted on the validation split by this report, as mbti-lightning-export does"
     else:
         fitted, calibrated = None, test.logits

@@ -18,6 +18,7 @@ from mbti_lightning.cli import cli_main
 from mbti_lightning.errors import UserError
 from mbti_lightning.export import main as export_main
 from mbti_lightning.metrics import confusion, confusion_metrics
+from mbti_lightning.model import MBTIClassifier
 
 HUB_ID = "someone/mbti-e-i"
 SECRETS = ("FAKE123", "s3cr3tpassw0rd")
@@ -357,3 +358,27 @@ def test_options_of_how_to_run_a_model_reach_the_export_and_the_server(exported,
     assert list(seen.values()) == [{"attn_implementation": "eager", "sdpa_kernels": ["math"]}] * 2
     with pytest.raises(UserError, match="--model-option 'max_length=3': give KEY=VALUE with KEY one of"):
         serve.main([str(exported["out"]), "--model-option", "max_length=3"])
+
+
+def test_the_export_runs_the_model_once_per_split_and_its_raw_figures_are_the_checkpoints(exported, monkeypatch):
+    """Validation (raw, for the calibration), test (as written): each once; the figures before calibration, from
+    the written scores with the calibration taken out, are those of a raw pass of the checkpoint."""
+    from mbti_lightning import evaluation, loading
+
+    rows = []
+    forward = MBTIClassifier.forward
+    monkeypatch.setattr(
+        MBTIClassifier, "forward", lambda self, ids, mask: rows.append(len(ids)) or forward(self, ids, mask)
+    )
+    out = exported["folder"] / "once"
+    export_main(["--ckpt", str(exported["ckpt"]), "--out", str(out)])
+    loaded = loading.load(exported["ckpt"])
+    dm = loading.datamodule(loaded)
+    dm.setup("test")
+    assert sum(rows) == len(dm.splits["validation"]) + len(dm.splits["test"]) + 1  # and the card's example text
+    card = (out / "README.md").read_text()
+    raw = evaluation.split_outputs(loaded.model, dm, "test")
+    from mbti_lightning import calibration
+
+    ece = calibration.ece(raw.logits["E-I"], torch.as_tensor(raw.labels[:, 0]))
+    assert f"| {ece:.4f} |" in card  # ECE before calibration, as the card's table shows it
