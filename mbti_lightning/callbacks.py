@@ -42,6 +42,12 @@ class ProgressBar(RichProgressBar):
         super().__init__()
         self._loss: float | None = None
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Under max_steps, Lightning's max_epochs is -1 and its bar read "Epoch 0/-2" (private: test_private_apis).
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            return f"Epoch {current_epoch}"
+        return super()._get_train_description(current_epoch)
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         if trainer.training and _logging_now(trainer) and "train/loss" in trainer.callback_metrics:
             self._loss = float(trainer.callback_metrics["train/loss"])

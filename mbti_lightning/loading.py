@@ -160,11 +160,14 @@ def model_from_checkpoint(checkpoint: dict, runtime: dict | None = None) -> Any:
     """The checkpoint's `MBTIClassifier` in the dtype it was trained in, its weights the checkpoint's own tensors
     (memory-mapped, so never two copies), run with `runtime` settings (`RUNTIME_SETTINGS`) where given. A 4-bit
     (QLoRA) base is rebuilt in bf16: merging needs it, and a CPU cannot load 4 bits."""
-    model = MBTIClassifier(**hyperparameters(checkpoint) | (runtime or {}) | {"quantize": None})
-    # Where the checkpoint holds every weight, the model is built without initialising them: its memory is never
-    # touched before the checkpoint's tensors replace it (a random Phi-3-mini takes a minute and 7.6 GB to make).
-    whole = no_init_weights() if model.strict_loading else contextlib.nullcontext()
-    with default_dtype(DTYPES[saved_dtype(checkpoint)]), whole:
+    hparams = hyperparameters(checkpoint) | (runtime or {}) | {"quantize": None}
+    # Where the checkpoint holds every weight, the model is built from its config without initialising them: the
+    # base's weights are not read from disk, its memory is never touched before the checkpoint's tensors replace it
+    # (a random Phi-3-mini takes a minute and 7.6 GB to make), and transformers has no head to call "newly
+    # initialized". Adapters alone (LoRA) go on the base's weights, loaded from where training took them.
+    whole = hparams.get("peft") is None or hparams.get("from_scratch")
+    model = MBTIClassifier(**hparams | ({"from_scratch": True} if whole else {}))
+    with default_dtype(DTYPES[saved_dtype(checkpoint)]), no_init_weights() if whole else contextlib.nullcontext():
         model.configure_model()
     model.on_load_checkpoint(checkpoint)
     # A weight saved in another dtype than the model's (an fp32 head on a bf16 base) is cast: one dtype computes.

@@ -26,6 +26,12 @@ PRIVATE = [
     ("lightning", "lightning.pytorch.cli", "LightningCLI._parse_ckpt_path", "cli: command-line model options win"),
     ("lightning", "lightning.pytorch.cli", "LightningCLI._instantiate_trainer", "cli: enable_checkpointing false"),
     ("lightning", "lightning.pytorch.cli", "LightningCLI._get", "cli: enable_progress_bar false"),
+    (
+        "lightning",
+        "lightning.pytorch.callbacks.progress.rich_progress",
+        "RichProgressBar._get_train_description",
+        "callbacks.ProgressBar: no 'Epoch 0/-2' under max_steps",
+    ),
     ("bitsandbytes", "bitsandbytes.optim.optimizer", "Optimizer8bit.get_config", "optim.AdamW8bit"),
     ("bitsandbytes", "bitsandbytes.optim.optimizer", "Optimizer8bit.update_step", "optim.AdamW8bit"),
     ("bitsandbytes", "bitsandbytes.optim.optimizer", "Optimizer8bit.init_state", "optim.AdamW8bit"),

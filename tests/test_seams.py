@@ -382,3 +382,30 @@ def test_the_export_runs_the_model_once_per_split_and_its_raw_figures_are_the_ch
 
     ece = calibration.ece(raw.logits["E-I"], torch.as_tensor(raw.labels[:, 0]))
     assert f"| {ece:.4f} |" in card  # ECE before calibration, as the card's table shows it
+
+
+def test_loading_a_fine_tuned_checkpoint_says_nothing_of_a_newly_initialized_head(tmp_path, capfd, caplog):
+    """transformers' "score.weight ... newly initialized" block was printed by every command on a checkpoint of a
+    pretrained base, though the trained head is loaded right after: the model is now built from its config."""
+    from conftest import fit_demo
+
+    from mbti_lightning import loading
+
+    ckpt = fit_demo(tmp_path, "--model.from_scratch", "false", "--trainer.max_steps", "2") / "last.ckpt"
+    capfd.readouterr()
+    caplog.clear()
+    model = loading.load(ckpt).model
+    said = capfd.readouterr().err + capfd.readouterr().out + caplog.text
+    assert "newly initialized" not in said and "MISSING" not in said
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k.startswith("model."))
+
+
+def test_the_progress_bar_under_max_steps_names_the_epoch_alone():
+    from lightning import Trainer
+
+    from mbti_lightning.callbacks import ProgressBar
+
+    bar = ProgressBar()
+    bar._trainer = Trainer(max_steps=5, logger=False, enable_checkpointing=False)
+    assert bar._get_train_description(0).strip() == "Epoch 0"  # not "Epoch 0/-2"
