@@ -54,7 +54,8 @@ class MBTIClassifier(StepNormalizedLoss):
             or null for none.
         learning_rate: Peak learning rate.
         weight_decay: AdamW weight decay, not applied to biases and norm weights.
-        optimizer: ``adamw8bit`` (bitsandbytes 8-bit AdamW, as the seed) or ``adamw`` (torch).
+        optimizer: ``adamw8bit`` (bitsandbytes 8-bit AdamW, as the seed), ``adamw`` (torch), or ``auto``: torch's
+            for fp32 weights on a CPU (bitsandbytes' CPU path is about 4x slower), else 8-bit; the log says which.
         lr_schedule: ``linear`` decay to zero after warm-up (the HF Trainer default) or ``constant``.
         warmup_steps: Warm-up length in optimizer steps, or as a fraction of all steps if below 1.
         tf32: Allow TF32 matmuls on CUDA.
@@ -92,7 +93,7 @@ class MBTIClassifier(StepNormalizedLoss):
         class_weights: list[float] | Literal["balanced"] | None = "balanced",
         learning_rate: float = 2e-5,
         weight_decay: float = 0.01,
-        optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit",
+        optimizer: Literal["auto", "adamw8bit", "adamw"] = "auto",
         lr_schedule: Literal["linear", "constant"] = "linear",
         warmup_steps: float = 0,
         tf32: bool = True,

@@ -28,6 +28,7 @@ from typing import Any
 
 import bitsandbytes as bnb
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 FUSED_DEVICES = ("cuda",)  # where `fused=None` takes the kernel
@@ -150,7 +151,17 @@ def configure_optimizers(model: torch.nn.Module, groups_of: dict[int, str], hp: 
         # (`optim_bits` is read by AdamW8bit; torch's AdamW keeps its states in fp32 anyway).
         {"params": group("embeddings"), "weight_decay": hp.weight_decay, "optim_bits": 32},
     ]
-    if hp.optimizer == "adamw8bit":
+    choice = hp.optimizer
+    if choice == "auto":
+        # bitsandbytes' CPU path is about 4x slower than torch's AdamW for a real model (most of it the embedding's
+        # 32-bit states), and its 8 bits save GPU memory a CPU run does not lack; bf16 weights need its compensation.
+        fast = params and params[0].device.type == "cpu" and not any(p.dtype == torch.bfloat16 for p in params)
+        choice = "adamw" if fast else "adamw8bit"
+        rank_zero_info(
+            f"optimizer: {'torch AdamW' if fast else 'bitsandbytes 8-bit AdamW'} (model.optimizer auto, "
+            f"{'fp32 weights on a CPU' if fast else 'a GPU or bf16 weights'}; set model.optimizer to choose)"
+        )
+    if choice == "adamw8bit":
         optimizer = AdamW8bit(groups, lr=hp.learning_rate)  # compensated updates for bf16 weights
     elif any(p.dtype == torch.bfloat16 for p in params):
         raise ValueError(

@@ -1,3 +1,4 @@
+import logging
 import os
 import subprocess
 import sys
@@ -130,3 +131,26 @@ def test_importing_the_optimizer_prints_no_warning_about_a_4bit_cpu_kernel():
 
     done = subprocess.run([sys.executable, "-c", "import mbti_lightning.optim"], capture_output=True, text=True)
     assert done.returncode == 0 and "gemm_4bit_forward" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    "asked, dtype, expected, said",
+    [
+        ("auto", torch.float32, torch.optim.AdamW, "torch AdamW (model.optimizer auto, fp32 weights on a CPU"),
+        ("auto", torch.bfloat16, AdamW8bit, "bitsandbytes 8-bit AdamW (model.optimizer auto, a GPU or bf16 weights"),
+        ("adamw8bit", torch.float32, AdamW8bit, None),
+    ],
+)
+def test_on_a_cpu_auto_takes_torchs_adamw_for_fp32_weights_and_says_so(asked, dtype, expected, said, caplog):
+    """bitsandbytes' CPU step is about 4x slower for a real model; a config that names the 8-bit one keeps it."""
+    from types import SimpleNamespace
+
+    from mbti_lightning.optim import configure_optimizers
+
+    model = torch.nn.Linear(4, 2).to(dtype)
+    groups = {id(p): "decay" for p in model.parameters()}
+    hp = SimpleNamespace(optimizer=asked, weight_decay=0.0, learning_rate=1e-3, warmup_steps=0, lr_schedule="linear")
+    with caplog.at_level(logging.INFO):
+        optimizer = configure_optimizers(model, groups, hp, 10)["optimizer"]
+    assert type(optimizer) is expected
+    assert (said in caplog.text) if said else "model.optimizer auto" not in caplog.text
