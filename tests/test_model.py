@@ -218,7 +218,9 @@ def test_embeddings_keep_32_bit_optimizer_states_whatever_an_earlier_optimizer_l
 
     monkeypatch.setattr(bnb.optim.GlobalOptimManager.get_instance(), "index2config", {(0, 0): {"optim_bits": 32}})
     L.seed_everything(0)
-    model = MBTIClassifier(model_name_or_path="demo", from_scratch=True, class_weights=[0.6, 0.4])
+    model = MBTIClassifier(
+        model_name_or_path="demo", from_scratch=True, class_weights=[0.6, 0.4], optimizer="adamw8bit"
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=1,
