@@ -216,27 +216,36 @@ class Explainer:
         return is_type_vocabulary(word) and not (self.mask and word in PLACEHOLDER)
 
     def _words(self, text: str, enc, row: int, scores: torch.Tensor) -> list[dict]:
-        """Word pieces summed per word (the tokenizer's word ids), with each word's span in `text`."""
-        words: dict[int, dict] = {}
-        for position, (word, (begin, end)) in enumerate(zip(enc.word_ids(row), enc["offset_mapping"][row])):
-            if word is None or position >= len(scores) or end <= begin:
+        """Word pieces summed per word, with each word's span in `text`. A word is what whitespace separates in the
+        text, whatever the tokenizer's own word ids say (a SentencePiece tokenizer such as Gemma's or Phi-3's gives
+        the whole text one): a piece starts a word where whitespace comes before it, at its start (``▁word``,
+        ``Ġword``) or at the end of the piece before (``word▁``); a piece of whitespace alone goes with the next."""
+        words: list[dict] = []
+        carried, special = 0.0, enc["special_tokens_mask"][row]
+        for position, (begin, end) in enumerate(enc["offset_mapping"][row]):
+            if position >= len(scores) or end <= begin or special[position]:
                 continue
-            entry = words.setdefault(word, {"begin": begin, "end": end, "contribution": 0.0})
-            entry["end"] = end
-            entry["contribution"] += float(scores[position])
-        out = []
-        for entry in words.values():
-            span = text[entry["begin"] : entry["end"]]
-            begin = entry["begin"] + len(span) - len(span.lstrip())
-            out.append(
-                {
-                    "word": text[begin : entry["end"]],
-                    "begin": begin,
-                    "end": entry["end"],
-                    "contribution": entry["contribution"],
-                }
-            )
-        return out
+            piece, score = text[begin:end], float(scores[position])
+            if not piece.strip():
+                carried += score
+                continue
+            lead = len(piece) - len(piece.lstrip())
+            if not words or lead or text[begin - 1].isspace() or words[-1]["open"]:
+                words.append({"begin": begin + lead, "contribution": 0.0})
+            words[-1] |= {"end": begin + len(piece.rstrip()), "open": piece != piece.rstrip()}
+            words[-1]["contribution"] += score + carried
+            carried = 0.0
+        if words:
+            words[-1]["contribution"] += carried
+        return [
+            {
+                "word": text[w["begin"] : w["end"]],
+                "begin": w["begin"],
+                "end": w["end"],
+                "contribution": w["contribution"],
+            }
+            for w in words
+        ]
 
 
 def summary(explained: list[dict], heads: dict) -> dict:

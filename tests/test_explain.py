@@ -139,3 +139,56 @@ def test_a_model_trained_on_unmasked_type_names_is_flagged_and_a_masked_one_is_n
         ckpt = fit_demo(run, *SHORT, *args) / "last.ckpt"
         flags[mask] = explain(run, ckpt, texts, *args)["summary"]["J-P"]["texts_with_leaks"]
     assert flags["false"] >= 6 and flags["true"] == 0, flags
+
+
+def sentencepiece_decoder(folder: Path) -> Path:
+    """A tiny random Llama with a SentencePiece-style tokenizer trained here, as Gemma's and Phi-3's are: pieces
+    carry the space (``▁``), no pre-tokenizer splits words (so its word ids give a text one word), and a BOS
+    token opens every text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="first", split=False)
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<unk>", "<bos>", "<eos>"])
+    tokenizer.train_from_iterator(generate_rows(num_rows=2000, seed=1)["body"], trainer)
+    bos = tokenizer.token_to_id("<bos>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        bos_token_id=bos,
+        pad_token_id=fast.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_words_are_words_with_a_sentencepiece_tokenizer_from_an_undecided_reference(tmp_path):
+    from mbti_lightning.explain import Explainer
+    from mbti_lightning.model import MBTIClassifier
+    from mbti_lightning.tokenizer import load_tokenizer
+
+    folder = sentencepiece_decoder(tmp_path / "llama")
+    tokenizer = load_tokenizer(str(folder))
+    texts = ["i made a plan, for the whole week!", "whatever   lol lets just improvise", "ok"]
+    assert set(tokenizer(texts[0]).word_ids()) == {None, 0}  # the tokenizer's word ids: one word for the text
+    model = MBTIClassifier(model_name_or_path=str(folder), from_scratch=True)
+    model.configure_model()
+    for text, explained in zip(texts, Explainer(model, tokenizer, 64, mask=False, steps=50).explain(texts)):
+        head = explained["heads"]["J-P"]
+        assert [w["word"] for w in head["words"]] == text.split()
+        assert all(text[w["begin"] : w["end"]] == w["word"] for w in head["words"])
+        assert head["reference"]["probability"] == pytest.approx(0.5, abs=0.05)
+        change = head["value"] - head["reference"]["value"]
+        assert sum(w["contribution"] for w in head["words"]) == pytest.approx(head["contributions"], abs=1e-5)
+        assert abs(head["delta"]) <= 0.05 * abs(change) + 0.02  # captum's completeness gap, as on the demo model
