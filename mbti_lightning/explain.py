@@ -38,6 +38,8 @@ from mbti_lightning.masking import PLACEHOLDER, is_type_vocabulary, mask_type_me
 from mbti_lightning.predict import per_author, prediction_records
 
 TEMPLATE = Path(__file__).parent / "templates" / "explain.html"
+#: How far (in probability) the reference's answer may be from undecided before the page says it is not.
+UNDECIDED = 0.05
 #: How many of a text's strongest words are checked for type vocabulary.
 TOP_WORDS = 5
 
@@ -138,6 +140,7 @@ class Explainer:
                     at_references = torch.stack([self._logits(ids, attention, r)[h] for r in references.values()])
                 values = torch.stack([_quantity(x, target) for x in at_references])
                 weights = neutral_weights(values, neutral(len(classes)))
+                undecided = as_probability(neutral(len(classes)), len(classes))
                 attributions, delta = 0, 0
                 for j, reference in enumerate(references.values()):
                     if not weights[j].any():
@@ -161,14 +164,18 @@ class Explainer:
                     words = self._words(seen[i], enc, i, per_token[k, :n])
                     strongest = sorted(words, key=lambda w: -w["contribution"])[:TOP_WORDS]
                     removable = [p for p in range(n) if not kept[k, p]]
+                    at_reference = float(weights[:, k] @ values[:, k])
+                    reference = as_probability(at_reference, len(classes))
                     out[i]["heads"][head] = {
                         "letter": classes[int(target[k])],
                         "probability": float(probabilities[k, target[k]]),
                         "probabilities": dict(zip(classes, probabilities[k].tolist())),
                         "value": float(value[k]),
                         "reference": {
-                            "value": float(weights[:, k] @ values[:, k]),
-                            "probability": as_probability(float(weights[:, k] @ values[:, k]), len(classes)),
+                            "value": at_reference,
+                            "probability": reference,
+                            "neutral": undecided,
+                            "undecided": abs(reference - undecided) <= UNDECIDED,
                             "texts": [
                                 {"word": word, "weight": float(weights[j, k]), "probability": float(shown[j, k])}
                                 for j, word in enumerate(references)

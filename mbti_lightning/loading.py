@@ -318,6 +318,10 @@ def from_pretrained(source: str, runtime: dict | None = None) -> Loaded:
         "mask_type_mentions": bool(recorded.get("mask_type_mentions")),
     }
     data = data | {"tokenizer": source}
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and data["max_length"] > positions:  # no record, and a tokenizer without a limit (Gemma's: 1e30)
+        rank_zero_info(f"max_length: {positions}, the model's positions ({source} records none, nor its tokenizer)")
+        data["max_length"] = positions
     tokenizer.model_max_length = data["max_length"]
     calibration, note = _calibration_of(config, recorded)
     return Loaded(

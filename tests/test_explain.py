@@ -192,3 +192,16 @@ def test_words_are_words_with_a_sentencepiece_tokenizer_from_an_undecided_refere
         change = head["value"] - head["reference"]["value"]
         assert sum(w["contribution"] for w in head["words"]) == pytest.approx(head["contributions"], abs=1e-5)
         assert abs(head["delta"]) <= 0.05 * abs(change) + 0.02  # captum's completeness gap, as on the demo model
+
+
+def test_the_page_says_where_the_reference_is_not_undecided(explained):
+    from mbti_lightning.explain import render
+
+    text = explained["texts"][0]
+    head = text["heads"]["J-P"]
+    assert head["reference"]["undecided"] and "is not undecided" not in render(
+        [text], {"J-P": ("J", "P")}, explained["summary"], {}, explained["meta"]
+    )
+    head["reference"] |= {"probability": 0.9999993, "undecided": False}  # both references lean one way
+    page = render([text], {"J-P": ("J", "P")}, explained["summary"], {}, explained["meta"])
+    assert f"The reference is not undecided ({head['letter']} 1.000,\nmore than 0.05 from 0.500)" in page

@@ -409,3 +409,27 @@ def test_the_progress_bar_under_max_steps_names_the_epoch_alone():
     bar = ProgressBar()
     bar._trainer = Trainer(max_steps=5, logger=False, enable_checkpointing=False)
     assert bar._get_train_description(0).strip() == "Epoch 0"  # not "Epoch 0/-2"
+
+
+def test_an_export_that_records_no_length_and_a_tokenizer_without_one_reads_the_models_positions(exported, caplog):
+    """As an early export of a Gemma model (its tokenizer's limit is 1e30, which truncation cannot take)."""
+    import logging
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from mbti_lightning import loading
+
+    old = exported["folder"] / "old-export"
+    shutil.copytree(exported["out"], old)
+    config = AutoConfig.from_pretrained(old)
+    config.mbti_lightning = {k: v for k, v in config.mbti_lightning.items() if k not in ("data", "max_length")}
+    config.save_pretrained(old)
+    tokenizer = AutoTokenizer.from_pretrained(old)
+    tokenizer.model_max_length = int(1e30)
+    tokenizer.save_pretrained(old)
+    with caplog.at_level(logging.INFO):
+        loaded = loading.load(str(old))
+    assert loaded.max_length == config.max_position_embeddings
+    assert f"max_length: {config.max_position_embeddings}, the model's positions" in caplog.text
+    assert len(loaded.tokenizer("word " * 5000, truncation=True)["input_ids"]) == config.max_position_embeddings
