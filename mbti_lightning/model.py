@@ -55,7 +55,7 @@ class MBTIClassifier(StepNormalizedLoss):
         learning_rate: Peak learning rate.
         weight_decay: AdamW weight decay, not applied to biases and norm weights.
         optimizer: ``adamw8bit`` (bitsandbytes 8-bit AdamW, as the seed), ``adamw`` (torch), or ``auto``: torch's
-            for fp32 weights on a CPU (bitsandbytes' CPU path is about 4x slower), else 8-bit; the log says which.
+            for fp32 weights on a CPU (bitsandbytes' CPU step is slower), else 8-bit; the log says which.
         lr_schedule: ``linear`` decay to zero after warm-up (the HF Trainer default) or ``constant``.
         warmup_steps: Warm-up length in optimizer steps, or as a fraction of all steps if below 1.
         tf32: Allow TF32 matmuls on CUDA.

@@ -153,8 +153,8 @@ def configure_optimizers(model: torch.nn.Module, groups_of: dict[int, str], hp: 
     ]
     choice = hp.optimizer
     if choice == "auto":
-        # bitsandbytes' CPU path is about 4x slower than torch's AdamW for a real model (most of it the embedding's
-        # 32-bit states), and its 8 bits save GPU memory a CPU run does not lack; bf16 weights need its compensation.
+        # bitsandbytes' CPU step is slower than torch's AdamW for a real model (docs/real-decoder.md), and its 8 bits
+        # save GPU memory a CPU run does not lack; bf16 weights need its compensation.
         fast = params and params[0].device.type == "cpu" and not any(p.dtype == torch.bfloat16 for p in params)
         choice = "adamw" if fast else "adamw8bit"
         rank_zero_info(

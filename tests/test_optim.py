@@ -142,7 +142,7 @@ def test_importing_the_optimizer_prints_no_warning_about_a_4bit_cpu_kernel():
     ],
 )
 def test_on_a_cpu_auto_takes_torchs_adamw_for_fp32_weights_and_says_so(asked, dtype, expected, said, caplog):
-    """bitsandbytes' CPU step is about 4x slower for a real model; a config that names the 8-bit one keeps it."""
+    """bitsandbytes' CPU step is slower for a real model (docs/real-decoder.md); a config that names the 8-bit one keeps it."""
     from types import SimpleNamespace
 
     from mbti_lightning.optim import configure_optimizers
