@@ -18,7 +18,10 @@ import torch
 from lightning.fabric.utilities.throughput import _plugin_to_compute_dtype, get_available_flops
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedColumn
 from lightning.pytorch.utilities import rank_zero_only
+from rich.progress import Task
+from rich.text import Text
 
 
 def _logging_now(trainer: L.Trainer) -> bool:
@@ -42,6 +45,10 @@ class ProgressBar(RichProgressBar):
         super().__init__()
         self._loss: float | None = None
 
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        # A finished task's speed is None in Rich, which Lightning's column printed as "0.00it/s" on the last line.
+        return [*super().configure_columns(trainer)[:-1], Speed(style=self.theme.processing_speed)]
+
     def _get_train_description(self, current_epoch: int) -> str:
         # Under max_steps, Lightning's max_epochs is -1 and its bar read "Epoch 0/-2" (private: test_private_apis).
         if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
@@ -54,6 +61,14 @@ class ProgressBar(RichProgressBar):
         shown = super().get_metrics(trainer, pl_module)
         shown.pop("v_num", None)  # the logger's version, which Rich's bar would print as "0.000"
         return shown if self._loss is None else {**shown, "train/loss": self._loss}
+
+
+class Speed(ProcessingSpeedColumn):
+    """Batches per second, and at the end the task's finished speed (Rich's `speed` is None once it is done)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed if task.finished else task.speed
+        return Text(f"{speed or 0:>.2f}it/s", style=self.style)
 
 
 class LogLines(LightningProgressBar):

@@ -433,3 +433,17 @@ def test_an_export_that_records_no_length_and_a_tokenizer_without_one_reads_the_
     assert loaded.max_length == config.max_position_embeddings
     assert f"max_length: {config.max_position_embeddings}, the model's positions" in caplog.text
     assert len(loaded.tokenizer("word " * 5000, truncation=True)["input_ids"]) == config.max_position_embeddings
+
+
+def test_the_last_progress_line_shows_the_rate_it_ran_at_not_zero():
+    from rich.progress import Progress
+
+    from mbti_lightning.callbacks import Speed
+
+    with Progress(Speed(style="")) as progress:
+        task = progress.add_task("train", total=3)
+        for _ in range(3):
+            progress.advance(task)
+        done = progress.tasks[0]
+        done.finished_speed = 2.5  # as Rich records it when the task completes
+        assert done.finished and str(Speed(style="").render(done)) == "2.50it/s"
