@@ -39,18 +39,13 @@ class ClassificationScores(MulticlassConfusionMatrix):
         return {f"{self.prefix}{key}": torch.tensor(float(values[key]), device=conf.device) for key in SCORES}
 
 
-def classification_metrics(num_classes: int, prefix: str) -> ClassificationScores:
-    """`ClassificationScores` of a head with `num_classes`, its names behind `prefix`."""
-    return ClassificationScores(num_classes, prefix)
-
-
 def score_predictions(
     heads: dict[str, tuple[str, ...]], preds: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, dict[str, float]]:
-    """Per head: `classification_metrics` of (rows, heads) predicted class ids against (rows, heads) labels."""
+    """Per head: `ClassificationScores` of (rows, heads) predicted class ids against (rows, heads) labels."""
     out = {}
     for h, (head, classes) in enumerate(heads.items()):
-        metrics = classification_metrics(len(classes), "")
+        metrics = ClassificationScores(len(classes), "")
         metrics.update(torch.as_tensor(preds)[:, h], torch.as_tensor(labels)[:, h])
         out[head] = {name: float(value) for name, value in metrics.compute().items()}
     return out
@@ -97,7 +92,7 @@ class AuthorMetrics(Metric):
         rule = persons.Persons.uniform(self.num_classes) if self.log_prior is None else persons.Persons(self.log_prior)
         votes = persons.logits(log_probs, author, rule.log_prior.to(log_probs.device))
         author_labels = persons.labels_of(labels, author, self.num_classes)
-        scores = classification_metrics(self.num_classes, "author/").to(votes.device)
+        scores = ClassificationScores(self.num_classes, "author/").to(votes.device)
         scores.update(votes.argmax(-1), author_labels)
         values = {**scores.compute(), "author/count": torch.tensor(float(n_authors), device=votes.device)}
         if self.majority_class is not None:
@@ -120,7 +115,7 @@ class EvalMetrics(torch.nn.Module):
         super().__init__()
         self.heads = heads
         self.loss = _mean()
-        self.posts = torch.nn.ModuleDict({head: classification_metrics(len(c), "") for head, c in heads.items()})
+        self.posts = torch.nn.ModuleDict({head: ClassificationScores(len(c), "") for head, c in heads.items()})
         self.calibration = torch.nn.ModuleDict({head: calibration_error(len(c)) for head, c in heads.items()})
         self.authors = torch.nn.ModuleDict({head: AuthorMetrics(len(c)) for head, c in heads.items()})
         self.type_acc = _mean() if len(heads) == 4 else None  # one 16-way head: `acc` is the type's

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 from transformers import Phi3Config, PreTrainedTokenizerFast
 
 from mbti_lightning.data import Collator, MBTIDataModule, _Rows
-from mbti_lightning.metrics import AuthorMetrics, classification_metrics
+from mbti_lightning.metrics import AuthorMetrics, ClassificationScores
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.tokenizer import load_tokenizer
 
@@ -54,7 +54,7 @@ def test_weighted_loss_under_accumulation_equals_one_big_batch():
 
 @pytest.mark.parametrize("answer", [0, 1])
 def test_mcc_of_a_one_class_prediction_is_zero(answer):
-    metrics = classification_metrics(2, "val/")
+    metrics = ClassificationScores(2, "val/")
     labels = torch.tensor([1] * 59 + [0] * 41)
     metrics.update(torch.full_like(labels, answer), labels)
     result = metrics.compute()
@@ -63,7 +63,7 @@ def test_mcc_of_a_one_class_prediction_is_zero(answer):
 
 
 def test_mcc_matches_its_definition():
-    metrics = classification_metrics(2, "val/")
+    metrics = ClassificationScores(2, "val/")
     metrics.update(torch.tensor([1, 1, 0, 0, 1, 0]), torch.tensor([1, 0, 0, 0, 1, 1]))
     tp, tn, fp, fn = 2, 2, 1, 1
     expected = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5

@@ -26,16 +26,12 @@ def _normalized(ds: Dataset, name: str) -> np.ndarray:
     return np.asarray(encoded.dictionary.to_pylist(), dtype=str)[encoded.indices.to_numpy()]
 
 
-def _normalized_names(ds: Dataset, name: str) -> np.ndarray:
-    """Column `name`'s values as strings ('' where missing), without a Python string per row."""
-    encoded = pc.dictionary_encode(pc.cast(_column(ds, name), pa.string()).combine_chunks().fill_null(""))
-    return np.asarray(encoded.dictionary.to_pylist(), dtype=object)[encoded.indices.to_numpy()]
-
-
-def _ids(ds: Dataset, name: str) -> np.ndarray:
-    """Each row's number for its value in column `name` (e.g. author names -> 0, 1, 2, ...; missing is one value)."""
+def _ids(ds: Dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's number for its value in column `name` (e.g. author names -> 0, 1, 2, ...; missing is one value),
+    and that value as a string ('' where missing), without a Python string per row."""
     encoded = pc.dictionary_encode(pc.cast(_column(ds, name), pa.string()).combine_chunks(), null_encoding="encode")
-    return encoded.indices.to_numpy().astype(np.int64)
+    ids = encoded.indices.to_numpy().astype(np.int64)
+    return ids, np.asarray([value or "" for value in encoded.dictionary.to_pylist()], dtype=object)[ids]
 
 
 def _empty(ds: Dataset, name: str) -> np.ndarray:
@@ -85,13 +81,12 @@ def clean(ds: Dataset, hp: AttributeDict, heads: dict) -> tuple[Dataset, dict[st
         )
         source, post = np.asarray(_column(ds, "__row__")), np.asarray(_column(ds, "__post__"))
     else:
-        source, post = np.arange(len(ds)), np.zeros(len(ds), dtype=np.int64)
-    authors = _ids(ds, author_column) if author_column else source
+        source, post = np.arange(len(ds)), None
+    # Each person's number, and what a user calls them: the author column's value, else the source row.
+    authors, names = _ids(ds, author_column) if author_column else (source, source.astype(str))
     anonymous = _empty(ds, author_column) if author_column else np.zeros(len(ds), dtype=bool)
     # Rows without an author are not one person: each source row of them is a person of its own.
     authors = np.where(anonymous, authors.max(initial=-1) + 1 + source, authors)
-    # What a user calls each person: the author column's value, else (no column, or none given) the source row.
-    names = _normalized_names(ds, author_column) if author_column else source.astype(str)
     names = np.where(anonymous, source.astype(str), names)
 
     problems = [(f"with an empty {hp.text_column!r}", _empty(ds, hp.text_column), None)]
@@ -149,7 +144,7 @@ def clean(ds: Dataset, hp: AttributeDict, heads: dict) -> tuple[Dataset, dict[st
         )
     valid = np.flatnonzero(~invalid)
     arrays = {"labels": labels, "strata": strata, "author": authors, "author_name": names, "source_row": source}
-    arrays |= {"post": post} if hp.explode_separator else {}
+    arrays |= {"post": post} if post is not None else {}
     return ds.select(valid), {name: values[valid] for name, values in arrays.items()}, messages
 
 
