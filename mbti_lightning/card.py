@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from mbti_lightning import baseline, calibration, demo
+from mbti_lightning import baseline, calibration, demo, features
 from mbti_lightning.evaluation import METRICS
 from mbti_lightning.loading import is_hub_id
 
@@ -191,6 +191,7 @@ def model_card(
         else f"`{base}`",
         dataset=_dataset_name(data_hp),
         adapter=adapter,
+        frozen=None if model_hp.get("frozen") is None else features.settings(model_hp["frozen"]),
         example=example[0],
         answer=example[1],
         split=split,

@@ -98,6 +98,7 @@ def recorded(loaded: Loaded, fitted: dict[str, calibration.Calibration], rules: 
         "persons": {head: rule.to_dict() for head, rule in rules.items()},
         "class_weight": loaded.model.class_weight.tolist(),  # the loss `validate` and `test` report, as in training
         "chosen_by": loaded.chosen_by,
+        "frozen": loaded.model.frozen,  # the features its head reads (None: fine-tuned)
     }
 
 

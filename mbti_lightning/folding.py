@@ -56,14 +56,18 @@ def head_inputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     head, grabbed, collected = classification_head(model), {}, []
 
     def keep(module, args, output) -> None:
-        grabbed["in"], grabbed["out"] = args[0], output
+        if args[0].dim() == 2:  # (rows, features): one input a row (an encoder's pooler, a frozen run's features)
+            collected.append(args[0].float().cpu())
+        else:
+            grabbed["in"], grabbed["out"] = args[0], output
 
     def pool(module, args, kwargs, output) -> None:
+        if "in" not in grabbed:
+            return
         x, out = grabbed.pop("in"), grabbed.pop("out")
-        if x.dim() == 3:  # (rows, positions, features): the position whose head output is the model's
-            position = (out.float() - output.logits.float()[:, None]).abs().sum(-1).argmin(-1)
-            x = x[torch.arange(len(x), device=x.device), position]
-        collected.append(x.float().cpu())
+        # (rows, positions, features): the position whose head output is the model's
+        position = (out.float() - output.logits.float()[:, None]).abs().sum(-1).argmin(-1)
+        collected.append(x[torch.arange(len(x), device=x.device), position].float().cpu())
 
     hooks = [head.register_forward_hook(keep), model.register_forward_hook(pool, with_kwargs=True)]
     try:

@@ -164,8 +164,9 @@ def model_from_checkpoint(checkpoint: dict, runtime: dict | None = None) -> Any:
     # Where the checkpoint holds every weight, the model is built from its config without initialising them: the
     # base's weights are not read from disk, its memory is never touched before the checkpoint's tensors replace it
     # (a random Phi-3-mini takes a minute and 7.6 GB to make), and transformers has no head to call "newly
-    # initialized". Adapters alone (LoRA) go on the base's weights, loaded from where training took them.
-    whole = hparams.get("peft") is None or hparams.get("from_scratch")
+    # initialized". Adapters alone (LoRA), or a head alone (a frozen backbone's), go on the base's weights, loaded
+    # from where training took them.
+    whole = (hparams.get("peft") is None and hparams.get("frozen") is None) or hparams.get("from_scratch")
     model = MBTIClassifier(**hparams | ({"from_scratch": True} if whole else {}))
     with default_dtype(DTYPES[saved_dtype(checkpoint)]), no_init_weights() if whole else contextlib.nullcontext():
         model.configure_model()
@@ -261,7 +262,13 @@ def model_from_pretrained(source: str, config: Any, runtime: dict | None = None,
     and person rule its export recorded, run with `runtime` settings where given. An `adapter` export (LoRA
     adapters and the head, ``--adapter``) is put on its base by transformers' peft integration."""
     recorded = getattr(config, "mbti_lightning", None) or {}
-    model = MBTIClassifier(model_name_or_path=source, target=_target(config), class_weights=None, **(runtime or {}))
+    model = MBTIClassifier(
+        model_name_or_path=source,
+        target=_target(config),
+        class_weights=None,
+        frozen=recorded.get("frozen"),  # a head on other features than the model's own pooling reads those
+        **(runtime or {}),
+    )
     with default_dtype(_config_dtype(config)):
         if adapter:
             attention = model.hparams.attn_implementation

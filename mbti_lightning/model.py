@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from mbti_lightning import backbone
+from mbti_lightning import backbone, features
 from mbti_lightning.checkpoint import restore, run_metadata, trained_weights
+from mbti_lightning.folding import classification_head
 from mbti_lightning.labels import heads
 from mbti_lightning.loss import StepNormalizedLoss
 from mbti_lightning.metrics import EvalMetrics
@@ -17,7 +18,12 @@ from mbti_lightning.persons import Persons, trained_prior
 
 
 def check_arguments(
-    target: str | list[str], class_weights: Any, peft: dict | None, quantize: str | None, from_scratch: bool
+    target: str | list[str],
+    class_weights: Any,
+    peft: dict | None,
+    quantize: str | None,
+    from_scratch: bool,
+    frozen: dict | None = None,
 ) -> None:
     """Stop on arguments that cannot work together, naming them."""
     found = heads(target)
@@ -33,6 +39,10 @@ def check_arguments(
         raise ValueError(
             "model.quantize needs model.from_scratch false: bitsandbytes quantizes the base's weights as they load"
         )
+    if frozen is not None:
+        if peft is not None:
+            raise ValueError("model.frozen trains only the head on a frozen backbone's features: leave model.peft null")
+        features.settings(frozen)
 
 
 class MBTIClassifier(StepNormalizedLoss):
@@ -78,6 +88,10 @@ class MBTIClassifier(StepNormalizedLoss):
             random base cannot be rebuilt, so it is saved too).
         quantize: ``nf4``: load the base in 4 bits through bitsandbytes (QLoRA; needs `peft` and a
             CUDA GPU), computing in bf16.
+        frozen: Train only the classification head, on a frozen backbone's pooled features, computed once by `fit`
+            and cached (see `mbti_lightning.features`): ``{}`` for the model's own pooling (the input its head
+            reads: an export is then an ordinary transformers classifier), or ``{pooling: mean, layer: 6}`` for the
+            mean over real tokens of a hidden layer (null: the backbone's output). Null (the default): fine-tune.
         skip_nonfinite_batches: How many batches with a NaN or infinite loss to skip (with a
             warning) before stopping. At 0 (the default) the first one stops training with an error
             that names the step and batch; checkpoints already written stay as they are. Skipping
@@ -104,10 +118,11 @@ class MBTIClassifier(StepNormalizedLoss):
         gradient_checkpointing: bool = False,
         peft: dict[str, Any] | None = None,
         quantize: Literal["nf4"] | None = None,
+        frozen: dict[str, Any] | None = None,
         skip_nonfinite_batches: int = 0,
     ) -> None:
         super().__init__()
-        check_arguments(target, class_weights, peft, quantize, from_scratch)
+        check_arguments(target, class_weights, peft, quantize, from_scratch, frozen)
         self.save_hyperparameters()
         self.heads = heads(target)
         classes = max(len(c) for c in self.heads.values())
@@ -123,8 +138,10 @@ class MBTIClassifier(StepNormalizedLoss):
         self.val_metrics, self.test_metrics = EvalMetrics(self.heads), EvalMetrics(self.heads)
         # How posts make a person's answer: the prior the scores carry; set from the training split, or by `loading`.
         self.persons: dict[str, Persons] | None = None
-        # With adapters on a loadable base, checkpoints hold only the trained weights (see on_save_checkpoint).
-        self._adapter_only = peft is not None and not from_scratch
+        self.frozen = None if frozen is None else features.settings(frozen)
+        # With adapters (or a head alone) on a loadable base, checkpoints hold only the trained weights (see
+        # on_save_checkpoint).
+        self._adapter_only = (peft is not None or frozen is not None) and not from_scratch
         self.strict_loading = not self._adapter_only
 
     def setup(self, stage: str) -> None:
@@ -154,8 +171,26 @@ class MBTIClassifier(StepNormalizedLoss):
         if self.model is not None:
             return
         self.model = backbone.build(self.hparams, self.id2label, self.heads)
+        if self.frozen is not None:  # only the head trains
+            self.model.requires_grad_(False)
+            classification_head(self.model).requires_grad_(True)
         self._param_group = backbone.param_groups(self.model)
         self._flops_per_token = backbone.training_flops_per_token(self.model)
+
+    def on_fit_start(self) -> None:
+        if self.frozen is None:
+            return
+        # Training and validation batches then carry the features (`MBTIDataModule.features`), not tokens.
+        dm = self.trainer.datamodule
+        with backbone.sdpa_kernels(self.hparams.sdpa_kernels):
+            dm.features = features.cached(
+                self.model,
+                dm,
+                ("train", "validation"),
+                self.frozen,
+                self.trainer.precision_plugin.forward_context,
+                pass_mask=not self.hparams.skip_padding_mask,
+            )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._adapter_only:  # the frozen base is model_name_or_path's; keep adapters, head and buffers
@@ -169,7 +204,11 @@ class MBTIClassifier(StepNormalizedLoss):
         """(batch, seq) right-padded token ids -> (batch, num_labels) logits in fp32."""
         mask = None if self.hparams.skip_padding_mask else attention_mask
         with backbone.sdpa_kernels(self.hparams.sdpa_kernels):
-            return self.model(input_ids=input_ids, attention_mask=mask).logits.float()
+            if self.frozen is None or self.frozen["pooling"] == "model":
+                return self.model(input_ids=input_ids, attention_mask=mask).logits.float()
+            pooling, layer = self.frozen["pooling"], self.frozen["layer"]
+            x = features.pooled(self.model, input_ids, attention_mask, pooling, layer, mask is not None)
+            return classification_head(self.model)(x).float()
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         # Gradient checkpointing runs the forward pass again in here.
@@ -183,8 +222,13 @@ class MBTIClassifier(StepNormalizedLoss):
         return list(torch.stack([torch.zeros_like(logits), logits], -1).unbind(1))
 
     def _shared_step(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-head logits, (batch, heads) labels, cross entropy and class weights; the loss stays in fp32."""
-        logits = self.head_logits(self(batch["input_ids"], batch["attention_mask"]))
+        """Per-head logits, (batch, heads) labels, cross entropy and class weights; the loss stays in fp32. A batch of
+        a frozen backbone's features (``model.frozen``, in `fit`) goes through the head alone."""
+        if "features" in batch:
+            head = classification_head(self.model)
+            logits = self.head_logits(head(batch["features"].to(head.weight.dtype)).float())
+        else:
+            logits = self.head_logits(self(batch["input_ids"], batch["attention_mask"]))
         labels = batch["labels"].view(len(batch["labels"]), -1)
         ce = torch.stack([F.cross_entropy(x, y, reduction="none") for x, y in zip(logits, labels.T)], 1)
         return logits, labels, ce, self.class_weight.float().gather(1, labels.T).T
@@ -192,8 +236,12 @@ class MBTIClassifier(StepNormalizedLoss):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         _, _, ce, weight = self._shared_step(batch)
         # Read by callbacks.Throughput.
-        seq = batch["input_ids"].shape[1]
-        self.flops_per_batch = backbone.flops_per_batch(self.model, self._flops_per_token, seq, batch["num_tokens"])
+        if "features" in batch:  # the head alone: 6 FLOPs per weight and row
+            self.flops_per_batch = 6 * classification_head(self.model).weight.numel() * len(ce)
+        else:
+            seq = batch["input_ids"].shape[1]
+            tokens = batch["num_tokens"]
+            self.flops_per_batch = backbone.flops_per_batch(self.model, self._flops_per_token, seq, tokens)
         norm = weight.sum().detach() if len(self.heads) == 1 else weight.new_tensor(len(ce))
         # Summed, not averaged: the step's weight (or rows) divides it once (`StepNormalizedLoss`).
         return self.step_loss((weight * ce).sum() / len(self.heads), norm, len(ce), batch_idx)

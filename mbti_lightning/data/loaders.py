@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import lightning as L
+import numpy as np
 import torch
 from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_warn
@@ -26,6 +27,27 @@ class _Rows(torch.utils.data.Dataset):
 
     def __getitem__(self, rows: list[int]) -> dict[str, list]:
         return {**self.split[[row if row >= 0 else PADDING - row for row in rows]], "row": rows}
+
+
+class _FeatureRows(_Rows):
+    """A split's rows as a frozen backbone's features (`features.cached`) with their labels and authors, read a
+    whole batch at a time, ready to use (no padding: a feature row is as wide as any other)."""
+
+    def __init__(self, split: Dataset, features: np.ndarray) -> None:
+        self.split = split.select_columns(["labels", "author"])
+        self.features = features
+
+    def __getitem__(self, rows: list[int]) -> dict:
+        read = [row if row >= 0 else PADDING - row for row in rows]
+        part = self.split[read]
+        return {
+            "features": torch.from_numpy(np.ascontiguousarray(self.features[read])),
+            "labels": torch.tensor(part["labels"]),
+            "author": torch.tensor(part["author"]),
+            "row": torch.tensor(rows),
+            "num_tokens": 0,  # no tokens are read
+            "padded": min(rows) < 0,
+        }
 
 
 class Collator:

@@ -42,7 +42,13 @@ from torch.utils.data import DataLoader
 
 from mbti_lightning.cache import build_atomically, cache_root
 from mbti_lightning.data import splits, tokenized
-from mbti_lightning.data.loaders import Collator, _ResumableLoader, _Rows, validate_where_training_reaches
+from mbti_lightning.data.loaders import (
+    Collator,
+    _FeatureRows,
+    _ResumableLoader,
+    _Rows,
+    validate_where_training_reaches,
+)
 from mbti_lightning.data.sources import load_raw, read_predict_file, where
 from mbti_lightning.errors import UserError
 from mbti_lightning.labels import AXES, check_axis, heads
@@ -173,6 +179,9 @@ class MBTIDataModule(L.LightningDataModule):
         self._resume_at: dict[str, int] | None = None
         self.predict_rows: Dataset | None = None  # the tokenized predict_file
         self.predict_inputs: dict[str, list] = {}  # "id" and "text" of each predicted row, for the writer
+        self.tokenized_key: str | None = None  # the tokenized splits' cache key (the data and how it is prepared)
+        # Per split, a frozen backbone's features of its rows (`features.cached`): its batches then carry these.
+        self.features: dict[str, np.ndarray] = {}
 
     def state_dict(self) -> dict[str, int]:
         """Where training is in its epoch, saved in every checkpoint."""
@@ -195,7 +204,7 @@ class MBTIDataModule(L.LightningDataModule):
         """The folder of the tokenized splits in the cache, built first if it is not there."""
         self.tokenizer = self.tokenizer or load_tokenizer(self.hparams.tokenizer)
         raw = load_raw(self.hparams)
-        key = tokenized.cache_key(raw, self.tokenizer, self.hparams)
+        key = self.tokenized_key = tokenized.cache_key(raw, self.tokenizer, self.hparams)
         return build_atomically(cache_root() / "tokenized" / key, lambda tmp: self._build(raw, tmp))
 
     def _build(self, raw: Dataset | DatasetDict, out: os.PathLike) -> None:
@@ -262,9 +271,11 @@ class MBTIDataModule(L.LightningDataModule):
         # Page-locked batches go to the GPU asynchronously (Lightning copies with non_blocking); from
         # pageable memory the driver may first wait for the work already queued.
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        features = self.features.get(split)
+        dataset = _Rows(rows) if features is None else _FeatureRows(rows, features)
         kwargs = {
             "batch_size": None,  # the sampler yields whole batches
-            "collate_fn": Collator(self.tokenizer, hp.pad_to_multiple_of),
+            "collate_fn": Collator(self.tokenizer, hp.pad_to_multiple_of) if features is None else None,
             "pin_memory": pin,
             "num_workers": hp.num_workers,
             "persistent_workers": hp.num_workers > 0,
@@ -273,13 +284,13 @@ class MBTIDataModule(L.LightningDataModule):
             validate_where_training_reaches(self.trainer, len(sampler))
             loop = self.trainer.fit_loop.epoch_loop
             self._train_loader = _ResumableLoader(
-                _Rows(rows), sampler=sampler, batches_done=lambda: loop.batch_progress.current.processed, **kwargs
+                dataset, sampler=sampler, batches_done=lambda: loop.batch_progress.current.processed, **kwargs
             )
             if self._resume_at:
                 self._train_loader.load_state_dict(self._resume_at)
                 self._resume_at = None
             return self._train_loader
-        return DataLoader(_Rows(rows), sampler=sampler, **kwargs)
+        return DataLoader(dataset, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
