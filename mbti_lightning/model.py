@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mbti_lightning import backbone, features
 from mbti_lightning.checkpoint import restore, run_metadata, trained_weights
@@ -191,6 +192,12 @@ class MBTIClassifier(StepNormalizedLoss):
                 self.trainer.precision_plugin.forward_context,
                 pass_mask=not self.hparams.skip_padding_mask,
             )
+        self._head_start = time.perf_counter()
+
+    def on_fit_end(self) -> None:
+        if self.frozen is not None:
+            seconds = time.perf_counter() - self._head_start
+            rank_zero_info(f"head fit: {seconds:.1f} s on the frozen backbone's cached features")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._adapter_only:  # the frozen base is model_name_or_path's; keep adapters, head and buffers
