@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mbti_lightning import backbone, features
@@ -175,13 +176,14 @@ class MBTIClassifier(StepNormalizedLoss):
         if self.frozen is not None:  # only the head trains
             self.model.requires_grad_(False)
             classification_head(self.model).requires_grad_(True)
+            if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+                self._use_features()
         self._param_group = backbone.param_groups(self.model)
         self._flops_per_token = backbone.training_flops_per_token(self.model)
 
-    def on_fit_start(self) -> None:
-        if self.frozen is None:
-            return
-        # Training and validation batches then carry the features (`MBTIDataModule.features`), not tokens.
+    def _use_features(self) -> None:
+        """In `fit`, before Lightning builds the training loader (it counts its steps for the schedule): the data
+        module's training and validation batches carry the frozen backbone's features, computed or read here."""
         dm = self.trainer.datamodule
         with backbone.sdpa_kernels(self.hparams.sdpa_kernels):
             dm.features = features.cached(

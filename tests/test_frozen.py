@@ -22,6 +22,7 @@ from mbti_lightning import evaluation, features
 from mbti_lightning.cache import cache_root
 from mbti_lightning.export import main as export_main
 from mbti_lightning.loading import datamodule, load
+from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.tokenizer import load_tokenizer
 
 SHORT = ["--trainer.max_epochs", "1", "--trainer.val_check_interval", "1.0", "--data.batch_size", "64"]
@@ -56,8 +57,12 @@ def test_features_are_made_once_and_again_whenever_what_makes_them_changes(tmp_p
     assert [path.name for path in written] == ["train.npy", "validation.npy"]
     assert written[0].parent.parent == cache_root() / "features"
 
+    def backbone_pass(*args, **kwargs):
+        raise AssertionError("a training or validation step ran the backbone")
+
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    with monkeypatch.context() as mp, caplog.at_level(logging.INFO):
+        mp.setattr(MBTIClassifier, "forward", backbone_pass)  # every step reads the cached features
         frozen_fit(tmp_path)  # the same settings: no backbone pass, and the log names the files read
     assert len(written) == 2
     assert f"features of train: read {written[0]} (no backbone pass)" in caplog.text
