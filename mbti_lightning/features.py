@@ -8,7 +8,7 @@ hidden layer. `cached` computes a run's splits once and stores each as a ``.npy`
 refused, not read), and numpy reads any rows of it without a copy of the rest. The key covers everything that
 changes the features: the backbone's weights (a sample of every tensor, so a local folder edited in place or another
 hub revision is a new key), the tokenized splits' own cache key (data, tokenizer, max_length, masking), the pooling,
-the layer and the dtype. A pass writes ``.<split>.partial.npy`` and, after each batch, how many rows it holds; a pass
+the layer and the dtype. A pass writes ``.<split>.partial.npy`` and, every few seconds, how many rows it holds (`SAVE_EVERY`); a pass
 killed half way resumes there, and only a whole file is renamed to ``<split>.npy``.
 """
 
@@ -36,6 +36,9 @@ from mbti_lightning.folding import classification_head
 #: Bump when pooling changes in a way that makes older cached features wrong.
 FEATURES_VERSION = "1"
 POOLINGS = ("model", "mean")
+#: Seconds between saves of a pass's progress (its rows flushed to disk, then their count): a pass killed loses
+#: at most this much work, and a fast pass does not wait on a disk sync per batch.
+SAVE_EVERY = 5.0
 #: ``model.frozen``'s settings and their defaults: the model's own pooling, read at its output.
 DEFAULTS = {"pooling": "model", "layer": None}
 
@@ -172,7 +175,7 @@ def compute(
     features = np.load(partial, mmap_mode="r+") if done else None
     if done:
         rank_zero_info(f"{desc}: resuming {partial} at row {done} of {len(rows)}")
-    bar = _Progress(len(rows), done, desc)
+    bar, saved = _Progress(len(rows), done, desc), time.perf_counter()
     try:
         for start in range(done, len(rows), batch_size):
             picked = order[start : start + batch_size]
@@ -180,15 +183,18 @@ def compute(
             if features is None:
                 features = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(len(rows), x.shape[1]))
             features[picked] = x
-            features.flush()
-            with atomic_open(progress, "w") as f:
-                f.write(json.dumps({"rows": start + len(picked)}))
+            if time.perf_counter() - saved > SAVE_EVERY:  # what a resumed pass may skip: flushed rows only
+                features.flush()
+                with atomic_open(progress, "w") as f:
+                    f.write(json.dumps({"rows": start + len(picked)}))
+                saved = time.perf_counter()
             bar.update(len(picked))
     finally:
         bar.close()
+    features.flush()
     del features
     os.replace(partial, path)
-    progress.unlink()
+    progress.unlink(missing_ok=True)
 
 
 def cached(
