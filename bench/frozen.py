@@ -228,6 +228,9 @@ def frozen_demo(out: Path, extra: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo", help="backbone for the rows/s comparison")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per batch in the rows/s comparison")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per post in the rows/s comparison")
+    parser.add_argument("--steps", type=int, default=8, help="fine-tuning steps timed in the rows/s comparison")
     parser.add_argument("--rows", type=int, default=100_000, help="posts with cached features for the heads' fit")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--tiny", action="store_true", help="a smoke run: few rows, one demo epoch")
@@ -237,8 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if "rows" not in args.skip:
-        n, steps = (64, 2) if args.tiny else (512, 8)
-        summary["rows_per_s"] = rows_per_second(args.model, n, 32, 128, steps)
+        steps = 2 if args.tiny else args.steps
+        rows = steps * args.batch_size  # the same rows, in the same batches, for both
+        summary["rows_per_s"] = rows_per_second(args.model, rows, args.batch_size, args.max_length, steps)
         r = summary["rows_per_s"]
         print(f"feature pass {r['feature_rows_per_s']} rows/s, fine-tuning {r['fine_tune_rows_per_s']} rows/s: "
               f"{r['ratio']}x ({r['model']}, {r['rows']} rows, batch {r['batch_size']})")  # fmt: skip

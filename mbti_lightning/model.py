@@ -91,9 +91,9 @@ class MBTIClassifier(StepNormalizedLoss):
         quantize: ``nf4``: load the base in 4 bits through bitsandbytes (QLoRA; needs `peft` and a
             CUDA GPU), computing in bf16.
         frozen: Train only the classification head, on a frozen backbone's pooled features, computed once by `fit`
-            and cached (see `mbti_lightning.features`): ``{}`` for the model's own pooling (the input its head
-            reads: an export is then an ordinary transformers classifier), or ``{pooling: mean, layer: 6}`` for the
-            mean over real tokens of a hidden layer (null: the backbone's output). Null (the default): fine-tune.
+            and cached (see `mbti_lightning.features`): ``{}`` for the mean over a post's tokens of the backbone's
+            output, ``{pooling: mean, layer: 6}`` of a hidden layer, ``{pooling: model}`` for what the model's own
+            head reads (its export is then an ordinary transformers classifier). Null (the default): fine-tune.
         skip_nonfinite_batches: How many batches with a NaN or infinite loss to skip (with a
             warning) before stopping. At 0 (the default) the first one stops training with an error
             that names the step and batch; checkpoints already written stay as they are. Skipping

@@ -34,7 +34,7 @@ def frozen_fit(folder: Path, *args: str) -> Path:
     data = folder / "users.csv"
     if not data.exists():
         kaggle_file(data, num_rows=1500)
-    fit_demo(folder, *kaggle_args(data), "--model.frozen", "{}", *SHORT, *HEAD, *args)
+    fit_demo(folder, *kaggle_args(data), "--model.frozen", "{pooling: model}", *SHORT, *HEAD, *args)
     return folder / "checkpoints/demo/last.ckpt"
 
 
@@ -119,7 +119,8 @@ def test_a_truncated_features_file_is_refused_with_a_message_naming_it(tmp_path,
     with path.open("r+b") as f:
         f.truncate(path.stat().st_size // 2)
     data = tmp_path / "users.csv"
-    argv = ["fit", "--config", str(REPO / "configs/demo.yaml"), *kaggle_args(data), "--model.frozen", "{}", *SHORT]
+    frozen = ["--model.frozen", "{pooling: model}"]
+    argv = ["fit", "--config", str(REPO / "configs/demo.yaml"), *kaggle_args(data), *frozen, *SHORT]
     line = main_says(tmp_path, argv, capsys)
     assert f"features file {path} is damaged" in line and "delete it" in line
 
