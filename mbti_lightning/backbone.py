@@ -91,7 +91,7 @@ def sdpa_kernels(kernels: list[str] | None) -> contextlib.AbstractContextManager
     return sdpa_kernel([SDPA_KERNELS[k] for k in kernels], set_priority=True)
 
 
-def _repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder (or encoder) blocks: the classes transformers must not split across devices
     (`_no_split_modules`) or, where a model does not say, the members of its longest list of modules of
     one class."""
@@ -147,7 +147,7 @@ def build(hp: AttributeDict, id2label: dict[int, str], heads: dict) -> torch.nn.
     if hp.peft is not None:
         model = _with_lora(model, hp.peft, quantized=bool(hp.quantize))
     if hp.compile:
-        for block in _repeated_blocks(model):
+        for block in repeated_blocks(model):
             block.compile(dynamic=True)
     # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode: in eval
     # mode, gradient checkpointing and dropout (LoRA's too) would silently be off during training.
@@ -155,11 +155,12 @@ def build(hp: AttributeDict, id2label: dict[int, str], heads: dict) -> torch.nn.
     return model.train()
 
 
-def param_groups(model: torch.nn.Module) -> dict[int, str]:
-    """Each parameter's optimizer group by its shape as built (under FSDP, configure_optimizers sees 1-D
-    shards): ``embeddings``, ``decay`` (matrices) or ``no_decay`` (biases and norms)."""
+def param_groups(model: torch.nn.Module) -> dict[str, str]:
+    """Each parameter's optimizer group, by its name, from its shape as built (sharding replaces the parameters and
+    FSDP1 shows configure_optimizers flat 1-D shards): ``embeddings``, ``decay`` (matrices) or ``no_decay``
+    (biases and norms)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     return {
-        id(p): "embeddings" if id(p) in embeddings else "decay" if p.ndim >= 2 else "no_decay"
-        for p in model.parameters()
+        name: "embeddings" if id(p) in embeddings else "decay" if p.ndim >= 2 else "no_decay"
+        for name, p in model.named_parameters()
     }

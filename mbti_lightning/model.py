@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from mbti_lightning import backbone, features
+from mbti_lightning import backbone, features, sharding
 from mbti_lightning.checkpoint import restore, run_metadata, trained_weights
 from mbti_lightning.folding import classification_head
 from mbti_lightning.labels import heads
@@ -180,6 +180,8 @@ class MBTIClassifier(StepNormalizedLoss):
                 self._use_features()
         self._param_group = backbone.param_groups(self.model)
         self._flops_per_token = backbone.training_flops_per_token(self.model)
+        if self.device_mesh is not None:  # --trainer.strategy fsdp2
+            sharding.shard(self.model, self.device_mesh["data_parallel"], backbone.repeated_blocks(self.model))
 
     def _use_features(self) -> None:
         """In `fit`, before Lightning builds the training loader (it counts its steps for the schedule): the data

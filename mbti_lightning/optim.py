@@ -31,6 +31,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from mbti_lightning import sharding
+
 FUSED_DEVICES = ("cuda",)  # where `fused=None` takes the kernel
 
 
@@ -136,13 +138,31 @@ class AdamW8bit(bnb.optim.AdamW8bit):
         state["compensation"].copy_(updated.sub_(weight.float()))
 
 
+def sharded_adamw8bit(groups: list[dict], lr: float, bf16: bool) -> torch.optim.Optimizer:
+    """torchao's 8-bit AdamW, which steps FSDP2's sharded parameters (bitsandbytes' does not: "got mixed
+    torch.Tensor and DTensor"); bf16 weights take stochastically rounded updates, torchao's answer to the rounding
+    that `AdamW8bit`'s compensation answers. Every group's states are 8-bit (its block-wise quantization has no
+    32-bit exception for the embeddings)."""
+    try:
+        from torchao.optim import AdamW8bit as TorchaoAdamW8bit
+    except ImportError:
+        raise ImportError(
+            'model.optimizer adamw8bit under --trainer.strategy fsdp2 needs torchao: pip install "mbti-lightning[fsdp2]" '
+            "(or model.optimizer adamw: fp32 states, 8 bytes a trained weight, sharded too)"
+        ) from None
+    return TorchaoAdamW8bit(
+        [{k: v for k, v in g.items() if k != "optim_bits"} for g in groups], lr=lr, bf16_stochastic_round=bf16
+    )
+
+
 def configure_optimizers(model: torch.nn.Module, groups_of: dict[int, str], hp: Any, total_steps: int) -> dict:
     """The optimizer (`hp.optimizer`) over `model`'s trained parameters in the groups `groups_of` gives them
     (see `backbone.param_groups`), and the learning-rate schedule, for Lightning's `configure_optimizers`."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
 
     def group(name: str) -> list[torch.nn.Parameter]:
-        return [p for p in params if groups_of[id(p)] == name]
+        return [p for n, p in named if groups_of[n] == name]
 
     groups = [
         {"params": group("decay"), "weight_decay": hp.weight_decay},
@@ -161,7 +181,9 @@ def configure_optimizers(model: torch.nn.Module, groups_of: dict[int, str], hp: 
             f"optimizer: {'torch AdamW' if fast else 'bitsandbytes 8-bit AdamW'} (model.optimizer auto, "
             f"{'fp32 weights on a CPU' if fast else 'a GPU or bf16 weights'}; set model.optimizer to choose)"
         )
-    if choice == "adamw8bit":
+    if choice == "adamw8bit" and sharding.is_sharded(params):
+        optimizer = sharded_adamw8bit(groups, hp.learning_rate, bf16=any(p.dtype == torch.bfloat16 for p in params))
+    elif choice == "adamw8bit":
         optimizer = AdamW8bit(groups, lr=hp.learning_rate)  # compensated updates for bf16 weights
     elif any(p.dtype == torch.bfloat16 for p in params):
         raise ValueError(

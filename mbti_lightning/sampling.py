@@ -76,11 +76,13 @@ class LengthGroupedSampler(DistributedSampler):
         return [batch.tolist() for batch in batches[:usable]]
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A generator: the epoch and the resume point are read at the first batch, not when the iterator is made
+        # (a strategy that restores a checkpoint after its setup, FSDP2's, has Lightning make it before).
         batches = self._batches()[self.rank :: self.num_replicas]
         if self._resume_at is not None and self._resume_at[0] == self.epoch:
             batches = batches[self._resume_at[1] :]
         self._resume_at = None
-        return iter(batches)
+        yield from batches
 
     def __len__(self) -> int:
         return len(self._batches()[self.rank :: self.num_replicas])

@@ -190,8 +190,12 @@ class MBTIDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, int]) -> None:
         # Lightning restores the data module before it first builds the training loader, and may
         # build that loader (to count the steps of the schedule) before it restores its own loader
-        # states, too late for the first iteration. So the skip is set up here.
-        self._resume_at = state or None
+        # states, too late for the first iteration. So the skip is set up here. A strategy that restores
+        # after its setup (FSDP2's) has built the loader already: the skip goes to it.
+        if self._train_loader is not None and state:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._resume_at = state or None
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node while the others wait: the download (or the
