@@ -158,7 +158,10 @@ def heads_on_cached_features(rows: int, width: int, out: Path) -> dict:
     split_data = {}
     for split in ("train", "validation"):
         labels = np.asarray(dm.splits[split]["labels"][:])
-        x = rng.normal(size=(len(labels), width)).astype(np.float32) + 0.05 * (2 * labels - 1).astype(np.float32) @ direction
+        x = (
+            rng.normal(size=(len(labels), width)).astype(np.float32)
+            + 0.05 * (2 * labels - 1).astype(np.float32) @ direction
+        )
         np.save(folder / f"{split}.npy", x)
         split_data[split] = (x, labels)
     args = [

@@ -25,7 +25,9 @@ from mbti_lightning.signals import Stopped, stop_on_signals
 DESCRIPTION = "Fine-tune, evaluate, explain and serve MBTI classifiers (docs: README.md)."
 EPILOG = (
     "more subcommands: serve MODEL, an HTTP endpoint (LitServe) for a checkpoint, an exported folder or a hub id "
-    "(mbti-lightning serve --help). The export is its own command: mbti-lightning-export --help."
+    "(mbti-lightning serve --help). The export is its own command: mbti-lightning-export --help. Several devices or "
+    "nodes: fit --trainer.strategy ddp, or fsdp2 to shard the weights, gradients and optimizer states over them "
+    "(docs/resuming-and-distributed.md)."
 )
 
 

@@ -182,7 +182,9 @@ def compute(
             picked = order[start : start + batch_size]
             x = embed(tokens[picked.tolist()]["input_ids"]).float().cpu().numpy()
             if features is None:
-                features = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(len(rows), x.shape[1]))
+                features = np.lib.format.open_memmap(
+                    partial, mode="w+", dtype=np.float32, shape=(len(rows), x.shape[1])
+                )
             features[picked] = x
             if time.perf_counter() - saved > SAVE_EVERY:  # what a resumed pass may skip: flushed rows only
                 features.flush()
@@ -221,7 +223,9 @@ def cached(
     hf_model.eval()
 
     def embed(ids: list[list[int]]) -> torch.Tensor:
-        batch = dm.tokenizer.pad({"input_ids": ids}, pad_to_multiple_of=dm.hparams.pad_to_multiple_of, return_tensors="pt")
+        batch = dm.tokenizer.pad(
+            {"input_ids": ids}, pad_to_multiple_of=dm.hparams.pad_to_multiple_of, return_tensors="pt"
+        )
         with context():
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             return pooled(hf_model, ids, mask, found["pooling"], found["layer"], pass_mask)

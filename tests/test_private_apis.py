@@ -130,3 +130,11 @@ def test_private_instance_attribute_is_there(dist, make, name, where):
         getattr(instance, name)
     except AttributeError as error:
         pytest.fail(moved(dist, type(instance).__module__, f"{type(instance).__name__}().{name}", where, error))
+
+
+def test_the_sharded_strategy_finds_lightnings_mesh_sizes_where_it_sets_them():
+    """sharding.ShardedStrategy sets ModelParallelStrategy's `_data_parallel_size` (no public setter) before Lightning
+    builds the mesh from it."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    assert ModelParallelStrategy()._data_parallel_size == "auto"

@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import REPO
 from test_reliability import logged, run_cli
-from test_serve import server
 from test_serve import assert_same_answers as served_like_predict
+from test_serve import server
 
 from mbti_lightning.export import main as export_main
 
@@ -83,6 +83,16 @@ def test_a_two_process_sharded_fit_trains_as_one_process_holding_half_the_weight
         assert abs(size["weights"] - whole / 2) < 0.01 * whole
         assert size["states"] == 2 * size["weights"]
     assert sizes[0]["weights"] + sizes[1]["weights"] == whole
+
+
+def test_lora_and_gradient_checkpointing_train_sharded_as_in_one_process(tmp_path):
+    options = ["--model.gradient_checkpointing", "true", "--model.peft", "{target_modules: all-linear}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    assert run_cli(one, "fit", *DEMO, *ONE, *options).returncode == 0
+    ran = run_cli(two, "fit", *DEMO, *SHARDED, *options, env=LOCAL)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert last_validation(two) == pytest.approx(last_validation(one), abs=1e-5)
 
 
 def test_a_sharded_fit_killed_after_a_checkpoint_resumes_to_the_uninterrupted_runs_end(runs, tmp_path):
@@ -158,7 +168,7 @@ def test_the_slurm_script_gives_lightning_the_environment_it_reads(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(
         "#!/usr/bin/env bash\n"
-        'pids=(); for ((i = 0; i < SLURM_NTASKS; i++)); do\n'
+        "pids=(); for ((i = 0; i < SLURM_NTASKS; i++)); do\n"
         '  SLURM_PROCID=$i SLURM_LOCALID=$((i % SLURM_NTASKS_PER_NODE)) SLURM_NODEID=$((i / SLURM_NTASKS_PER_NODE)) "$@" &\n'
         "  pids+=($!); done\n"
         'status=0; for p in "${pids[@]}"; do wait "$p" || status=$?; done; exit $status\n'
