@@ -148,7 +148,7 @@ def test_on_a_cpu_auto_takes_torchs_adamw_for_fp32_weights_and_says_so(asked, dt
     from mbti_lightning.optim import configure_optimizers
 
     model = torch.nn.Linear(4, 2).to(dtype)
-    groups = {id(p): "decay" for p in model.parameters()}
+    groups = {name: "decay" for name, _ in model.named_parameters()}
     hp = SimpleNamespace(optimizer=asked, weight_decay=0.0, learning_rate=1e-3, warmup_steps=0, lr_schedule="linear")
     with caplog.at_level(logging.INFO):
         optimizer = configure_optimizers(model, groups, hp, 10)["optimizer"]

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -193,3 +194,32 @@ def test_the_slurm_script_gives_lightning_the_environment_it_reads(tmp_path):
     assert "MEMBER: 2/2" in log  # both tasks joined one run of world size 2
     rows = list(csv.DictReader((tmp_path / "logs/demo/version_0/metrics.csv").open()))
     assert max(int(r["step"]) for r in rows) == 9 and (tmp_path / "checkpoints/demo/last.ckpt").is_file()
+
+
+def test_under_fsdp2_the_8bit_optimizer_is_torchaos_and_steps_sharded_weights(monkeypatch):
+    """bitsandbytes' 8-bit AdamW cannot step DTensors; `model.optimizer: adamw8bit` then takes torchao's, here on a
+    one-process gloo group with a sharded layer."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torchao.optim import AdamW8bit
+
+    from mbti_lightning.optim import configure_optimizers
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        layer = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 2))
+        fully_shard(layer, mesh=init_device_mesh("cpu", (1,)))
+        groups = {name: "decay" if p.ndim == 2 else "no_decay" for name, p in layer.named_parameters()}
+        hp = SimpleNamespace(optimizer="adamw8bit", weight_decay=0.0, learning_rate=1e-2, warmup_steps=0,
+                             lr_schedule="constant")  # fmt: skip
+        optimizer = configure_optimizers(layer, groups, hp, 10)["optimizer"]
+        assert isinstance(optimizer, AdamW8bit)
+        before = layer[0].weight.full_tensor().clone()
+        layer(torch.randn(8, 256)).sum().backward()
+        optimizer.step()
+        assert not torch.equal(layer[0].weight.full_tensor(), before)
+    finally:
+        dist.destroy_process_group()
