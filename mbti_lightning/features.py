@@ -194,8 +194,11 @@ def compute(
             bar.update(len(picked))
     finally:
         bar.close()
-    features.flush()
-    del features
+    if features is None:  # a split without rows
+        np.save(partial, np.zeros((0, 0), np.float32))
+    else:
+        features.flush()
+        del features
     os.replace(partial, path)
     progress.unlink(missing_ok=True)
 

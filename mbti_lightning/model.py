@@ -170,14 +170,17 @@ class MBTIClassifier(StepNormalizedLoss):
             metrics.set_priors([p.log_prior for p in self.persons.values()])
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if self.model is None:
+            self._build()
+        if self.frozen is not None and fitting:
+            self._use_features()
+
+    def _build(self) -> None:
         self.model = backbone.build(self.hparams, self.id2label, self.heads)
         if self.frozen is not None:  # only the head trains
             self.model.requires_grad_(False)
             classification_head(self.model).requires_grad_(True)
-            if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-                self._use_features()
         self._param_group = backbone.param_groups(self.model)
         self._flops_per_token = backbone.training_flops_per_token(self.model)
         if self.device_mesh is not None:  # --trainer.strategy fsdp2

@@ -40,3 +40,25 @@ class KillWhileSaving(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
         torch.save = save_and_die
+
+
+class KillDuringFeatures(Callback):
+    """SIGKILL the process in a frozen fit's feature pass, after its `after`-th batch, its progress saved after
+    every batch."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def setup(self, trainer, pl_module, stage: str) -> None:  # before the model is built and the pass runs
+        from mbti_lightning import features
+
+        pooled, calls = features.pooled, [0]
+        features.SAVE_EVERY = 0.0
+
+        def pooled_and_die(*args, **kwargs):
+            if calls[0] == self.after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            calls[0] += 1
+            return pooled(*args, **kwargs)
+
+        features.pooled = pooled_and_die

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from conftest import REPO, fit_demo
 from datasets import Dataset
 from test_real_data import kaggle_args, kaggle_file
+from test_reliability import SHORT_DEMO, run_cli
 from test_seams import main_says, run
 from test_serve import TEXTS, call, server
 from transformers import BertConfig, pipeline
@@ -112,6 +114,27 @@ def test_a_pass_stopped_half_way_resumes_where_it_stopped_and_gives_the_whole_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.npy", "whole.npy"]
 
 
+@pytest.mark.slow
+def test_a_fit_killed_in_its_feature_pass_resumes_the_pass_where_it_was_saved(tmp_path):
+    """SIGKILL after the third batch of the training split's pass (its progress saved after each batch): the next
+    fit says where it resumes, computes only the rest, and its features are an uninterrupted pass's."""
+    args = [*SHORT_DEMO, "--model.frozen", "{}", "--data.eval_batch_size", "64", "--trainer.max_epochs", "1"]
+    cache = {"MBTI_LIGHTNING_CACHE": str(tmp_path / "cache")}
+    kill = ["--trainer.callbacks+=killing.KillDuringFeatures", "--trainer.callbacks.after=3"]
+    died = run_cli(tmp_path, "fit", *args, *kill, env=cache)
+    assert died.returncode == -signal.SIGKILL
+    (partial,) = (tmp_path / "cache/features").glob("*/.train.partial.npy")
+    assert json.loads(partial.with_name(".train.progress.json").read_text()) == {"rows": 192}
+    resumed = run_cli(tmp_path, "fit", *args, env=cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"features of train: resuming {partial} at row 192 of 1280" in resumed.stderr + resumed.stdout
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    assert run_cli(whole, "fit", *args, env={"MBTI_LIGHTNING_CACHE": str(whole / "cache")}).returncode == 0
+    (expected,) = (whole / "cache/features").glob("*/train.npy")
+    assert np.array_equal(np.load(partial.with_name("train.npy")), np.load(expected))
+
+
 def test_a_truncated_features_file_is_refused_with_a_message_naming_it(tmp_path, monkeypatch, capsys):
     written = passes(monkeypatch)
     frozen_fit(tmp_path)
@@ -153,8 +176,8 @@ def printed(probs: torch.Tensor) -> torch.Tensor:
     return probs.double().round(decimals=4).float()
 
 
-def predicted(folder: Path, model: str, out: str, *args: str) -> dict[str, list[float]]:
-    """`predict --ckpt_path MODEL` on the test split: per source row id, its I probability."""
+def predicted(folder: Path, model: str, out: str, *args: str) -> list[float]:
+    """`predict --ckpt_path MODEL` (on the test split, or on `--data.predict_file`): each row's I probability."""
     path = folder / out
     run(folder, "predict", "--ckpt_path", model, "--predictions.output", str(path), "--predictions.text", "none", *args)
     rows = list(csv.DictReader(path.open()))
@@ -180,7 +203,8 @@ def test_a_head_on_the_models_own_pooling_answers_alike_in_pipeline_predict_serv
     dm.prepare_data()
     dm.setup("test")
     behind_report = evaluation.split_outputs(loaded.model, dm, "test").logits["E-I"].softmax(-1)[:, 1]
-    texts = list(dm.predict_dataloader() and dm.predict_inputs["text"])
+    dm.predict_dataloader()  # the test split's texts as the model reads them
+    texts = dm.predict_inputs["text"]
     answers = pipeline("text-classification", model=str(out), top_k=None)(texts, truncation=True)
     by_pipeline = torch.tensor([{a["label"]: a["score"] for a in answer}["I"] for answer in answers])
     data = ["--data.data_files", str(tmp_path / "users.csv")]
