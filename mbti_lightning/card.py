@@ -192,6 +192,7 @@ def model_card(
         dataset=_dataset_name(data_hp),
         adapter=adapter,
         frozen=None if model_hp.get("frozen") is None else features.settings(model_hp["frozen"]),
+        person_answers=meta.get("person_head") or {},
         example=example[0],
         answer=example[1],
         split=split,

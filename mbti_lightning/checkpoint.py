@@ -75,6 +75,7 @@ def restore(module: Any, checkpoint: dict) -> None:
         fitting = module.trainer.state.fn == TrainerFn.FITTING
     except RuntimeError:  # not attached to a trainer
         fitting = False
+    module.person_decision = saved.get("person_head")
     if "rng" in saved and fitting:
         set_rng_states(saved["rng"])
 
@@ -102,5 +103,6 @@ def run_metadata(module: Any) -> dict[str, Any]:
         "heads": module.heads,
         "log_dir": str(log_dir) if log_dir else None,
         "config": yaml.safe_load(config.read_text()) if config and config.is_file() else None,
+        "person_head": module.person_decision,  # who answers for a person, per head
         "rng": rng_states(),
     }

@@ -74,6 +74,43 @@ def generate_rows(
     return {name: values[:num_rows] for name, values in columns.items()}
 
 
+#: `person_rows`' topic words: cue words of N-S, an axis its corpora do not label by.
+TOPICS = ("theory", "practical")
+
+
+def person_rows(cue: str, persons: int = 400, posts: int = 8, seed: int = 0) -> dict[str, list]:
+    """A corpus that tells a post model from a model of persons, as columns author, body, mbti (E-I labelled, 7 in
+    10 persons I, the other letters random): each person writes `posts` posts of 20-40 neutral words, and
+
+    - ``cue: post``: each post carries one E or I cue word, for the person's letter with probability 0.6, so every
+      post is weak independent evidence and adding it up is the best rule;
+    - ``cue: person``: each post carries a topic word (`TOPICS`) twice; an I person keeps to one topic, an E person
+      picks one at random for each post. Any one post is as likely under either letter: the letter shows only
+      across a person's posts.
+    """
+    rng = random.Random(seed)
+    if cue not in ("post", "person"):
+        raise ValueError(f"cue must be 'post' or 'person', got {cue!r}")
+    columns: dict[str, list] = {"author": [], "body": [], "mbti": []}
+    for person in range(persons):
+        introvert = rng.random() < 0.7
+        letters = ("I" if introvert else "E") + "".join(rng.choice(pair[0] + pair[1]) for pair in ("NS", "FT", "JP"))
+        topic = rng.choice(TOPICS)
+        for _ in range(posts):
+            words = rng.choices(NEUTRAL, k=rng.randint(20, 40))
+            if cue == "post":
+                letter = letters[0] if rng.random() < 0.6 else "E" if introvert else "I"
+                extra = [rng.choice(CUES[letter].split())]
+            else:
+                extra = [topic if introvert else rng.choice(TOPICS)] * 2
+            for word in extra:
+                words.insert(rng.randrange(len(words) + 1), word)
+            columns["author"].append(f"person{person:04d}")
+            columns["body"].append(" ".join(words))
+            columns["mbti"].append(letters)
+    return columns
+
+
 def corpus_path() -> Path:
     """The demo corpus as a parquet file, generated on first use."""
 

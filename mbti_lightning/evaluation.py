@@ -31,6 +31,8 @@ METRICS = {
     "mcc": ("MCC", "matthews_correlation"),
 }
 LEVEL = 0.95
+#: What a person's answer is called where it adds up the evidence of the model's posts beside a person head's.
+SUMMED = "summed posts"
 
 
 @dataclass
@@ -162,12 +164,15 @@ def figures(
     resamples: int = 1000,
     seed: int = 0,
     priors: dict[str, torch.Tensor] | None = None,
+    person_systems: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, dict]:
     """Per head, per post and (with several posts to a person) per person: `scored` figures of the model and of
     each system in `others` (name -> per head (rows, classes) log-probabilities, e.g. the baseline's; a
     constant answer such as the majority class is a one-hot row), on the same rows and resamples. A person's
     answer adds up their posts' evidence (`person_votes`), the model's scores carrying `priors` per head (the
-    others, class-balanced or constant, a uniform one)."""
+    others, class-balanced or constant, a uniform one). `person_systems` per head: systems that answer for a
+    person directly, name -> (persons,) class ids (`person_head.person_systems`); one named "model" is the model's
+    answer, and the evidence of its posts added up is then named `person_head.SUMMED`."""
     persons = outputs.persons
     several = len(np.unique(persons)) < len(persons)
     out = {}
@@ -182,7 +187,13 @@ def figures(
                 prior = priors.get(head) if priors and name == "model" else None
                 votes, truth = person_votes(lp, labels, persons, prior)
                 people[name] = confusion(truth, votes, np.arange(len(votes)), k)
-            out[head]["people"] = scored(people, resamples, seed)
+            direct = {
+                name: confusion(truth, v, np.arange(len(v)), k)
+                for name, v in (person_systems or {}).get(head, {}).items()
+            }
+            if "model" in direct:
+                people = {"model": direct.pop("model"), SUMMED: people.pop("model")} | people
+            out[head]["people"] = scored(people | direct, resamples, seed)
     return out
 
 

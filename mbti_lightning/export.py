@@ -12,6 +12,7 @@ Nothing is half-written: the folder is built next to `--out` and swapped into pl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from dotenv import dotenv_values
 from huggingface_hub import HfApi, get_token
 
-from mbti_lightning import calibration, evaluation, folding, loading, plots
+from mbti_lightning import calibration, evaluation, folding, loading, person_head, plots
 from mbti_lightning.cache import atomic_folder
 from mbti_lightning.card import EXAMPLES, model_card
 from mbti_lightning.errors import UserError
@@ -99,6 +100,10 @@ def recorded(loaded: Loaded, fitted: dict[str, calibration.Calibration], rules: 
         "class_weight": loaded.model.class_weight.tolist(),  # the loss `validate` and `test` report, as in training
         "chosen_by": loaded.chosen_by,
         "frozen": loaded.model.frozen,  # the features its head reads (None: fine-tuned)
+        # The model of persons (its weights in `person_head.WEIGHTS`) and who answers for a person, per head.
+        "person_head": None
+        if loaded.model.person_head is None
+        else {"settings": loaded.model.hparams.person_head, "decision": loaded.model.person_decision},
     }
 
 
@@ -125,6 +130,8 @@ def _write_folder(folder: Path, loaded: Loaded, hf_model: torch.nn.Module, adapt
     if adapter:  # not config.json, or transformers would take the folder for a whole model
         hf_model.get_base_model().config.save_pretrained(folder / "classifier_config")
     loaded.tokenizer.save_pretrained(folder)  # its model_max_length: `truncation=True` truncates as training did
+    if loaded.model.person_head is not None:
+        person_head.save(loaded.model.person_head, folder)
     log_dir = loaded.checkpoint["mbti_lightning"].get("log_dir")
     return plots.training_plot(Path(log_dir) / "metrics.csv" if log_dir else None, folder / "val_metrics.png")
 
@@ -195,8 +202,10 @@ def export(
     data_changed = loading.check_splits(dm, loaded, allow_changed_data)
     # Calibration is fitted on validation; the card's figures are on test, rows that chose nothing, if there is one.
     split = "test" if "test" in dm.splits else "validation"
-    raw_val = evaluation.split_outputs(model, dm, "validation", calibrate_scores and evaluation.needs_inputs(model))
-    fitted = evaluation.calibrate(raw_val, fit=calibrate_scores)
+    carried = calibrate_scores and evaluation.needs_inputs(model)  # offsets carried on the head's inputs
+    persons_read = model.person_head is not None  # the person head reads them too: the posts' features
+    raw_val = evaluation.split_outputs(model, dm, "validation", carried or persons_read)
+    fitted = evaluation.calibrate(raw_val if carried else dataclasses.replace(raw_val, inputs=None), calibrate_scores)
     for head, cal in fitted.items():
         held = cal.decision.get("held_out") or {}
         numbers = "; ".join(
@@ -215,13 +224,14 @@ def export(
         raw, saved = raw_val, raw_val.under(fitted)
     else:
         carried = any(cal.carrier is not None for cal in fitted.values())
-        saved = evaluation.split_outputs(model, dm, split, inputs=carried)
+        saved = evaluation.split_outputs(model, dm, split, inputs=carried or persons_read)
         raw = saved.under(fitted, invert=True)
     example = EXAMPLES[0], example_answer(model, loaded.tokenizer, EXAMPLES[0])
     counts = dm.train_label_counts()
     others, _ = evaluation.comparisons(dm, split)
     priors = {head: rule.log_prior for head, rule in rules.items()}
-    results = evaluation.figures(model.heads, saved, others, RESAMPLES, priors=priors)
+    direct = person_head.person_systems(model, saved)
+    results = evaluation.figures(model.heads, saved, others, RESAMPLES, priors=priors, person_systems=direct)
     calibrated = evaluation.calibration_figures(fitted, raw.logits, saved.logits, saved.labels, model.heads)
     majority = {head: classes[int(c.argmax())] for (head, classes), c in zip(model.heads.items(), counts)}
     with atomic_folder(out) as tmp:

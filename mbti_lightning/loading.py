@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, AutoModelForSequenceClassification
 from transformers.initialization import no_init_weights
 
+from mbti_lightning import person_head
 from mbti_lightning.data import MBTIDataModule
 from mbti_lightning.data.sources import where
 from mbti_lightning.data.tokenized import SETTINGS
@@ -267,6 +268,7 @@ def model_from_pretrained(source: str, config: Any, runtime: dict | None = None,
         target=_target(config),
         class_weights=None,
         frozen=recorded.get("frozen"),  # a head on other features than the model's own pooling reads those
+        person_head=(recorded.get("person_head") or {}).get("settings"),
         **(runtime or {}),
     )
     with default_dtype(_config_dtype(config)):
@@ -277,6 +279,9 @@ def model_from_pretrained(source: str, config: Any, runtime: dict | None = None,
             )
         else:
             model.configure_model()
+    if model.person_head is not None:
+        person_head.load(model.person_head, source)
+        model.person_decision = recorded["person_head"]["decision"]
     if recorded.get("class_weight"):
         model.class_weight.copy_(torch.tensor(recorded["class_weight"]))
     recorded_persons = recorded.get("persons") or {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Literal
 
@@ -11,8 +12,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mbti_lightning import backbone, features, sharding
+from mbti_lightning import person_head as person_model
 from mbti_lightning.checkpoint import restore, run_metadata, trained_weights
-from mbti_lightning.folding import classification_head
+from mbti_lightning.folding import classification_head, head_inputs
 from mbti_lightning.labels import heads
 from mbti_lightning.loss import StepNormalizedLoss
 from mbti_lightning.metrics import EvalMetrics
@@ -26,6 +28,7 @@ def check_arguments(
     quantize: str | None,
     from_scratch: bool,
     frozen: dict | None = None,
+    persons: dict | None = None,
 ) -> None:
     """Stop on arguments that cannot work together, naming them."""
     found = heads(target)
@@ -45,6 +48,12 @@ def check_arguments(
         if peft is not None:
             raise ValueError("model.frozen trains only the head on a frozen backbone's features: leave model.peft null")
         features.settings(frozen)
+    if persons is not None:
+        if frozen is None:
+            raise ValueError(
+                "model.person_head reads a frozen backbone's post features: set model.frozen ({} for the defaults)"
+            )
+        person_model.settings(persons)
 
 
 class MBTIClassifier(StepNormalizedLoss):
@@ -94,6 +103,10 @@ class MBTIClassifier(StepNormalizedLoss):
             and cached (see `mbti_lightning.features`): ``{}`` for the mean over a post's tokens of the backbone's
             output, ``{pooling: mean, layer: 6}`` of a hidden layer, ``{pooling: model}`` for what the model's own
             head reads (its export is then an ordinary transformers classifier). Null (the default): fine-tune.
+        person_head: Also train a model of persons on those features (needs `frozen`; see
+            `mbti_lightning.person_head`): ``{}`` for gated attention over a person's posts, ``{pooling: mean}`` for
+            their mean; ``hidden`` (its width, 128) and ``max_posts`` (a person's posts per training step, 64). It
+            answers for a person where it beats the summed post evidence on the validation persons (docs/persons.md).
         skip_nonfinite_batches: How many batches with a NaN or infinite loss to skip (with a
             warning) before stopping. At 0 (the default) the first one stops training with an error
             that names the step and batch; checkpoints already written stay as they are. Skipping
@@ -121,10 +134,11 @@ class MBTIClassifier(StepNormalizedLoss):
         peft: dict[str, Any] | None = None,
         quantize: Literal["nf4"] | None = None,
         frozen: dict[str, Any] | None = None,
+        person_head: dict[str, Any] | None = None,
         skip_nonfinite_batches: int = 0,
     ) -> None:
         super().__init__()
-        check_arguments(target, class_weights, peft, quantize, from_scratch, frozen)
+        check_arguments(target, class_weights, peft, quantize, from_scratch, frozen, person_head)
         self.save_hyperparameters()
         self.heads = heads(target)
         classes = max(len(c) for c in self.heads.values())
@@ -141,6 +155,10 @@ class MBTIClassifier(StepNormalizedLoss):
         # How posts make a person's answer: the prior the scores carry; set from the training split, or by `loading`.
         self.persons: dict[str, Persons] | None = None
         self.frozen = None if frozen is None else features.settings(frozen)
+        # The model of persons (built with the backbone) and, per head, who answers for a person (`person_head.decide`,
+        # at each validation of a fit; saved in checkpoints).
+        self.person_head: person_model.PersonHead | None = None
+        self.person_decision: dict[str, dict] | None = None
         # With adapters (or a head alone) on a loadable base, checkpoints hold only the trained weights (see
         # on_save_checkpoint).
         self._adapter_only = (peft is not None or frozen is not None) and not from_scratch
@@ -181,6 +199,10 @@ class MBTIClassifier(StepNormalizedLoss):
         if self.frozen is not None:  # only the head trains
             self.model.requires_grad_(False)
             classification_head(self.model).requires_grad_(True)
+        if self.hparams.person_head is not None:
+            found = person_model.settings(self.hparams.person_head)
+            width = classification_head(self.model).in_features
+            self.person_head = person_model.PersonHead(width, self.heads, **found)
         self._param_group = backbone.param_groups(self.model)
         self._flops_per_token = backbone.training_flops_per_token(self.model)
         if self.device_mesh is not None:  # --trainer.strategy fsdp2
@@ -200,11 +222,21 @@ class MBTIClassifier(StepNormalizedLoss):
                 pass_mask=not self.hparams.skip_padding_mask,
             )
         self._head_start = time.perf_counter()
+        if self.person_head is not None:
+            found = person_model.settings(self.hparams.person_head)
+            start = time.perf_counter()
+            done = person_model.fit(self.person_head, dm, found["max_posts"])
+            rank_zero_info(
+                f"person head: {done['persons']} training persons ({done['held_out']} more held out to stop on), "
+                f"{done['epochs']} epochs, {time.perf_counter() - start:.1f} s"
+            )
 
     def on_fit_end(self) -> None:
         if self.frozen is not None:
             seconds = time.perf_counter() - self._head_start
             rank_zero_info(f"head fit: {seconds:.1f} s on the frozen backbone's cached features")
+        for head, decided in (self.person_decision or {}).items():
+            rank_zero_info(f"a person's answer, {head}: {decided['answer']} ({decided['why']})")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._adapter_only:  # the frozen base is model_name_or_path's; keep adapters, head and buffers
@@ -285,6 +317,8 @@ class MBTIClassifier(StepNormalizedLoss):
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val", self.val_metrics)
+        if self.person_head is not None and getattr(self.trainer.datamodule, "features", None):
+            self.person_decision = person_model.decide_on_validation(self, self.trainer.datamodule)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics)
@@ -293,9 +327,14 @@ class MBTIClassifier(StepNormalizedLoss):
         self._log_eval_metrics("test", self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Row numbers, and per head the (batch, classes) logits in class-id order."""
-        logits = self.head_logits(self(batch["input_ids"], batch["attention_mask"]))
-        return {"row": batch["row"], "logits": dict(zip(self.heads, logits))}
+        """Row numbers, per head the (batch, classes) logits in class-id order and, where the person head answers for
+        persons, the (batch, features) post features it reads."""
+        wanted = person_model.uses_features(self)
+        with head_inputs(self.model) if wanted else contextlib.nullcontext() as inputs:
+            logits = self.head_logits(self(batch["input_ids"], batch["attention_mask"]))
+        return {"row": batch["row"], "logits": dict(zip(self.heads, logits))} | (
+            {"features": torch.cat(inputs)} if wanted else {}
+        )
 
     def configure_optimizers(self) -> dict:
         from mbti_lightning.optim import configure_optimizers  # bitsandbytes, imported only when training

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from mbti_lightning import person_head
 from mbti_lightning.cache import atomic_open
 from mbti_lightning.labels import AXES, AXIS_POSITION, TYPES
 from mbti_lightning.persons import Persons
@@ -48,18 +49,26 @@ def _round(value: Any) -> Any:
 
 
 def per_author(
-    authors: list, log_probs: dict[str, torch.Tensor], rules: dict[str, Persons] | None = None
+    authors: list,
+    log_probs: dict[str, torch.Tensor],
+    rules: dict[str, Persons] | None = None,
+    model: Any = None,
+    features: torch.Tensor | None = None,
 ) -> tuple[list, torch.Tensor, dict[str, torch.Tensor]]:
     """(authors in order of first appearance, their post counts, per head their (authors, classes) probabilities).
 
     An author's posts add up their evidence, the prior counting once, as ``val/author/*`` does (see `persons`):
     `rules` per head are the model's (`MBTIClassifier.persons`); without them the scores' prior is taken as
-    uniform and the probabilities are not calibrated for persons.
+    uniform and the probabilities are not calibrated for persons. With `model` (an `MBTIClassifier`), its answer
+    for a person (`person_head.log_probs`: its person head's, from the posts' `features`, where that answers).
     """
     names = list(dict.fromkeys(authors))
     number = {name: i for i, name in enumerate(names)}
     index = torch.tensor([number[a] for a in authors], dtype=torch.long)
     counts = torch.bincount(index, minlength=len(names))
+    if model is not None:
+        probs = person_head.log_probs(model, log_probs, features, index, rules)
+        return names, counts, {head: lp.exp() for head, lp in probs.items()}
     rules = rules or {head: Persons.uniform(lp.shape[-1]) for head, lp in log_probs.items()}
     probs = {head: rules[head].log_probs(lp, index).exp() for head, lp in log_probs.items()}
     return names, counts, probs
@@ -101,7 +110,7 @@ class PredictionWriter(L.Callback):
         self.per = per
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._rows, self._log_probs = [], []
+        self._rows, self._log_probs, self._features = [], [], []
 
     def on_predict_batch_end(
         self,
@@ -114,24 +123,29 @@ class PredictionWriter(L.Callback):
     ) -> None:
         self._rows.append(outputs["row"].cpu())
         self._log_probs.append({head: x.float().log_softmax(-1).cpu() for head, x in outputs["logits"].items()})
+        if "features" in outputs:  # what the person head reads
+            self._features.append(outputs["features"].cpu())
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows = torch.cat(self._rows)
         log_probs = {head: torch.cat([p[head] for p in self._log_probs]) for head in pl_module.heads}
+        features = torch.cat(self._features) if self._features else None
         if trainer.world_size > 1:  # each rank predicted its share of the batches
             gathered = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, (rows, log_probs))
-            rows = torch.cat([r for r, _ in gathered])
-            log_probs = {head: torch.cat([p[head] for _, p in gathered]) for head in log_probs}
+            torch.distributed.all_gather_object(gathered, (rows, log_probs, features))
+            rows = torch.cat([r for r, _, _ in gathered])
+            log_probs = {head: torch.cat([p[head] for _, p, _ in gathered]) for head in log_probs}
+            features = torch.cat([f for _, _, f in gathered]) if features is not None else None
         if not trainer.is_global_zero:
             return
         real = rows >= 0  # not the copies that only keep ranks in step (sampling.PADDING)
-        rows, log_probs = rows[real], {head: lp[real] for head, lp in log_probs.items()}
-        order = rows.argsort()
-        rows, log_probs = rows[order].tolist(), {head: lp[order] for head, lp in log_probs.items()}
+        order = rows[real].argsort()
+        rows, log_probs = rows[real][order].tolist(), {head: lp[real][order] for head, lp in log_probs.items()}
+        features = features[real][order] if features is not None else None
         inputs = trainer.datamodule.predict_inputs
         if self.per == "author":
-            names, counts, probs = per_author([inputs["author"][row] for row in rows], log_probs, pl_module.persons)
+            authors = [inputs["author"][row] for row in rows]
+            names, counts, probs = per_author(authors, log_probs, model=pl_module, features=features)
             records = prediction_records(pl_module.heads, probs)
             out = [{"author": name, "posts": int(n)} | r for name, n, r in zip(names, counts, records)]
         else:

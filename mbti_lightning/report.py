@@ -12,6 +12,7 @@ every figure).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 import yaml
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from mbti_lightning import baseline, evaluation, plots
+from mbti_lightning import baseline, evaluation, person_head, plots
 from mbti_lightning import persons as person_rules
 from mbti_lightning.cache import atomic_folder
 from mbti_lightning.errors import UserError
@@ -147,12 +148,13 @@ def _build(loaded: Loaded, dm, out: Path, resamples: int, draws: int, calibrate:
     dm.test_dataloader()  # a clear error, naming the fix for the split in use, when there is no test split
     model, heads = loaded.model, loaded.model.heads
     fit = calibrate and loaded.checkpoint is not None
-    inputs = fit and evaluation.needs_inputs(model)
+    carried = fit and evaluation.needs_inputs(model)  # calibration offsets carried on the head's inputs
+    inputs = carried or model.person_head is not None  # the person head reads them: the posts' features
     test = evaluation.split_outputs(model, dm, "test", inputs)
     # A checkpoint's validation split fits the calibration and the temperature for persons; an export brings both.
     val = evaluation.split_outputs(model, dm, "validation", inputs) if loaded.checkpoint is not None else None
     if fit:
-        fitted = evaluation.calibrate(val, fit=True)
+        fitted = evaluation.calibrate(val if carried else dataclasses.replace(val, inputs=None), fit=True)
         calibrated = test.under(fitted).logits
         note = "fitted on the validation split by this report, as mbti-lightning-export does"
     else:
@@ -170,19 +172,23 @@ def _build(loaded: Loaded, dm, out: Path, resamples: int, draws: int, calibrate:
         rank_zero_warn('the report\'s baseline needs scikit-learn: pip install "mbti-lightning[baseline]"')
     # The model as exported: calibrated (a class offset can move a letter), so these are the card's figures.
     exported = evaluation.SplitOutputs(calibrated, test.labels, test.persons)
-    figures = evaluation.figures(heads, exported, others, resamples, priors=priors)
+    direct = person_head.person_systems(model, test)
+    answers = person_head.answers(model)
+    figures = evaluation.figures(heads, exported, others, resamples, priors=priors, person_systems=direct)
 
     out.mkdir(parents=True, exist_ok=True)
     several = "people" in next(iter(figures.values()))
     systems = ["model", *(["baseline"] if fitted_baseline else [])]
     curves, coverage = {}, {}
     for h, (head, classes) in enumerate(heads.items()):
-        log_probs = {"model": calibrated[head].log_softmax(-1).numpy()}
+        # The curve adds up posts: the model's answer, unless its person head answers for persons.
+        summed = "model" if answers[head] != person_head.PERSON_HEAD else person_head.SUMMED
+        log_probs = {summed: calibrated[head].log_softmax(-1).numpy()}
         if fitted_baseline:
             log_probs["baseline"] = others["baseline"][h]
         if several:
             uniform = person_rules.Persons.uniform(len(classes)).log_prior
-            system_priors = {"model": priors[head], "baseline": uniform}
+            system_priors = {summed: priors[head], "baseline": uniform}
             curves[head] = how_much_text(
                 log_probs, test.labels[:, h], test.persons, len(classes), draws, resamples, system_priors
             )
@@ -213,6 +219,7 @@ def _build(loaded: Loaded, dm, out: Path, resamples: int, draws: int, calibrate:
                 lp = calibrated[head].log_softmax(-1).numpy() if name == "model" else others[name][h]
                 prior = priors[head] if name == "model" else None
                 votes, truth = evaluation.person_votes(lp, test.labels[:, h], test.persons, prior)
+                votes = direct.get(head, {}).get(name, votes)  # the person head's, where it is the model's answer
                 people[head][name] = confusion(truth, votes, np.arange(len(votes)), k)
         average = axis_average(people, resamples)
 
@@ -243,8 +250,9 @@ def _build(loaded: Loaded, dm, out: Path, resamples: int, draws: int, calibrate:
                 "person_calibration": evaluation.person_calibration(
                     rules[head], calibrated[head].log_softmax(-1), test.labels[:, h], test.persons
                 )
-                if several
+                if several and answers[head] != person_head.PERSON_HEAD
                 else None,
+                "person_answer": (model.person_decision or {}).get(head, {}) if model.person_head is not None else None,
             }
             for h, head in enumerate(heads)
         },

@@ -14,6 +14,7 @@ gracefully (`stop_on_signals`). See docs/serving.md.
 
 # No `from __future__ import annotations`: LitServe and FastAPI read decode_request's request model at run time.
 import argparse
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from mbti_lightning import loading
+from mbti_lightning import loading, person_head
 from mbti_lightning.data.tokenized import tokenize
+from mbti_lightning.folding import head_inputs
 from mbti_lightning.loading import Loaded
 from mbti_lightning.predict import per_author, prediction_records
 from mbti_lightning.sampling import runs_within
@@ -110,23 +112,29 @@ def answer(served: Loaded, requests: list[dict]) -> list[dict]:
     device = served.model.device
     on_cpu = device.type == "cpu"
     parts: dict[str, list[torch.Tensor]] = {head: [] for head in served.model.heads}
+    wanted = person_head.uses_features(served.model)  # the person head reads the posts' features
+    collected: list[torch.Tensor] = []
     runs = runs_within([len(ids) for ids in encoded["input_ids"]], PASS_TOKENS["cpu" if on_cpu else "accelerator"])
     multiple = None if on_cpu else 8  # tensor cores want multiples of 8; a CPU only pays for them
     for run in runs:
         ids = [encoded["input_ids"][i] for i in run]
         batch = served.tokenizer.pad({"input_ids": ids}, pad_to_multiple_of=multiple, return_tensors="pt").to(device)
-        logits = served.model.head_logits(served.model(batch["input_ids"], batch["attention_mask"]))
+        with head_inputs(served.model.model) if wanted else contextlib.nullcontext() as inputs:
+            logits = served.model.head_logits(served.model(batch["input_ids"], batch["attention_mask"]))
         for head, x in zip(served.model.heads, logits):
             parts[head].append(x.float().log_softmax(-1).cpu())
+        collected.extend(inputs or [])
     order = torch.tensor([i for run in runs for i in run]).argsort()  # back to the requests' order
     log_probs = {head: torch.cat(p)[order] for head, p in parts.items()}
+    features = torch.cat(collected)[order] if wanted else None
     out, start = [], 0
     for request in requests:
         rows = slice(start, start + len(request["texts"]))
         start = rows.stop
         mine = {head: lp[rows] for head, lp in log_probs.items()}
         if request["person"]:
-            _, counts, probs = per_author(["person"] * len(request["texts"]), mine, served.model.persons)
+            posts = features[rows] if wanted else None
+            _, counts, probs = per_author(["person"] * len(request["texts"]), mine, model=served.model, features=posts)
             (record,) = prediction_records(served.model.heads, probs)
             answer = {"person": {"posts": int(counts[0])} | record}
         else:
