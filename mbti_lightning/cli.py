@@ -43,6 +43,9 @@ class MBTITrainer(Trainer):
     #: Options of how to run a model (`loading.RUNTIME_SETTINGS`) that the command line gave: they win over a
     #: trained model's. Set by `MBTILightningCLI`.
     runtime: dict[str, Any] = {}
+    #: The data settings the command line gave: a corpus setting among them that differs from a trained model's
+    #: scores that other corpus (`loading.other_corpus`). Set by `MBTILightningCLI`.
+    data_given: set[str] = set()
 
     def _load(self, source: str | None, datamodule, allow_changed_data: bool, split: str | None):
         """(`loading.Loaded` of `source`, or None; the data module of its data settings) with every input a command
@@ -50,11 +53,15 @@ class MBTITrainer(Trainer):
         a predict file)."""
         loaded = loading.load(source, self.runtime) if source else None
         if loaded:
-            datamodule = loading.datamodule(loaded, datamodule)
+            datamodule = loading.datamodule(loaded, datamodule, self.data_given)
         if split:
             datamodule.prepare_data()
             datamodule.setup("test")
-        if loaded and split:
+        other = loaded and loading.other_corpus(loaded, datamodule)
+        if other:
+            scored = ", ".join(f"data.{key} {b!r} (trained on {a!r})" for key, (a, b) in other.items())
+            rank_zero_info(f"scoring another corpus than the model was trained on: {scored}")
+        elif loaded and split:
             loading.check_splits(datamodule, loaded, allow_changed_data)
         datamodule.check_inputs(split)
         return loaded, datamodule
@@ -198,7 +205,13 @@ class MBTITrainer(Trainer):
         folder = Path(out) if out else Path("reports") / f"{Path(ckpt_path).parent.name}-{Path(ckpt_path).stem}"
         report.check_out(folder)
         loaded, datamodule = self._load(ckpt_path, datamodule, allow_changed_data, "test")
-        return report.build(loaded, datamodule, folder, resamples, draws, calibrate)
+        trained = None
+        if loading.other_corpus(loaded, datamodule):  # the corpus it was trained on calibrates and fits the baseline
+            trained = loading.datamodule(loaded)
+            trained.prepare_data()
+            trained.setup("test")
+            loading.check_splits(trained, loaded, allow_changed_data)
+        return report.build(loaded, datamodule, folder, resamples, draws, calibrate, trained)
 
     def explain(
         self,
@@ -288,15 +301,18 @@ class MBTILightningCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
         if not isinstance(self._args, list):
             return
-        for key in model_keys_given(list(map(str, self._args))):
+        for key in keys_given(list(map(str, self._args))):
             name = f"{subcommand}.model.{key}"
             if name in parsed:
                 self.config[name] = parsed[name]
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        given = model_keys_given(list(map(str, self._args))) if isinstance(self._args, list) else set()
+        given = keys_given(list(map(str, self._args))) if isinstance(self._args, list) else set()
         self.trainer.runtime = {key: self.model.hparams[key] for key in given & set(loading.RUNTIME_SETTINGS)}
+        self.trainer.data_given = (
+            keys_given(list(map(str, self._args)), "data") if isinstance(self._args, list) else set()
+        )
 
     def before_fit(self) -> None:
         """Stop before training where `checkpoint.dirpath` holds another target's run: its `last.ckpt` would stay
@@ -348,16 +364,16 @@ def _read_if_file(value: str) -> str:
         return value
 
 
-def model_keys_given(args: list[str]) -> set[str]:
-    """The model arguments that command-line `args` set, in any of jsonargparse's forms: ``--model.key value``,
-    ``--model.key=value``, ``--model.init_args.key ...``, and ``--model FILE.yaml`` / ``--model '{key: ...}'`` /
-    ``--model=...`` (all keys of the file or mapping)."""
+def keys_given(args: list[str], group: str = "model") -> set[str]:
+    """The arguments of `group` (``model`` or ``data``) that command-line `args` set, in any of jsonargparse's forms:
+    ``--model.key value``, ``--model.key=value``, ``--model.init_args.key ...``, and ``--model FILE.yaml`` /
+    ``--model '{key: ...}'`` / ``--model=...`` (all keys of the file or mapping)."""
     keys: set[str] = set()
     for i, arg in enumerate(args):
         name, has_value, value = arg.partition("=")
-        if name.startswith("--model."):
-            keys.add(name.removeprefix("--model.").removeprefix("init_args.").split(".")[0])
-        elif name == "--model" and (has_value or i + 1 < len(args)):
+        if name.startswith(f"--{group}."):
+            keys.add(name.removeprefix(f"--{group}.").removeprefix("init_args.").split(".")[0])
+        elif name == f"--{group}" and (has_value or i + 1 < len(args)):
             value = value if has_value else args[i + 1]
             loaded = yaml.safe_load(_read_if_file(value))
             if isinstance(loaded, dict):

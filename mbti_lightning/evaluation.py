@@ -81,15 +81,17 @@ def majority_log_probs(counts: list[torch.Tensor], rows: int) -> list[np.ndarray
     return [np.where(np.arange(len(c)) == int(c.argmax()), 0.0, -np.inf)[None].repeat(rows, 0) for c in counts]
 
 
-def comparisons(dm, split: str) -> tuple[dict[str, list[np.ndarray]], baseline.Baseline | None]:
+def comparisons(dm, split: str, trained=None) -> tuple[dict[str, list[np.ndarray]], baseline.Baseline | None]:
     """What a model is compared with on `dm`'s `split`, as `figures` takes them (per head (rows, classes)
-    log-probabilities): the TF-IDF baseline fitted on the training split (where scikit-learn is installed; also
-    returned, fitted) and the majority class."""
+    log-probabilities): the TF-IDF baseline fitted on the training split of `trained` (the data module the model
+    was trained on, where it is not `dm`) (where scikit-learn is installed; also returned, fitted) and its majority
+    class."""
+    trained = trained or dm
     rows = len(dm.splits[split])
-    others = {"majority": majority_log_probs(dm.train_label_counts(), rows)}
+    others = {"majority": majority_log_probs(trained.train_label_counts(), rows)}
     if not baseline.available():
         return others, None
-    fitted = baseline.fit(dm)
+    fitted = baseline.fit(trained)
     return {"baseline": fitted.log_probs(dm, split)} | others, fitted
 
 

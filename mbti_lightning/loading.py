@@ -383,16 +383,47 @@ def is_export(name: str) -> bool:
     return pretrained_config(name) is not None
 
 
-def datamodule(loaded: Loaded, given: Any = None) -> Any:
-    """The data module of `loaded`'s data settings, the other settings (batch sizes, workers, the predict file)
-    from `given` (the command's data module), else the fit's; one line names each setting `given` had otherwise."""
+#: The settings that name a corpus: one given on the command line that differs from a model's scores another corpus.
+CORPUS_SETTINGS = ("dataset", "data_files", "dataset_split", "revision")
+#: What a model reads as it was trained, on any corpus: its labels, its type-mention masking, its text length.
+MUST_MATCH = {"target": "labels", "mask_type_mentions": "type-mention masking", "max_length": "text length"}
 
+
+def datamodule(loaded: Loaded, given: Any = None, command_line: set[str] | frozenset = frozenset()) -> Any:
+    """The data module of `loaded`'s data settings, the other settings (batch sizes, workers, the predict file)
+    from `given` (the command's data module), else the fit's; one line names each setting `given` had otherwise.
+
+    Where the `command_line` (the data settings it gave) names another corpus than the model's (`CORPUS_SETTINGS`),
+    that corpus is scored: every data setting the command line gave is used (its columns, its split), the rest are
+    the model's, and a `MUST_MATCH` setting given otherwise stops with a `LoadError` naming it."""
     settings = hyperparameters({"h": dict(given.hparams)}, "h") if given is not None else dict(loaded.run_settings)
+    other = given is not None and any(
+        key in command_line and settings[key] != loaded.data.get(key, settings[key]) for key in CORPUS_SETTINGS
+    )
     for key, value in loaded.data.items():
+        if other and key in command_line and settings[key] != value:
+            if key in MUST_MATCH:
+                raise LoadError(
+                    f"data.{key} {settings[key]!r}: {loaded.name} was trained with {key} {value!r}, and another corpus "
+                    f"is scored with the model's {MUST_MATCH[key]}; leave data.{key} out"
+                )
+            rank_zero_info(f"data.{key}: {settings[key]!r}, this corpus's (the model was trained with {value!r})")
+            continue
         if given is not None and key in settings and settings[key] != value:
             rank_zero_info(f"data.{key}: {value!r}, as {loaded.name} was trained (not {settings[key]!r})")
         settings[key] = value
     return MBTIDataModule(**settings)
+
+
+def other_corpus(loaded: Loaded, dm: Any) -> dict[str, tuple[Any, Any]]:
+    """The corpus settings (`CORPUS_SETTINGS`) in which data module `dm` differs from what `loaded` was trained on,
+    as (trained, scored); empty for the model's own corpus (or one its record cannot tell apart: an export does not
+    record its data files)."""
+    return {
+        key: (loaded.data[key], dm.hparams[key])
+        for key in CORPUS_SETTINGS
+        if key in loaded.data and dm.hparams[key] != loaded.data[key]
+    }
 
 
 def check_splits(dm: Any, loaded: Loaded, allow: bool) -> bool:

@@ -6,6 +6,8 @@ common class, scored on the evaluated split, which is what a deployed constant m
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torchmetrics import MeanMetric, Metric
@@ -78,9 +80,17 @@ class AuthorMetrics(Metric):
         self.add_state("log_probs", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
         self.add_state("authors", default=[], dist_reduce_fx="cat")
+        self.add_state("features", default=[], dist_reduce_fx="cat")
+        # Where a person head answers for persons: (posts, features), (posts,) persons 0..n-1 -> (n, k) logits.
+        self.person_answer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, authors: torch.Tensor) -> None:
-        """(posts, classes) logits, (posts,) class ids and (posts,) author ids."""
+    def update(
+        self, logits: torch.Tensor, labels: torch.Tensor, authors: torch.Tensor, features: torch.Tensor | None = None
+    ) -> None:
+        """(posts, classes) logits, (posts,) class ids and (posts,) author ids; the (posts, features) that a person
+        head reads, where the model has one."""
+        if features is not None:
+            self.features.append(features)
         self.log_probs.append(logits.detach().float().log_softmax(-1))
         self.labels.append(labels)
         self.authors.append(authors)
@@ -90,7 +100,10 @@ class AuthorMetrics(Metric):
         _, author = torch.unique(authors, return_inverse=True)  # (posts,) -> 0..n_authors-1
         n_authors = int(author.max()) + 1
         rule = persons.Persons.uniform(self.num_classes) if self.log_prior is None else persons.Persons(self.log_prior)
-        votes = persons.logits(log_probs, author, rule.log_prior.to(log_probs.device))
+        if self.person_answer is not None and self.features:
+            votes = self.person_answer(dim_zero_cat(self.features), author).float()
+        else:
+            votes = persons.logits(log_probs, author, rule.log_prior.to(log_probs.device))
         author_labels = persons.labels_of(labels, author, self.num_classes)
         scores = ClassificationScores(self.num_classes, "author/").to(votes.device)
         scores.update(votes.argmax(-1), author_labels)
@@ -127,14 +140,16 @@ class EvalMetrics(torch.nn.Module):
         loss: torch.Tensor,
         loss_weight: torch.Tensor,
         authors: torch.Tensor,
+        features: torch.Tensor | None = None,
     ) -> None:
-        """Per-head (batch, classes) logits, (batch, heads) labels, per-row loss and its weight, author ids."""
+        """Per-head (batch, classes) logits, (batch, heads) labels, per-row loss and its weight, author ids; the
+        (batch, features) a person head reads, where the model has one."""
         self.loss.update(loss, loss_weight)
         right = torch.ones_like(labels[:, 0], dtype=torch.bool)
         for (head, posts), head_logits, head_labels in zip(self.posts.items(), logits, labels.T):
             posts.update(head_logits.argmax(-1), head_labels)
             self.calibration[head].update(head_logits.float().softmax(-1), head_labels)
-            self.authors[head].update(head_logits, head_labels, authors)
+            self.authors[head].update(head_logits, head_labels, authors, features)
             right &= head_logits.argmax(-1) == head_labels
         if self.type_acc is not None:
             self.type_acc.update(right.float())
@@ -168,6 +183,11 @@ class EvalMetrics(torch.nn.Module):
         """The log prior each head's scores carry (`persons.trained_prior`), for the author-level answers."""
         for metric, prior in zip(self.authors.values(), log_priors):
             metric.log_prior = prior
+
+    def set_person_answers(self, answers: dict[str, Callable | None]) -> None:
+        """Per head, the person head's answer (see `AuthorMetrics.person_answer`) where it answers for persons."""
+        for head, answer in answers.items():
+            self.authors[head].person_answer = answer
 
     def reset(self) -> None:
         for metric in self.modules():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Any, Literal
 
@@ -293,7 +294,11 @@ class MBTIClassifier(StepNormalizedLoss):
         return self.step_loss((weight * ce).sum() / len(self.heads), norm, len(ce), batch_idx)
 
     def _eval_step(self, batch: dict, metrics: EvalMetrics) -> None:
-        logits, labels, ce, weight = self._shared_step(batch)
+        # A person head reads the posts' features: a frozen fit's batches carry them, else the head's inputs.
+        wanted = self.person_head is not None and "features" not in batch
+        with head_inputs(self.model) if wanted else contextlib.nullcontext() as inputs:
+            logits, labels, ce, weight = self._shared_step(batch)
+        features = torch.cat(inputs) if wanted else batch.get("features") if self.person_head is not None else None
         authors = batch["author"]
         if batch.get("padded"):  # leave out the copies that only keep ranks in step (sampling.PADDING)
             keep = batch["row"] >= 0
@@ -301,12 +306,23 @@ class MBTIClassifier(StepNormalizedLoss):
                 [x[keep] for x in logits],
                 (x[keep] for x in (labels, ce, weight, authors)),
             )
+            features = None if features is None else features[keep]
         if len(self.heads) == 1:  # the weighted mean over the whole set, as one large batch
-            metrics.update(logits, labels, ce[:, 0], weight[:, 0], authors)
+            metrics.update(logits, labels, ce[:, 0], weight[:, 0], authors, features)
         else:
-            metrics.update(logits, labels, (weight * ce).mean(1), torch.ones_like(ce[:, 0]), authors)
+            metrics.update(logits, labels, (weight * ce).mean(1), torch.ones_like(ce[:, 0]), authors, features)
 
     def _log_eval_metrics(self, stage: str, metrics: EvalMetrics) -> None:
+        if self.person_head is not None:  # ``author/*``: the person head's answers where it answers a head
+            answers = person_model.answers(self)
+            metrics.set_person_answers(
+                {
+                    head: functools.partial(person_model.head_logits, self.person_head, h)
+                    if answers[head] == person_model.PERSON_HEAD
+                    else None
+                    for h, head in enumerate(self.heads)
+                }
+            )
         if metrics.loss.update_called:
             # compute() gathers every rank's state, so each rank logs the same values.
             self.log_dict({f"{stage}/{name}": value for name, value in metrics.compute().items()}, sync_dist=True)
@@ -316,9 +332,9 @@ class MBTIClassifier(StepNormalizedLoss):
         self._eval_step(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval_metrics("val", self.val_metrics)
         if self.person_head is not None and getattr(self.trainer.datamodule, "features", None):
             self.person_decision = person_model.decide_on_validation(self, self.trainer.datamodule)
+        self._log_eval_metrics("val", self.val_metrics)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics)

@@ -262,6 +262,17 @@ def log_probs(
 
 
 @torch.no_grad()
+def head_logits(head: PersonHead, h: int, features: torch.Tensor, persons: torch.Tensor) -> torch.Tensor:
+    """(n, classes) the logits of head number `h` of person head `head` for persons 0..n-1 (`persons`: each post's)."""
+    was_training = head.training
+    head.eval()
+    try:
+        return head(features.to(head.center), persons)[0][h]
+    finally:
+        head.train(was_training)
+
+
+@torch.no_grad()
 def post_weights(model: Any, features: torch.Tensor) -> torch.Tensor | None:
     """(posts,) the weight the person head gives each of one person's posts; None where it answers no head."""
     if not uses_features(model):

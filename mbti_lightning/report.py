@@ -21,7 +21,7 @@ import torch
 import yaml
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from mbti_lightning import baseline, evaluation, person_head, plots
+from mbti_lightning import baseline, evaluation, loading, person_head, plots
 from mbti_lightning import persons as person_rules
 from mbti_lightning.cache import atomic_folder
 from mbti_lightning.errors import UserError
@@ -132,18 +132,28 @@ def check_out(out: Path) -> None:
         raise UserError(f"--out {out} holds other files than a report; give the report a folder of its own")
 
 
-def build(loaded: Loaded, dm, out: Path, resamples: int = 1000, draws: int = 10, calibrate: bool = True) -> dict:
+def build(
+    loaded: Loaded,
+    dm,
+    out: Path,
+    resamples: int = 1000,
+    draws: int = 10,
+    calibrate: bool = True,
+    trained=None,
+) -> dict:
     """Every figure of the report for the `loaded` model on `dm`'s test split, written to `out` whole (a stop or a
     failure leaves the earlier report, or none). A checkpoint's scores are calibrated on validation first, as the
-    export does, unless not `calibrate`; an export's are reported as they are (calibrated at export, or not)."""
+    export does, unless not `calibrate`; an export's are reported as they are (calibrated at export, or not).
+    `trained`: the data module of the corpus the model was trained on, where `dm` holds another
+    (`loading.other_corpus`): its validation split calibrates, its training split fits the baseline."""
     check_out(out)
     with atomic_folder(out) as folder:
-        report = _build(loaded, dm, folder, resamples, draws, calibrate)
+        report = _build(loaded, dm, folder, resamples, draws, calibrate, trained or dm)
     rank_zero_info(f"report written to {out / 'report.md'}")
     return report
 
 
-def _build(loaded: Loaded, dm, out: Path, resamples: int, draws: int, calibrate: bool) -> dict:
+def _build(loaded: Loaded, dm, out: Path, resamples: int, draws: int, calibrate: bool, trained) -> dict:
     dm.setup("test")
     dm.test_dataloader()  # a clear error, naming the fix for the split in use, when there is no test split
     model, heads = loaded.model, loaded.model.heads
@@ -152,7 +162,7 @@ def _build(loaded: Loaded, dm, out: Path, resamples: int, draws: int, calibrate:
     inputs = carried or model.person_head is not None  # the person head reads them: the posts' features
     test = evaluation.split_outputs(model, dm, "test", inputs)
     # A checkpoint's validation split fits the calibration and the temperature for persons; an export brings both.
-    val = evaluation.split_outputs(model, dm, "validation", inputs) if loaded.checkpoint is not None else None
+    val = evaluation.split_outputs(model, trained, "validation", inputs) if loaded.checkpoint is not None else None
     if fit:
         fitted = evaluation.calibrate(val if carried else dataclasses.replace(val, inputs=None), fit=True)
         calibrated = test.under(fitted).logits
@@ -167,7 +177,7 @@ def _build(loaded: Loaded, dm, out: Path, resamples: int, draws: int, calibrate:
     rules = model.persons if val is None else evaluation.persons_for(model.persons, val, fitted)
     priors = {head: rule.log_prior for head, rule in rules.items()}
     rows = len(test.labels)
-    others, fitted_baseline = evaluation.comparisons(dm, "test")
+    others, fitted_baseline = evaluation.comparisons(dm, "test", trained)
     if fitted_baseline is None:
         rank_zero_warn('the report\'s baseline needs scikit-learn: pip install "mbti-lightning[baseline]"')
     # The model as exported: calibrated (a class offset can move a letter), so these are the card's figures.
@@ -263,6 +273,8 @@ def _build(loaded: Loaded, dm, out: Path, resamples: int, draws: int, calibrate:
         "chosen_by": loaded.chosen_by,
         "calibration": note,
         "data": {key: value for key, value in dm.hparams.items() if not key.startswith("_")},
+        "other_corpus": {key: {"trained": a, "scored": b} for key, (a, b) in loading.other_corpus(loaded, dm).items()}
+        or None,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     _render(report, heads, out)

@@ -9,7 +9,7 @@ import yaml
 from conftest import REPO
 
 from mbti_lightning import backbone, cache, checkpoint
-from mbti_lightning.cli import cli_main, model_keys_given
+from mbti_lightning.cli import cli_main, keys_given
 from mbti_lightning.data import Collator, MBTIDataModule, _Rows
 from mbti_lightning.model import MBTIClassifier
 from mbti_lightning.sampling import PADDING, LengthGroupedSampler
@@ -143,9 +143,9 @@ def test_checkpointing_can_be_turned_off(tmp_path, monkeypatch):
 
 def test_every_form_of_model_option_on_the_command_line_is_found(tmp_path):
     (tmp_path / "model.yaml").write_text(yaml.safe_dump({"compile": False, "learning_rate": 0.1}))
-    assert model_keys_given(["--model.compile", "false", "--model.peft.r=8"]) == {"compile", "peft"}
-    assert model_keys_given(["--model=" + str(tmp_path / "model.yaml")]) == {"compile", "learning_rate"}
-    assert model_keys_given(["--model", str(tmp_path / "model.yaml")]) == {"compile", "learning_rate"}
-    assert model_keys_given(["--model", "{compile: false}", "--ckpt_path", "x.ckpt"]) == {"compile"}
-    assert model_keys_given(["--model.init_args.compile", "false"]) == {"compile"}
-    assert model_keys_given(["--data.batch_size", "4", "--model", '{"init_args": {"tf32": false}}']) == {"tf32"}
+    assert keys_given(["--model.compile", "false", "--model.peft.r=8"]) == {"compile", "peft"}
+    assert keys_given(["--model=" + str(tmp_path / "model.yaml")]) == {"compile", "learning_rate"}
+    assert keys_given(["--model", str(tmp_path / "model.yaml")]) == {"compile", "learning_rate"}
+    assert keys_given(["--model", "{compile: false}", "--ckpt_path", "x.ckpt"]) == {"compile"}
+    assert keys_given(["--model.init_args.compile", "false"]) == {"compile"}
+    assert keys_given(["--data.batch_size", "4", "--model", '{"init_args": {"tf32": false}}']) == {"tf32"}
