@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from mbti_lightning import backbone, features, sharding
 from mbti_lightning import person_head as person_model
 from mbti_lightning.checkpoint import restore, run_metadata, trained_weights
+from mbti_lightning.errors import UserError
 from mbti_lightning.folding import classification_head, head_inputs
 from mbti_lightning.labels import heads
 from mbti_lightning.loss import StepNormalizedLoss
@@ -51,7 +52,7 @@ def check_arguments(
         features.settings(frozen)
     if persons is not None:
         if frozen is None:
-            raise ValueError(
+            raise UserError(
                 "model.person_head reads a frozen backbone's post features: set model.frozen ({} for the defaults)"
             )
         person_model.settings(persons)

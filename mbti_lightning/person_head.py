@@ -139,7 +139,8 @@ def train(
     the fit, is kept. Returns what it did: persons, epochs, the held-out MCC."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    device = head.center.device
+    device, dtype = head.center.device, head.center.dtype
+    head.float()  # trained in fp32 whatever the backbone computes in; it answers in the backbone's dtype
     x = torch.as_tensor(np.asarray(features, dtype=np.float32)).to(device)
     head.center.copy_(x.mean(0))
     head.scale.copy_(x.std(0).clamp(min=1e-6) if len(x) > 1 else torch.ones_like(head.scale))
@@ -186,7 +187,7 @@ def train(
             break
     if best_state is not None:
         head.load_state_dict(best_state)
-    head.eval()
+    head.eval().to(dtype)
     return {"persons": len(fitted), "held_out": len(held), "epochs": epochs, "held_out_mcc": best}
 
 
