@@ -26,13 +26,15 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mbti_lightning import faithfulness
+from mbti_lightning import faithfulness, person_head
 from mbti_lightning.cache import atomic_open
+from mbti_lightning.folding import head_inputs
 from mbti_lightning.loading import Loaded
 from mbti_lightning.masking import PLACEHOLDER, is_type_vocabulary, mask_type_mentions
 from mbti_lightning.predict import per_author, prediction_records
@@ -115,6 +117,19 @@ class Explainer:
             return_special_tokens_mask=True,
         )
         return seen, enc
+
+    @torch.no_grad()
+    def features(self, texts: list[str]) -> torch.Tensor:
+        """(texts, features) what the model's classification head reads of each text: the posts' features a person
+        head pools."""
+        _, enc = self.encode(texts)
+        collected = []
+        for start in range(0, len(texts), self.batch_size):
+            ids, attention = self._pad(enc["input_ids"][start : start + self.batch_size])
+            with head_inputs(self.model.model) as inputs:
+                self._logits(ids, attention)
+            collected.extend(inputs)
+        return torch.cat(collected)
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
@@ -273,10 +288,13 @@ def summary(explained: list[dict], heads: dict) -> dict:
     return out
 
 
-def person_posts(explained: list[dict], heads: dict, authors: list, rules: dict | None = None) -> dict:
-    """Per author with several posts: their letters (their posts' evidence added up with the model's `rules`, as
-    `predict --predictions.per author`) and their posts ordered by how much each weighed toward the person's
-    letter."""
+def person_posts(
+    explained: list[dict], heads: dict, authors: list, model: Any = None, features: torch.Tensor | None = None
+) -> dict:
+    """Per author with several posts: their letters (as `predict --predictions.per author` gives them: `model`'s
+    answer for a person, from their posts' `features` where its person head answers), their posts ordered by how much
+    each weighed toward the person's letter and, where the person head answers, by the weight its attention gave
+    each post (``attention``)."""
     out = {}
     for author in dict.fromkeys(authors):
         posts = [i for i, a in enumerate(authors) if a == author]
@@ -288,7 +306,8 @@ def person_posts(explained: list[dict], heads: dict, authors: list, rules: dict 
             )
             for head in heads
         }
-        _, _, probs = per_author([author] * len(posts), log_probs, rules)
+        mine = None if features is None else features[posts]
+        _, _, probs = per_author([author] * len(posts), log_probs, model=model, features=mine)
         (record,) = prediction_records(heads, probs)
         weights = {}
         for head, classes in heads.items():
@@ -297,7 +316,11 @@ def person_posts(explained: list[dict], heads: dict, authors: list, rules: dict 
                 ({"post": i, "weight": float(log_probs[head][j, classes.index(letter)])} for j, i in enumerate(posts)),
                 key=lambda p: -p["weight"],
             )
-        out[str(author)] = {"posts": posts, "prediction": record, "weighed_most": weights}
+        out[str(author)] = {"posts": posts, "prediction": record, "weighed_most": weights, "attention": None}
+        attention = None if mine is None else person_head.post_weights(model, mine)
+        if attention is not None:
+            order = attention.argsort(descending=True).tolist()
+            out[str(author)]["attention"] = [{"post": posts[j], "weight": float(attention[j])} for j in order]
     return out
 
 
@@ -360,7 +383,8 @@ def run(loaded: Loaded, texts: list[str], authors: list | None, out: Path, steps
     explained = explainer.explain(texts)
     seconds = time.perf_counter() - start
     summaries = summary(explained, model.heads)
-    people = person_posts(explained, model.heads, authors, model.persons) if authors else {}
+    features = explainer.features(texts) if authors and person_head.uses_features(model) else None
+    people = person_posts(explained, model.heads, authors, model, features) if authors else {}
     meta = {
         "steps": steps,
         "texts": len(texts),

@@ -92,6 +92,7 @@ def mcc_of(rows: list[dict], data: Path) -> float:
     return float(confusion_metrics(conf)["mcc"])
 
 
+@pytest.mark.slow
 def test_where_the_letter_shows_only_across_posts_the_person_head_beats_the_summed_posts(fitted):
     people = fitted["report"]["heads"]["E-I"]["figures"]["people"]
     assert fitted["report"]["heads"]["E-I"]["person_answer"]["answer"] == "person head"
@@ -103,6 +104,7 @@ def test_where_the_letter_shows_only_across_posts_the_person_head_beats_the_summ
     assert 'A person\'s answer ("model" above): the **person head**' in report
 
 
+@pytest.mark.slow
 def test_report_test_predict_and_the_server_give_a_person_one_answer(fitted):
     """On a skewed file with many weak posts per person, in fp32 and bf16: the report's per-person MCC is `test`'s
     and that of `predict --predictions.per author`, whose probabilities the server's ``posts`` answer repeats."""
@@ -126,6 +128,7 @@ def test_report_test_predict_and_the_server_give_a_person_one_answer(fitted):
         assert served["posts"] == 8 and served_i == pytest.approx(p_i, abs=BOUND[fitted["precision"]])
 
 
+@pytest.mark.slow
 def test_an_export_carries_the_person_head_and_its_card_says_what_answers_a_person(fitted):
     if fitted["precision"] != "32-true":
         pytest.skip("the export's path is the same in bf16")
@@ -138,6 +141,30 @@ def test_an_export_carries_the_person_head_and_its_card_says_what_answers_a_pers
     assert per_author(fitted, "--ckpt_path", str(out)) == per_author(fitted, "--ckpt_path", str(fitted["ckpt"]))
 
 
+@pytest.mark.slow
+def test_explain_shows_the_posts_the_attention_rested_on_and_the_persons_answer_predict_gives(fitted):
+    if fitted["precision"] != "32-true":
+        pytest.skip("one dtype is enough")
+    folder = fitted["folder"]
+    data = Path(fitted["args"][fitted["args"].index("--data.data_files") + 1])
+    rows = list(csv.DictReader(data.open()))[:16]  # two persons' eight posts
+    with (folder / "two.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["author", "body"], *((r["author"], r["body"]) for r in rows)])
+    given = [*fitted["args"], "--ckpt_path", str(fitted["ckpt"]), "--data.predict_file", str(folder / "two.csv")]
+    run(folder, "explain", *given, "--out", "explained", "--steps", "4")
+    people = json.loads((folder / "explained/explanations.json").read_text())["people"]
+    predicted = per_author(fitted, *given[len(fitted["args"]) :])
+    assert {r["author"]: {"E-I": r["E-I"], "E-I_prob": float(r["E-I_prob"])} for r in predicted} == {
+        author: p["prediction"] for author, p in people.items()
+    }
+    for p in people.values():
+        weights = [post["weight"] for post in p["attention"]]
+        assert sorted(post["post"] for post in p["attention"]) == p["posts"] and sum(weights) == pytest.approx(1)
+        assert weights == sorted(weights, reverse=True)
+    assert "rested its attention on" in (folder / "explained/explanations.html").read_text()
+
+
+@pytest.mark.slow
 def test_a_model_scores_another_corpus_and_refuses_other_labels_or_masking(fitted, capsys):
     if fitted["precision"] != "32-true":
         pytest.skip("one dtype is enough")
