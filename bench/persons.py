@@ -18,6 +18,7 @@ On each, from `mbti-lightning report` (per-person figures with 95% intervals res
     python bench/persons.py                                  # about 8 minutes on a 2-core CPU
     python bench/persons.py --tiny                           # a smoke run (too few persons to learn from)
     python bench/persons.py --model ~/.cache/real-models/minilm --skip finetune
+    python bench/persons.py --model ~/.cache/real-models/gemma-3-270m --skip finetune --corpora person --persons 1000
 
 Writes the same as JSON to `--out/persons.json`.
 """
@@ -115,6 +116,7 @@ def person_systems(head: dict) -> tuple[dict, dict, dict, str]:
 
 
 def run_corpus(folder: Path, cue: str, args: argparse.Namespace) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
     data = write_corpus(folder / f"{cue}.csv", cue, args.persons, args.posts)
     common = data_args(data, args.model, args.max_length)
     epochs = ["--trainer.max_epochs", str(args.epochs), "--trainer.val_check_interval", "1.0"]
@@ -155,6 +157,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--skip", nargs="*", default=[], choices=["finetune"])
+    parser.add_argument("--corpora", nargs="*", default=list(CORPORA), choices=CORPORA)
     parser.add_argument("--tiny", action="store_true", help="a smoke run: 60 persons, 1 epoch, 50 resamples")
     parser.add_argument("--out", type=Path, default=REPO / "bench/out")
     args = parser.parse_args()
@@ -163,7 +166,7 @@ def main() -> None:
     results = {"model": args.model or "demo (tiny Phi-3, random weights)", "corpora": []}
     with tempfile.TemporaryDirectory(prefix="bench-persons-") as tmp:
         os.environ.setdefault("MBTI_LIGHTNING_CACHE", str(Path(tmp) / "cache"))
-        for cue in CORPORA:
+        for cue in args.corpora:
             results["corpora"].append(run_corpus(Path(tmp) / cue, cue, args))
     print(f"backbone: {results['model']}; {args.persons} persons x {args.posts} posts; per-person test figures")
     for corpus in results["corpora"]:

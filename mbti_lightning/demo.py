@@ -82,7 +82,7 @@ def person_rows(cue: str, persons: int = 400, posts: int = 8, seed: int = 0) -> 
     """A corpus that tells a post model from a model of persons, as columns author, body, mbti (E-I labelled, 7 in
     10 persons I, the other letters random): each person writes `posts` posts of 20-40 neutral words, and
 
-    - ``cue: post``: each post carries one E or I cue word, for the person's letter with probability 0.6, so every
+    - ``cue: post``: each post carries an E or I cue word, for the person's letter with probability 0.75, so every
       post is weak independent evidence and adding it up is the best rule;
     - ``cue: person``: each post carries a topic word (`TOPICS`) twice; an I person keeps to one topic, an E person
       picks one at random for each post. Any one post is as likely under either letter: the letter shows only
@@ -99,7 +99,9 @@ def person_rows(cue: str, persons: int = 400, posts: int = 8, seed: int = 0) -> 
         for _ in range(posts):
             words = rng.choices(NEUTRAL, k=rng.randint(20, 40))
             if cue == "post":
-                letter = letters[0] if rng.random() < 0.6 else "E" if introvert else "I"
+                letter = (
+                    letters[0] if rng.random() < 0.75 else "IE"[introvert]
+                )  # the other letter a quarter of the time
                 extra = [rng.choice(CUES[letter].split())]
             else:
                 extra = [topic if introvert else rng.choice(TOPICS)] * 2
