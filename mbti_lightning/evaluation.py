@@ -83,9 +83,9 @@ def majority_log_probs(counts: list[torch.Tensor], rows: int) -> list[np.ndarray
 
 def comparisons(dm, split: str, trained=None) -> tuple[dict[str, list[np.ndarray]], baseline.Baseline | None]:
     """What a model is compared with on `dm`'s `split`, as `figures` takes them (per head (rows, classes)
-    log-probabilities): the TF-IDF baseline fitted on the training split of `trained` (the data module the model
-    was trained on, where it is not `dm`) (where scikit-learn is installed; also returned, fitted) and its majority
-    class."""
+    log-probabilities): the TF-IDF baseline fitted on the training split of `trained` (default `dm`; the corpus the
+    model was trained on, where `dm` is another), where scikit-learn is installed (also returned, fitted), and
+    `trained`'s majority class."""
     trained = trained or dm
     rows = len(dm.splits[split])
     others = {"majority": majority_log_probs(trained.train_label_counts(), rows)}

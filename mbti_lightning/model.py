@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from typing import Any, Literal
 
@@ -107,7 +106,7 @@ class MBTIClassifier(StepNormalizedLoss):
             head reads (its export is then an ordinary transformers classifier). Null (the default): fine-tune.
         person_head: Also train a model of persons on those features (needs `frozen`; see
             `mbti_lightning.person_head`): ``{}`` for gated attention over a person's posts, ``{pooling: mean}`` for
-            their mean; ``hidden`` (its width, 128) and ``max_posts`` (a person's posts per training step, 64). It
+            their mean; ``hidden`` (its width, 32) and ``max_posts`` (a person's posts per training step, 64). It
             answers for a person where it beats the summed post evidence on the validation persons (docs/persons.md).
         skip_nonfinite_batches: How many batches with a NaN or infinite loss to skip (with a
             warning) before stopping. At 0 (the default) the first one stops training with an error
@@ -159,6 +158,7 @@ class MBTIClassifier(StepNormalizedLoss):
         self.frozen = None if frozen is None else features.settings(frozen)
         # The model of persons (built with the backbone) and, per head, who answers for a person (`person_head.decide`,
         # at each validation of a fit; saved in checkpoints).
+        self.person_settings = None if person_head is None else person_model.settings(person_head)
         self.person_head: person_model.PersonHead | None = None
         self.person_decision: dict[str, dict] | None = None
         # With adapters (or a head alone) on a loadable base, checkpoints hold only the trained weights (see
@@ -201,10 +201,9 @@ class MBTIClassifier(StepNormalizedLoss):
         if self.frozen is not None:  # only the head trains
             self.model.requires_grad_(False)
             classification_head(self.model).requires_grad_(True)
-        if self.hparams.person_head is not None:
-            found = person_model.settings(self.hparams.person_head)
+        if self.person_settings is not None:
             width = classification_head(self.model).in_features
-            self.person_head = person_model.PersonHead(width, self.heads, **found)
+            self.person_head = person_model.PersonHead(width, self.heads, **self.person_settings)
         self._param_group = backbone.param_groups(self.model)
         self._flops_per_token = backbone.training_flops_per_token(self.model)
         if self.device_mesh is not None:  # --trainer.strategy fsdp2
@@ -225,9 +224,8 @@ class MBTIClassifier(StepNormalizedLoss):
             )
         self._head_start = time.perf_counter()
         if self.person_head is not None:
-            found = person_model.settings(self.hparams.person_head)
             start = time.perf_counter()
-            done = person_model.fit(self.person_head, dm, found["max_posts"])
+            done = person_model.fit(self.person_head, dm, self.person_settings["max_posts"])
             rank_zero_info(
                 f"person head: {done['persons']} training persons ({done['held_out']} more held out to stop on), "
                 f"{done['epochs']} epochs, {time.perf_counter() - start:.1f} s"
@@ -299,7 +297,9 @@ class MBTIClassifier(StepNormalizedLoss):
         wanted = self.person_head is not None and "features" not in batch
         with head_inputs(self.model) if wanted else contextlib.nullcontext() as inputs:
             logits, labels, ce, weight = self._shared_step(batch)
-        features = torch.cat(inputs) if wanted else batch.get("features") if self.person_head is not None else None
+        features = None
+        if self.person_head is not None:
+            features = torch.cat(inputs) if wanted else batch["features"]
         authors = batch["author"]
         if batch.get("padded"):  # leave out the copies that only keep ranks in step (sampling.PADDING)
             keep = batch["row"] >= 0
@@ -315,15 +315,7 @@ class MBTIClassifier(StepNormalizedLoss):
 
     def _log_eval_metrics(self, stage: str, metrics: EvalMetrics) -> None:
         if self.person_head is not None:  # ``author/*``: the person head's answers where it answers a head
-            answers = person_model.answers(self)
-            metrics.set_person_answers(
-                {
-                    head: functools.partial(person_model.head_logits, self.person_head, h)
-                    if answers[head] == person_model.PERSON_HEAD
-                    else None
-                    for h, head in enumerate(self.heads)
-                }
-            )
+            metrics.set_person_answers(person_model.metric_answers(self))
         if metrics.loss.update_called:
             # compute() gathers every rank's state, so each rank logs the same values.
             self.log_dict({f"{stage}/{name}": value for name, value in metrics.compute().items()}, sync_dist=True)

@@ -20,7 +20,9 @@ decision, everywhere the tool gives one (`report`, ``predict --predictions.per a
 from __future__ import annotations
 
 import copy
+import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +163,10 @@ def train(
         losses = [nn.functional.cross_entropy(z, y[:, h], weight=weights[h]) for h, z in enumerate(logits)]
         return torch.stack(losses).mean()
 
-    held_index = torch.as_tensor(held, device=device)
-    held_posts = np.concatenate([members[p] for p in held]) if len(held) else None
-    held_local = np.concatenate([np.full(len(members[p]), i) for i, p in enumerate(held)]) if len(held) else None
+    if len(held):  # every post of the held-out persons, each numbered within them
+        held_x = x[torch.as_tensor(np.concatenate([members[p] for p in held]), device=device)]
+        held_of = np.concatenate([np.full(len(members[p]), i) for i, p in enumerate(held)])
+        held_of, held_truth = torch.as_tensor(held_of, device=device), truth[torch.as_tensor(held, device=device)]
     optimizer = torch.optim.AdamW(head.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     best, best_state, since, epochs = -math.inf, None, 0, 0
     for epoch in range(MAX_EPOCHS if len(held) else PATIENCE * 4):
@@ -178,9 +181,8 @@ def train(
             continue
         head.eval()
         with torch.no_grad():
-            held_x = x[torch.as_tensor(held_posts, device=device)]
-            logits = head(held_x, torch.as_tensor(held_local, device=device))[0]
-        value = float(np.mean([mcc(truth[held_index, h], z.argmax(-1), z.shape[-1]) for h, z in enumerate(logits)]))
+            logits = head(held_x, held_of)[0]
+        value = float(np.mean([mcc(held_truth[:, h], z.argmax(-1), z.shape[-1]) for h, z in enumerate(logits)]))
         if value > best:
             best, best_state, since = value, copy.deepcopy(head.state_dict()), 0
         elif (since := since + 1) >= PATIENCE:
@@ -271,6 +273,14 @@ def head_logits(head: PersonHead, h: int, features: torch.Tensor, persons: torch
         return head(features.to(head.center), persons)[0][h]
     finally:
         head.train(was_training)
+
+
+def metric_answers(model: Any) -> dict[str, Callable | None]:
+    """For `EvalMetrics.set_person_answers`: per head of `model`, its person head's logits where it answers."""
+    return {
+        head: functools.partial(head_logits, model.person_head, h) if who == PERSON_HEAD else None
+        for h, (head, who) in enumerate(answers(model).items())
+    }
 
 
 @torch.no_grad()
