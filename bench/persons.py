@@ -26,14 +26,12 @@ Writes the same as JSON to `--out/persons.json`.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from frozen import cli  # this folder's: `mbti-lightning ARGS` in its own process, timed
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = ("post", "person")
@@ -41,49 +39,13 @@ HEAD = ["--model.frozen", "{}", "--model.learning_rate", "1e-2", "--model.optimi
 KEYS = ("mcc", "macro_f1")
 
 
-def cli(folder: Path, *args: str) -> float:
-    """Seconds `mbti-lightning ARGS` takes in `folder`, in its own process; its output in ``log.txt``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with (folder / "log.txt").open("a") as log:
-        subprocess.run(
-            [sys.executable, "-m", "mbti_lightning", *args],
-            cwd=folder,
-            check=True,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    return time.perf_counter() - start
-
-
-def write_corpus(path: Path, cue: str, persons: int, posts: int) -> Path:
-    from mbti_lightning.demo import person_rows
-
-    rows = person_rows(cue, persons=persons, posts=posts)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["author", "body", "mbti"])
-        writer.writerows(zip(rows["author"], rows["body"], rows["mbti"]))
-    return path
-
-
 def data_args(path: Path, model: str | None, max_length: int) -> list[str]:
-    keys = {
-        "dataset": "csv",
-        "data_files": str(path),
-        "text_column": "body",
-        "type_column": "mbti",
-        "author_column": "author",
-        "split": "author",
-        "target": "E-I",
-        "keep_fraction": "1.0",
-        "test_fraction": "0.3",
-        "max_length": str(max_length),
-    }
+    from mbti_lightning.demo import PERSON_DATA
+
+    keys = PERSON_DATA | {"data_files": path, "max_length": max_length}
     backbone = ["--model.model_name_or_path", model, "--model.from_scratch", "false"] if model else []
-    return ["--config", str(REPO / "configs/demo.yaml"), *(a for k, v in keys.items() for a in (f"--data.{k}", v))] + [
-        *backbone
-    ]
+    config = ["--config", str(REPO / "configs/demo.yaml")]
+    return [*config, *(a for k, v in keys.items() for a in (f"--data.{k}", str(v))), *backbone]
 
 
 def fit_and_report(folder: Path, args: list[str], fit: list[str], resamples: int) -> tuple[dict, float]:
@@ -116,8 +78,10 @@ def person_systems(head: dict) -> tuple[dict, dict, dict, str]:
 
 
 def run_corpus(folder: Path, cue: str, args: argparse.Namespace) -> dict:
+    from mbti_lightning.demo import write_person_rows
+
     folder.mkdir(parents=True, exist_ok=True)
-    data = write_corpus(folder / f"{cue}.csv", cue, args.persons, args.posts)
+    data = write_person_rows(folder / f"{cue}.csv", cue, args.persons, args.posts)
     common = data_args(data, args.model, args.max_length)
     epochs = ["--trainer.max_epochs", str(args.epochs), "--trainer.val_check_interval", "1.0"]
     batch = ["--data.batch_size", str(args.batch_size), "--data.eval_batch_size", str(args.batch_size)]

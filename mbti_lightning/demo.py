@@ -113,6 +113,32 @@ def person_rows(cue: str, persons: int = 400, posts: int = 8, seed: int = 0) -> 
     return columns
 
 
+#: How a data module reads `person_rows` from a CSV file (``--data.KEY VALUE`` with ``data_files``): E-I, split by
+#: person 50/20/30.
+PERSON_DATA = {
+    "dataset": "csv",
+    "text_column": "body",
+    "type_column": "mbti",
+    "author_column": "author",
+    "split": "author",
+    "target": "E-I",
+    "keep_fraction": 1.0,
+    "test_fraction": 0.3,
+}
+
+
+def write_person_rows(path: Path, cue: str, persons: int, posts: int = 8, seed: int = 0) -> Path:
+    """`person_rows` as a CSV file at `path` (read with `PERSON_DATA`)."""
+    import csv
+
+    rows = person_rows(cue, persons=persons, posts=posts, seed=seed)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(rows))
+        writer.writerows(zip(*rows.values()))
+    return path
+
+
 def corpus_path() -> Path:
     """The demo corpus as a parquet file, generated on first use."""
 

@@ -15,7 +15,7 @@ from conftest import REPO
 from test_seams import main_says, run
 
 from mbti_lightning import person_head, serve
-from mbti_lightning.demo import person_rows
+from mbti_lightning.demo import PERSON_DATA, write_person_rows
 from mbti_lightning.export import main as export_main
 from mbti_lightning.loading import load
 from mbti_lightning.metrics import confusion, confusion_metrics
@@ -26,27 +26,12 @@ BOUND = {"32-true": 1e-5, "bf16-true": 2e-2}
 
 
 def corpus(path: Path, cue: str, persons: int, seed: int = 0) -> Path:
-    rows = person_rows(cue, persons=persons, posts=8, seed=seed)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["author", "body", "mbti"])
-        writer.writerows(zip(rows["author"], rows["body"], rows["mbti"]))
-    return path
+    return write_person_rows(path, cue, persons, seed=seed)
 
 
 def data_args(path: Path) -> list[str]:
-    keys = {
-        "dataset": "csv",
-        "data_files": str(path),
-        "text_column": "body",
-        "type_column": "mbti",
-        "author_column": "author",
-        "split": "author",
-        "target": "E-I",
-        "keep_fraction": "1.0",
-        "test_fraction": "0.3",
-    }
-    return ["--config", str(REPO / "configs/demo.yaml"), *(a for k, v in keys.items() for a in (f"--data.{k}", v))]
+    keys = PERSON_DATA | {"data_files": path}
+    return ["--config", str(REPO / "configs/demo.yaml"), *(a for k, v in keys.items() for a in (f"--data.{k}", str(v)))]
 
 
 FROZEN = ["--model.frozen", "{}", "--model.learning_rate", "1e-2", "--trainer.max_epochs", "2"]
@@ -175,7 +160,10 @@ def test_a_model_scores_another_corpus_and_refuses_other_labels_or_masking(fitte
     assert report["other_corpus"]["data_files"]["scored"] == str(other)
     assert report["persons"] == 120  # the test split of 400 persons
     assert "**Another corpus than the model was trained on**" in (folder / "b/report.md").read_text()
-    assert report["heads"]["E-I"]["figures"]["people"]["model"]["mcc"]["value"] > 0.3
+    mcc = report["heads"]["E-I"]["figures"]["people"]["model"]["mcc"]["value"]
+    assert mcc > 0.3
+    cli = run(folder, "test", *args, "--ckpt_path", str(fitted["ckpt"]), "--data.data_files", str(other))
+    assert float(cli.trainer.callback_metrics["test/author/mcc"]) == pytest.approx(mcc, abs=1e-6)
     for setting, value, message in (
         ("target", "J-P", "data.target 'J-P': "),
         ("mask_type_mentions", "true", "data.mask_type_mentions True: "),
@@ -191,6 +179,18 @@ def test_a_person_heads_weights_add_up_to_one_per_person_and_a_single_post_is_an
     logits, weights = head(torch.randn(6, 6), persons)
     assert [z.shape for z in logits] == [(3, 2), (3, 2)]
     assert torch.allclose(torch.zeros(3).index_add(0, persons, weights), torch.ones(3)) and weights[3] == 1
+
+
+def test_a_person_with_more_posts_than_max_posts_brings_a_fresh_subset_to_each_epoch():
+    members = [np.arange(100), np.arange(100, 103)]
+    rng = np.random.default_rng(0)
+    seen = []
+    for _ in range(2):
+        ((posts, local, chosen),) = person_head._batches(members, np.arange(2), 10, rng)
+        mine = posts[local == list(chosen).index(0)]
+        assert len(mine) == 10 and len(posts) == 13
+        seen.append(set(mine))
+    assert seen[0] != seen[1]
 
 
 def test_the_person_head_answers_only_where_its_paired_interval_lies_above_the_summed_posts():
