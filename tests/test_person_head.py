@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
+from fake_hub import FakeHfApi
 from test_seams import main_says, run
 
 from mbti_lightning import person_head, serve
@@ -118,12 +119,20 @@ def test_an_export_carries_the_person_head_and_its_card_says_what_answers_a_pers
     if fitted["precision"] != "32-true":
         pytest.skip("the export's path is the same in bf16")
     out = fitted["folder"] / "model"
-    export_main(["--ckpt", str(fitted["ckpt"]), "--out", str(out)])
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_TOKEN", "hf_" + "y" * 34)
+    mp.setattr("mbti_lightning.export.HfApi", FakeHfApi)
+    FakeHfApi.reset()
+    try:
+        export_main(["--ckpt", str(fitted["ckpt"]), "--out", str(out), "--push-to-hub", "someone/persons"])
+    finally:
+        mp.undo()
     assert (out / person_head.WEIGHTS).is_file()
-    assert (
-        "Who answers for a person, chosen on the validation persons: the person head" in (out / "README.md").read_text()
-    )
-    assert per_author(fitted, "--ckpt_path", str(out)) == per_author(fitted, "--ckpt_path", str(fitted["ckpt"]))
+    card = (out / "README.md").read_text()
+    assert "Who answers for a person, chosen on the validation persons: the person head" in card
+    by_checkpoint = per_author(fitted, "--ckpt_path", str(fitted["ckpt"]))
+    assert per_author(fitted, "--ckpt_path", str(out)) == by_checkpoint
+    assert per_author(fitted, "--ckpt_path", "someone/persons") == by_checkpoint  # the hub id's person head
 
 
 @pytest.mark.slow
