@@ -308,11 +308,10 @@ class MBTILightningCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        given = keys_given(list(map(str, self._args))) if isinstance(self._args, list) else set()
+        args = list(map(str, self._args)) if isinstance(self._args, list) else []
+        given = keys_given(args)
         self.trainer.runtime = {key: self.model.hparams[key] for key in given & set(loading.RUNTIME_SETTINGS)}
-        self.trainer.data_given = (
-            keys_given(list(map(str, self._args)), "data") if isinstance(self._args, list) else set()
-        )
+        self.trainer.data_given = keys_given(args, "data")
 
     def before_fit(self) -> None:
         """Stop before training where `checkpoint.dirpath` holds another target's run: its `last.ckpt` would stay
